@@ -1,0 +1,542 @@
+"""A learnable synthetic corpus written in the exact `IEMOCAP_full_release` layout.
+
+IEMOCAP is licensed, so tests, demos and smoke runs use this instead. `synthesize_release(out_dir)`
+writes `out_dir` AS the release root (out_dir plays `IEMOCAP_full_release/`):
+
+    Session{1..5}/dialog/EmoEvaluation/<dialog>.txt        consensus labels (the real format)
+    Session{1..5}/dialog/EmoEvaluation/Categorical/<dialog>_e{n}_cat.txt   per-annotator (ignore)
+    Session{1..5}/dialog/EmoEvaluation/Attribute/<dialog>_e{n}_atr.txt     per-annotator (ignore)
+    Session{1..5}/dialog/EmoEvaluation/Self-evaluation/<dialog>.txt        per-annotator (ignore)
+    Session{1..5}/dialog/transcriptions/<dialog>.txt
+    Session{1..5}/sentences/wav/<dialog>/<utterance>.wav   16 kHz mono PCM_16
+
+Formats, one line each (TAB separated where the release uses tabs):
+
+    % [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]                (EmoEvaluation header)
+    [6.2901 - 8.2357]\tSes01F_impro01_F000\tneu\t[2.5000, 2.5000, 2.5000]
+    C-E2:\tNeutral;\t()
+    A-E3:\tval 3; act 2; dom  2;\t()
+    Ses01F_impro01_F000 [006.2901-008.2357]: Well, it was really nice.    (transcriptions)
+    Ses01F_impro01_MXX0 [009.1000-009.9000]: [BREATHING]                  (no label, no wav)
+
+Every `end - start` equals the wav's duration exactly (sample counts are multiples of the
+0.1 ms tick, so the 4-decimal times are exact).
+
+What makes it learnable, and only jointly:
+- arousal lives ONLY in the audio: high-arousal classes (angry, happy/excited) are louder, higher
+  and more variable in pitch, faster and brighter; neutral and sad are quieter, lower, flatter and
+  slower. Angry and happy audio are drawn from the same distribution, as are neutral and sad.
+- valence lives ONLY in the words: happy and neutral draw from the same pleasant word lists, angry
+  and sad from the same unpleasant ones; templates, punctuation, fillers and markers are shared.
+- durations follow IEMOCAP's skewed (lognormal) shape and are the same for every class.
+So audio alone separates {angry, happy} from {neutral, sad}, text alone {happy, neutral} from
+{angry, sad}, and only the two together give the 4 classes.
+
+Deterministic: the same arguments write byte-identical files.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+CODE_TO_LABEL = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
+"""The 4-class protocol (exc merges into happy)."""
+FOUR_CLASS_CODES = tuple(CODE_TO_LABEL)
+OTHER_CODES = ("xxx", "fru", "sur", "fea")
+"""Codes outside the 4-class set that the corpus also holds (preparation must drop them)."""
+OTHER_CODE_WEIGHTS = (0.45, 0.40, 0.10, 0.05)
+OTHER_FRACTION = 0.25
+"""Utterances with OTHER_CODES per session, as a share of `utterances_per_session` (on top)."""
+HAP_SHARE = 0.4
+"""Share of the happy class written as `hap` (the rest `exc`), as in IEMOCAP (595 vs 1,041)."""
+
+LABELS = ("neutral", "happy", "sad", "angry")
+AROUSAL = {"neutral": 0, "sad": 0, "happy": 1, "angry": 1}
+"""1 = high arousal: carried by the audio only."""
+VALENCE = {"neutral": 1, "happy": 1, "sad": 0, "angry": 0}
+"""1 = pleasant: carried by the words only."""
+
+_TICKS = 10_000
+"""Times are written with 4 decimals: 1 tick = 0.1 ms."""
+
+# Durations (seconds, before duration_scale): lognormal fitted to IEMOCAP's 4-class set
+# (median 3.58 s, mean 4.55 s), clipped to [0.59, 34.1] s.
+_DUR_MU = math.log(3.58)
+_DUR_SIGMA = 0.66
+_DUR_MIN, _DUR_MAX = 0.59, 34.1
+MIN_SECONDS = 0.3
+"""Floor on an utterance's duration after scaling."""
+
+# ---------------------------------------------------------------------------------------------
+# Dialogs
+# ---------------------------------------------------------------------------------------------
+
+_BASES = (
+    "impro01", "script01_1", "impro02", "script01_2", "impro03", "script02_1", "impro04",
+    "script02_2", "impro05", "script03_1", "impro06", "script03_2", "impro07", "script01_3",
+    "impro08",
+)  # fmt: skip
+# a/b-suffixed dialogs (as in the real release); they are always among a session's dialogs.
+_SPLIT_DIALOGS = {
+    3: ("Ses03M_impro05a", "Ses03M_impro05b"),
+    5: ("Ses05M_script01_1b",),
+}
+_UTTERANCES_PER_DIALOG = 12
+
+
+def _dialog_names(session: int, count: int) -> list[str]:
+    """`count` real-looking dialog names for a session, the a/b ones first, in release order."""
+    split = list(_SPLIT_DIALOGS.get(session, ()))
+    plain = [f"Ses{session:02d}{g}_{b}" for b in _BASES for g in "FM"]
+    # a split dialog replaces its plain twin (Ses03M_impro05 -> 05a, 05b); 01_1b sits beside 01_1
+    plain = [d for d in plain if not any(s[:-1] == d and s.endswith("a") for s in split)]
+    chosen = (split + [d for d in plain if d not in split])[: max(1, count)]
+    order = {d: i for i, d in enumerate(sorted(plain + split))}
+    return sorted(chosen, key=order.__getitem__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: valence only
+# ---------------------------------------------------------------------------------------------
+
+_POS_ADJ = (
+    "good", "great", "nice", "wonderful", "lovely", "beautiful", "perfect", "amazing", "excellent",
+    "sweet", "awesome", "fantastic",
+)  # fmt: skip
+_NEG_ADJ = (
+    "bad", "terrible", "awful", "horrible", "wrong", "ugly", "stupid", "useless", "cruel",
+    "miserable", "nasty", "ridiculous",
+)  # fmt: skip
+_POS_NOUN = ("gift", "joy", "blast", "success", "pleasure", "dream", "blessing", "miracle", "relief")
+_NEG_NOUN = ("mess", "problem", "disaster", "mistake", "failure", "nightmare", "joke", "pain", "lie")
+_POS_VERB = ("love", "like", "enjoy", "appreciate", "adored")
+_NEG_VERB = ("hate", "dislike", "regret", "blame", "hated")
+_POS_SUP = ("best", "greatest", "finest")
+_NEG_SUP = ("worst", "lowest", "darkest")
+WORDS = {
+    1: {"adj": _POS_ADJ, "vnoun": _POS_NOUN, "verb": _POS_VERB, "sup": _POS_SUP},
+    0: {"adj": _NEG_ADJ, "vnoun": _NEG_NOUN, "verb": _NEG_VERB, "sup": _NEG_SUP},
+}
+"""Valence-bearing word lists: 1 = pleasant (happy AND neutral), 0 = unpleasant (angry AND sad)."""
+
+_NOUN = (
+    "day", "house", "car", "job", "dinner", "trip", "weekend", "family", "idea", "news", "movie",
+    "party", "school", "money", "work", "plan", "city", "friend", "letter", "phone", "story",
+    "game", "room", "office", "morning", "wedding", "apartment", "class", "meeting", "test",
+    "book", "song", "garden", "kitchen", "team", "boss", "teacher", "brother", "sister", "mother",
+    "father", "baby", "dog", "neighbor", "flight", "hotel", "restaurant", "beach", "interview",
+)  # fmt: skip
+_INT = ("really", "so", "very", "pretty", "quite", "just", "truly", "totally")
+_PERIOD = ("week", "day", "morning", "year", "night", "month", "evening")
+_FILLERS = ("Well, ", "Yeah, ", "Oh, ", "Okay, ", "You know, ", "I mean, ", "Look, ", "Listen, ")
+_SUFFIXES = (" Right?", " I mean it.", " Seriously.", " You know?", " Honestly.")
+_MARKERS = ("[LAUGHTER]", "[BREATHING]", "[GARBAGE]")
+_XX_TEXTS = ("[BREATHING]", "Yeah.", "Okay.", "Hmm.", "Right.", "[LAUGHTER]", "Uh-huh.", "What?")
+
+_TEMPLATES = (
+    "that was a {adj} {noun}.",
+    "i {verb} this {noun}, it is {adj}.",
+    "it was {int} {adj}.",
+    "the {noun} is {adj} today.",
+    "what a {adj} {noun}.",
+    "this whole {noun} is a {adj} {vnoun}.",
+    "i think the {noun} was {adj} and {adj2}.",
+    "we had such a {adj} time at the {noun}.",
+    "i can't believe how {adj} the {noun} was.",
+    "it's {int} {adj}, isn't it?",
+    "my {noun} has been {adj} all {period}.",
+    "she said the {noun} looked {adj}.",
+    "you know what, i {verb} the {adj} {noun}.",
+    "honestly, the {noun} was a {vnoun}.",
+    "that's {int} {adj}.",
+    "the {noun} and the {noun2} were both {adj}.",
+    "do you {verb} the new {noun}?",
+    "he told me the {noun} was {int} {adj}.",
+    "it is the {sup} {noun} i have ever had.",
+    "everything about this {noun} is {adj}.",
+    "why is the {noun} so {adj}?",
+    "i just {verb} it.",
+    "a {vnoun}, that's what it is.",
+    "the way you talked about the {noun} was {adj}.",
+    "after the {noun} last {period}, i felt {adj}.",
+    "this {period} was a {adj} {vnoun} from start to finish.",
+)
+_PLAIN_TEMPLATES = (
+    "i was at the {noun} this {period}.",
+    "we talked about the {noun} and the {noun2}.",
+    "did you see the {noun}?",
+    "tell me about your {noun}.",
+    "she went to the {noun} last {period}.",
+)
+"""Templates with no valence-bearing word (a small share of every class): ambiguity, as in speech."""
+_PLAIN_SHARE = 0.05
+
+
+def _pick(rng: np.random.Generator, words: tuple[str, ...]) -> str:
+    return words[int(rng.integers(len(words)))]
+
+
+def _sentence(rng: np.random.Generator, valence: int) -> str:
+    """A 3-12 word transcript whose only class information is its valence."""
+    words = WORDS[valence]
+    while True:
+        plain = rng.random() < _PLAIN_SHARE
+        template = _pick(rng, _PLAIN_TEMPLATES if plain else _TEMPLATES)
+        adj = _pick(rng, words["adj"])
+        adj2 = _pick(rng, tuple(w for w in words["adj"] if w != adj))
+        noun = _pick(rng, _NOUN)
+        noun2 = _pick(rng, tuple(w for w in _NOUN if w != noun))
+        text = template.format(
+            adj=adj, adj2=adj2, noun=noun, noun2=noun2, vnoun=_pick(rng, words["vnoun"]),
+            verb=_pick(rng, words["verb"]), sup=_pick(rng, words["sup"]), int=_pick(rng, _INT),
+            period=_pick(rng, _PERIOD),
+        )  # fmt: skip
+        text = re.sub(r"\b([Aa]) (?=[aeio]|u(?!s|ni))", r"\1n ", text)  # "a awful" -> "an awful"
+        text = " ".join("I" if w == "i" else w for w in text.split())
+        if rng.random() < 0.3:
+            text = _pick(rng, _FILLERS) + text
+        else:
+            text = text[0].upper() + text[1:]
+        if rng.random() < 0.1 and text.endswith("."):
+            text = text[:-1] + "!"
+        if rng.random() < 0.15:
+            text += _pick(rng, _SUFFIXES)
+        if 3 <= len(text.split()) <= 12:
+            break
+    if rng.random() < 0.1:  # IEMOCAP-style markers, the same share in every class
+        marker = _pick(rng, _MARKERS)
+        text = f"{marker} {text}" if rng.random() < 0.5 else f"{text} {marker}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio: arousal only
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Voice:
+    """A speaker's traits: base pitch per arousal level, loudness and tempo factors."""
+
+    f0: tuple[float, float]
+    gain: float
+    rate: float
+
+
+def _voice(seed: int, session: int, gender: str) -> _Voice:
+    rng = np.random.default_rng([seed, session, 0 if gender == "F" else 1, 7919])
+    low, high = (150.0, 280.0) if gender == "F" else (108.0, 225.0)
+    k = float(np.exp(rng.normal(0.0, 0.07)))
+    return _Voice(
+        f0=(low * k, high * k),
+        gain=float(np.exp(rng.normal(0.0, 0.15))),
+        rate=float(np.exp(rng.normal(0.0, 0.08))),
+    )
+
+
+_N_HARMONICS = 6
+
+
+def _synth_audio(rng: np.random.Generator, n: int, sr: int, arousal: int, voice: _Voice) -> np.ndarray:
+    """`n` samples of voiced, speech-like sound: syllables (harmonic tones with a pitch contour and
+    an envelope) separated by pauses, over background noise. Depends on arousal, never valence."""
+    hi = arousal == 1
+    f0_center = voice.f0[arousal] * float(np.exp(rng.normal(0.0, 0.09)))
+    depth = (0.15 if hi else 0.05) * float(np.exp(rng.normal(0.0, 0.25)))
+    rate = (5.0 if hi else 3.3) * voice.rate * float(np.exp(rng.normal(0.0, 0.12)))
+    amp = (0.24 if hi else 0.09) * voice.gain * float(np.exp(rng.normal(0.0, 0.25)))
+    tilt = (1.0 if hi else 1.7) + rng.normal(0.0, 0.15)
+
+    f0 = f0_center * np.linspace(1.05, 0.95, n)  # declination over the utterance
+    env = np.zeros(n)
+    lead = min(int(rng.uniform(0.02, 0.12) * sr), n // 6)
+    tail = min(int(rng.uniform(0.02, 0.10) * sr), n // 6)
+    pos, end = lead, n - tail
+    min_len = int(0.04 * sr)
+    while True:
+        syl = int(sr / rate * rng.uniform(0.55, 0.85))
+        stop = min(pos + syl, end)
+        if stop - pos < min_len and pos != lead:
+            break
+        m = max(stop - pos, 2)
+        stop = pos + m
+        # raised-cosine attack (~20%) and release (~35%), flat in between
+        shape = np.ones(m)
+        a, r = max(int(0.2 * m), 1), max(int(0.35 * m), 1)
+        shape[:a] = 0.5 - 0.5 * np.cos(np.pi * np.arange(a) / a)
+        shape[m - r :] = 0.5 + 0.5 * np.cos(np.pi * np.arange(r) / r)
+        env[pos:stop] = shape * rng.uniform(0.6, 1.0)
+        offset = float(np.clip(rng.normal(0.0, 1.0), -2.5, 2.5)) * depth
+        slope = float(rng.normal(0.0, 1.0)) * depth
+        f0[pos:stop] *= 1.0 + offset + slope * np.linspace(-0.5, 0.5, m)
+        gap = sr / rate * rng.uniform(0.15, 0.45)
+        if rng.random() < 0.1:
+            gap += rng.uniform(0.15, 0.4) * sr  # phrase break
+        pos = stop + int(gap)
+        if pos >= end - min_len:
+            break
+    f0 = np.clip(f0, 60.0, 480.0)
+    phase = 2.0 * np.pi * np.cumsum(f0) / sr
+    harmonics = np.arange(1, _N_HARMONICS + 1) ** -tilt
+    harmonics /= harmonics.sum()
+    phis = rng.uniform(0.0, 2.0 * np.pi, _N_HARMONICS)
+    voiced = np.zeros(n)
+    for h in range(_N_HARMONICS):
+        voiced += harmonics[h] * np.sin((h + 1) * phase + phis[h])
+    noise_level = float(np.exp(rng.uniform(np.log(0.002), np.log(0.012))))
+    x = amp * env * voiced + noise_level * rng.standard_normal(n)
+    return np.clip(x, -1.0, 1.0)
+
+
+def _to_pcm16(x: np.ndarray) -> np.ndarray:
+    return np.round(x * 32767.0).astype(np.int16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+# ---------------------------------------------------------------------------------------------
+
+_CATEGORY_NAME = {
+    "neu": "Neutral", "hap": "Happiness", "exc": "Excited", "sad": "Sadness", "ang": "Anger",
+    "fru": "Frustration", "sur": "Surprise", "fea": "Fear",
+}  # fmt: skip
+# mean annotator ratings (valence, activation, dominance) on IEMOCAP's 1-5 scales
+_VAD_MEAN = {
+    "neu": (3.0, 2.4, 2.6), "hap": (4.0, 3.4, 3.1), "exc": (4.0, 3.8, 3.4),
+    "sad": (2.0, 2.1, 2.1), "ang": (1.8, 4.0, 4.0), "fru": (2.0, 3.4, 3.4),
+    "sur": (3.4, 3.8, 3.0), "fea": (2.0, 3.4, 2.1), "xxx": (2.8, 3.0, 3.0),
+}  # fmt: skip
+
+
+def _other_arousal_valence(rng: np.random.Generator, code: str) -> tuple[int, int]:
+    if code == "fru":
+        return int(rng.random() < 0.5), 0
+    if code == "sur":
+        return 1, 1
+    if code == "fea":
+        return 1, 0
+    return int(rng.random() < 0.5), int(rng.random() < 0.5)  # xxx: no majority
+
+
+def _annotations(rng: np.random.Generator, code: str, speaker: str) -> tuple[tuple[float, float, float], list[str]]:
+    """Consensus (v, a, d) and the annotator lines of one utterance block."""
+    lines = []
+    evaluators = sorted(rng.choice([1, 2, 3, 4], size=3, replace=False).tolist())
+    names = list(_CATEGORY_NAME.values())
+    if code == "xxx":
+        cats = [str(c) for c in rng.choice(names, size=3, replace=False)]
+    else:
+        cats = [_CATEGORY_NAME[code]] * 3
+        if rng.random() < 0.5:  # a 2-of-3 majority
+            others = [c for c in names if c != _CATEGORY_NAME[code]]
+            cats[int(rng.integers(3))] = _pick(rng, tuple(others))
+    for e, c in zip(evaluators, cats):
+        lines.append(f"C-E{e}:\t{c};\t()")
+    self_eval = rng.random() < 0.5
+    if self_eval:
+        lines.append(f"C-{speaker}1:\t{_pick(rng, tuple(names)) if code == 'xxx' else _CATEGORY_NAME[code]};\t()")
+    n_attr = int(rng.integers(2, 4))
+    ratings = []
+    for e in sorted(rng.choice([1, 2, 3, 4], size=n_attr, replace=False).tolist()):
+        v, a, d = (int(np.clip(round(m + rng.normal(0.0, 0.5)), 1, 5)) for m in _VAD_MEAN[code])
+        ratings.append((v, a, d))
+        lines.append(f"A-E{e}:\tval {v}; act {a}; dom  {d};\t()")
+    if self_eval:
+        v, a, d = (int(np.clip(round(m + rng.normal(0.0, 0.5)), 1, 5)) for m in _VAD_MEAN[code])
+        lines.append(f"A-{speaker}1:\tval {v}; act {a}; dom  {d};\t()")
+    vad = tuple(float(np.mean([r[i] for r in ratings])) for i in range(3))
+    return vad, lines  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# The release
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Turn:
+    id: str
+    start: int  # ticks
+    end: int
+    text: str
+    code: str | None = None  # None: an unlabelled XX line
+    vad: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    annotator_lines: list[str] = field(default_factory=list)
+
+
+def _fmt_eval_time(t: int) -> str:
+    return f"{t // _TICKS}.{t % _TICKS:04d}"
+
+
+def _fmt_transcript_time(t: int) -> str:
+    return f"{t // _TICKS:03d}.{t % _TICKS:04d}"
+
+
+def _class_counts(n: int, session: int) -> dict[str, int]:
+    """`n` 4-class utterances split evenly; the remainder rotates with the session."""
+    counts = {label: n // 4 for label in LABELS}
+    for i in range(n % 4):
+        counts[LABELS[(session - 1 + i) % 4]] += 1
+    return counts
+
+
+def synthesize_release(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    utterances_per_session: int = 60,
+    duration_scale: float = 1.0,
+    sampling_rate: int = 16000,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a synthetic IEMOCAP release into `out_dir` (which plays `IEMOCAP_full_release/`).
+
+    `utterances_per_session` counts the 4-class utterances (neu/hap/exc/sad/ang, balanced over
+    neutral/happy/sad/angry); `round(0.25 * utterances_per_session)` utterances with other codes
+    (xxx, fru, sur, fea) come on top. Durations are IEMOCAP-shaped times `duration_scale`, at least
+    0.3 s. Raises FileExistsError when `out_dir` already holds a Session folder, unless `overwrite`
+    (which replaces the Session1..5 folders only).
+
+    Returns a summary: per session the counts of each code (`codes`) and of each 4-class label
+    (`labels`), totals of wav files and seconds, dialogs and unlabelled XX lines.
+    """
+    if utterances_per_session < 1:
+        raise ValueError(f"utterances_per_session must be >= 1, got {utterances_per_session}")
+    if not duration_scale > 0:
+        raise ValueError(f"duration_scale must be > 0, got {duration_scale}")
+    if sampling_rate < 1000:
+        raise ValueError(f"sampling_rate must be >= 1000, got {sampling_rate}")
+    root = Path(out_dir)
+    existing = [root / f"Session{k}" for k in range(1, 6) if (root / f"Session{k}").exists()]
+    if existing:
+        if not overwrite:
+            raise FileExistsError(f"{existing[0]} exists (pass overwrite=True to replace Session1..5)")
+        for path in existing:
+            shutil.rmtree(path)
+    root.mkdir(parents=True, exist_ok=True)
+
+    sr = sampling_rate
+    step = sr // math.gcd(sr, _TICKS)  # samples per whole number of ticks
+    voices = {(k, g): _voice(seed, k, g) for k in range(1, 6) for g in "FM"}
+    summary_codes: dict[int, dict[str, int]] = {}
+    summary_labels: dict[int, dict[str, int]] = {}
+    n_wavs = n_four = n_dialogs = n_xx = 0
+    seconds = four_seconds = 0.0
+
+    for session in range(1, 6):
+        rng = np.random.default_rng([seed, session])
+        counts = _class_counts(utterances_per_session, session)
+        n_hap = int(round(HAP_SHARE * counts["happy"]))
+        codes = (
+            ["neu"] * counts["neutral"] + ["hap"] * n_hap + ["exc"] * (counts["happy"] - n_hap)
+            + ["sad"] * counts["sad"] + ["ang"] * counts["angry"]
+        )  # fmt: skip
+        n_other = int(round(OTHER_FRACTION * utterances_per_session))
+        codes += [str(c) for c in rng.choice(OTHER_CODES, size=n_other, p=OTHER_CODE_WEIGHTS)]
+        codes = [codes[i] for i in rng.permutation(len(codes))]
+        n_dlg = max(1, min(math.ceil(len(codes) / _UTTERANCES_PER_DIALOG), len(codes) // 2, 30))
+        dialogs = _dialog_names(session, n_dlg)
+        session_dir = root / f"Session{session}"
+        eval_dir = session_dir / "dialog" / "EmoEvaluation"
+        trans_dir = session_dir / "dialog" / "transcriptions"
+        for d in (eval_dir / "Categorical", eval_dir / "Attribute", eval_dir / "Self-evaluation", trans_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        summary_codes[session] = {c: 0 for c in FOUR_CLASS_CODES + OTHER_CODES}
+        summary_labels[session] = {label: 0 for label in LABELS}
+
+        for d_index, (dialog, chunk) in enumerate(zip(dialogs, np.array_split(np.array(codes), len(dialogs)))):
+            chunk = [str(c) for c in chunk]
+            # who speaks each labelled turn: alternating, sometimes the same speaker again; both
+            # speakers always speak when the dialog has 2+ turns
+            speakers = [str(rng.choice(["F", "M"]))]
+            for _ in chunk[1:]:
+                other = "M" if speakers[-1] == "F" else "F"
+                speakers.append(speakers[-1] if (len(speakers) > 1 and rng.random() < 0.25) else other)
+            # unlabelled XX lines (at least one in the first dialog of each session)
+            n_xx_here = int(rng.integers(0, 3)) + (1 if d_index == 0 else 0)
+            xx_after = sorted(rng.integers(0, len(chunk), size=n_xx_here).tolist())
+            turns: list[_Turn] = []
+            counters = {"F": 0, "M": 0}
+            xx_counters = {"F": 0, "M": 0}
+            t = int(rng.uniform(1.0, 8.0) * _TICKS)
+            wav_dir = session_dir / "sentences" / "wav" / dialog
+            wav_dir.mkdir(parents=True, exist_ok=True)
+            for i, (code, spk) in enumerate(zip(chunk, speakers)):
+                seconds_raw = float(np.clip(rng.lognormal(_DUR_MU, _DUR_SIGMA), _DUR_MIN, _DUR_MAX))
+                dur = max(seconds_raw * duration_scale, MIN_SECONDS)
+                n = max(step, int(round(dur * sr / step)) * step)
+                if code in CODE_TO_LABEL:
+                    label = CODE_TO_LABEL[code]
+                    arousal, valence = AROUSAL[label], VALENCE[label]
+                else:
+                    arousal, valence = _other_arousal_valence(rng, code)
+                utt_id = f"{dialog}_{spk}{counters[spk]:03d}"
+                counters[spk] += 1
+                audio = _synth_audio(rng, n, sr, arousal, voices[(session, spk)])
+                sf.write(wav_dir / f"{utt_id}.wav", _to_pcm16(audio), sr, subtype="PCM_16", format="WAV")
+                vad, lines = _annotations(rng, code, spk)
+                end = t + n * _TICKS // sr
+                turns.append(_Turn(utt_id, t, end, _sentence(rng, valence), code, vad, lines))
+                t = end + int(rng.uniform(0.1, 1.5) * _TICKS)
+                summary_codes[session][code] += 1
+                n_wavs += 1
+                seconds += n / sr
+                if code in CODE_TO_LABEL:
+                    summary_labels[session][CODE_TO_LABEL[code]] += 1
+                    n_four += 1
+                    four_seconds += n / sr
+                for _ in range(xx_after.count(i)):
+                    xs = str(rng.choice(["F", "M"]))
+                    xx_len = int(rng.uniform(0.3, 1.5) * _TICKS)
+                    xx_id = f"{dialog}_{xs}XX{xx_counters[xs]}"
+                    xx_counters[xs] += 1
+                    turns.append(_Turn(xx_id, t, t + xx_len, _pick(rng, _XX_TEXTS)))
+                    t += xx_len + int(rng.uniform(0.1, 1.0) * _TICKS)
+                    n_xx += 1
+            _write_dialog(eval_dir, trans_dir, dialog, turns)
+            n_dialogs += 1
+
+    return {
+        "root": str(root),
+        "seed": seed,
+        "sampling_rate": sr,
+        "codes": summary_codes,
+        "labels": summary_labels,
+        "utterances": n_wavs,
+        "four_class_utterances": n_four,
+        "seconds": round(seconds, 4),
+        "four_class_seconds": round(four_seconds, 4),
+        "dialogs": n_dialogs,
+        "xx_lines": n_xx,
+    }
+
+
+def _write_dialog(eval_dir: Path, trans_dir: Path, dialog: str, turns: list[_Turn]) -> None:
+    labelled = [t for t in turns if t.code is not None]
+    blocks = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n"]
+    for t in labelled:
+        v, a, d = t.vad
+        head = (
+            f"[{_fmt_eval_time(t.start)} - {_fmt_eval_time(t.end)}]\t{t.id}\t{t.code}\t"
+            f"[{v:.4f}, {a:.4f}, {d:.4f}]"
+        )
+        blocks.append("\n".join([head, *t.annotator_lines]) + "\n")
+    (eval_dir / f"{dialog}.txt").write_text("\n".join(blocks) + "\n", encoding="utf-8")
+    lines = [f"{t.id} [{_fmt_transcript_time(t.start)}-{_fmt_transcript_time(t.end)}]: {t.text}" for t in turns]
+    (trans_dir / f"{dialog}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # per-annotator files, as in the release (readers must ignore them)
+    for e in (1, 2):
+        cat = [f"{t.id} :{t.annotator_lines[0].split(chr(9))[1]} ()" for t in labelled]
+        (eval_dir / "Categorical" / f"{dialog}_e{e}_cat.txt").write_text("\n".join(cat) + "\n", encoding="utf-8")
+        atr = [f"{t.id} :act {round(t.vad[1])}; val {round(t.vad[0])}; dom {round(t.vad[2])}; ()" for t in labelled]
+        (eval_dir / "Attribute" / f"{dialog}_e{e}_atr.txt").write_text("\n".join(atr) + "\n", encoding="utf-8")
+    self_lines = [f"{t.id} :{_CATEGORY_NAME.get(t.code or '', 'Other')}; ()" for t in labelled]
+    (eval_dir / "Self-evaluation" / f"{dialog}.txt").write_text("\n".join(self_lines) + "\n", encoding="utf-8")
