@@ -1,0 +1,225 @@
+"""Encoders and processors: tiny, bundled real weights, local folders (hub-name style), group norm."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel, Wav2Vec2Model
+
+import emotrain.model.emotion_model as em
+from emotrain.config import ModelConfig
+from emotrain.model import EmotionModel, build_model, build_processors
+from emotrain.model.encoders import (
+    build_tokenizer,
+    default_feature_extractor,
+    resolve_pretrained,
+    tiny_audio_config,
+)
+
+MINILM = "bundled:all-MiniLM-L6-v2"
+
+
+def small(**overrides) -> ModelConfig:
+    fields = dict(hidden_size=16, cross_attention_heads=4, classifier_hidden_size=16)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Nothing here may need the hub."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_tiny_tokenizer_is_a_real_wordpiece_vocabulary():
+    tokenizer = build_tokenizer(small())
+    assert len(tokenizer) == 30522
+    ids = tokenizer("I am so happy, not angry!")["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.convert_ids_to_tokens(ids) == [
+        "[CLS]", "i", "am", "so", "happy", ",", "not", "angry", "!", "[SEP]",
+    ]
+    model = build_model(small(variant="text"))
+    assert model.text_encoder.config.vocab_size == 30522
+    assert model.text_encoder.config.num_hidden_layers == 2 and model.text_encoder.config.hidden_size == 32
+
+
+def test_processors_for_tiny_encoders():
+    feature_extractor, tokenizer = build_processors(small())
+    assert feature_extractor.sampling_rate == 16000
+    assert feature_extractor.do_normalize and feature_extractor.return_attention_mask  # layer norm
+    assert tokenizer is not None
+    assert build_processors(small(variant="audio"))[1] is None
+    assert build_processors(small(variant="text"))[0] is None
+
+
+def test_resolve_pretrained():
+    assert Path(resolve_pretrained(MINILM), "model.safetensors").is_file()
+    assert resolve_pretrained("facebook/wav2vec2-base") == "facebook/wav2vec2-base"
+    with pytest.raises(ValueError, match="unknown bundled model"):
+        resolve_pretrained("bundled:nope")
+
+
+def test_bundled_minilm_loads_its_real_weights_and_runs():
+    torch.manual_seed(0)
+    model = build_model(small(variant="text", text_encoder=MINILM)).eval()
+    encoder = model.text_encoder
+    assert encoder.config.num_hidden_layers == 6 and encoder.config.hidden_size == 384
+    assert encoder.pooler is None  # unused: would get no gradient under DDP
+    assert next(encoder.parameters()).dtype == torch.float32
+    saved = load_file(Path(resolve_pretrained(MINILM), "model.safetensors"))
+    state = encoder.state_dict()
+    assert set(state) <= set(saved) and len(state) > 90
+    for name, tensor in state.items():
+        assert torch.equal(tensor, saved[name]), name
+
+    _, tokenizer = build_processors(model.config)
+    texts = ["I am so happy today", "I feel really glad and cheerful", "The train leaves at noon"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+        labels = torch.tensor([1, 1, 0])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    assert out.logits.shape == (3, 4) and torch.isfinite(out.loss)
+    # Pretrained, not random: paraphrases are closer than unrelated sentences (mean pooling).
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    emb = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.3
+
+
+def test_fusion_model_with_bundled_text_encoder():
+    model = build_model(small(text_encoder=MINILM)).train()
+    feature_extractor, tokenizer = build_processors(model.config)
+    text = tokenizer(["what a day", "no"], padding=True, return_tensors="pt")
+    audio = feature_extractor([torch.randn(3200).numpy(), torch.randn(2000).numpy()], sampling_rate=16000,
+                              padding=True, return_tensors="pt")
+    out = model(audio["input_values"], torch.tensor([3200, 2000]), text["input_ids"], text["attention_mask"],
+                torch.tensor([0, 2]))
+    out.loss.backward()
+    assert model.text_encoder.embeddings.word_embeddings.weight.grad is not None
+
+
+def _save_tiny_encoder_folders(root: Path, layerdrop: float = 0.1) -> tuple[Path, Path]:
+    """Folders like a hub download: weights + config + processor, for a tiny Wav2Vec2 and BERT."""
+    torch.manual_seed(5)
+    audio_config = tiny_audio_config(small())
+    audio_config.layerdrop = layerdrop
+    audio_dir, text_dir = root / "w2v", root / "bert"
+    Wav2Vec2Model(audio_config).save_pretrained(audio_dir)
+    default_feature_extractor(layer_norm=True).save_pretrained(audio_dir)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=48)).save_pretrained(text_dir)
+    build_tokenizer(small()).save_pretrained(text_dir)
+    return audio_dir, text_dir
+
+
+def test_encoders_from_local_folders_and_a_round_trip_without_them(tmp_path):
+    audio_dir, text_dir = _save_tiny_encoder_folders(tmp_path / "src")
+    cfg = small(audio_encoder=str(audio_dir), text_encoder=str(text_dir))
+    model = build_model(cfg).eval()
+    assert model.audio_encoder.config.layerdrop == 0.0  # overridden for fine-tuning
+    assert not any(p.requires_grad for p in model.audio_encoder.feature_extractor.parameters())
+    for sub, folder in ((model.audio_encoder, audio_dir), (model.text_encoder, text_dir)):
+        saved = load_file(folder / "model.safetensors")
+        for name, tensor in sub.state_dict().items():
+            assert torch.equal(tensor, saved[name]), name
+    assert model.text_encoder.config.hidden_size == 24  # its own size, projected to d
+
+    feature_extractor, tokenizer = build_processors(cfg)
+    assert feature_extractor.return_attention_mask and len(tokenizer) == 30522
+    torch.manual_seed(0)
+    audio = [torch.randn(2500), torch.randn(4000)]
+    values = torch.zeros(2, 4000)
+    values[0, :2500], values[1] = audio
+    text = tokenizer(["hello", "hello there my friend"], padding=True, return_tensors="pt")
+    batch = dict(input_values=values, audio_lengths=torch.tensor([2500, 4000]),
+                 input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+    with torch.no_grad():
+        expected = model(**batch).logits
+
+    model.save_pretrained(tmp_path / "model")
+    shutil.rmtree(tmp_path / "src")  # the sources are gone: loading needs only the saved folder
+    loaded = EmotionModel.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=0, rtol=0)
+    assert loaded.config.audio_encoder == str(audio_dir)  # recorded, not needed
+
+
+def test_group_norm_encoder_gets_no_attention_mask_but_its_frames_are_still_masked(tmp_path, monkeypatch):
+    config = tiny_audio_config(small())
+    config.feat_extract_norm, config.do_stable_layer_norm = "group", False
+    torch.manual_seed(0)
+    Wav2Vec2Model(config).save_pretrained(tmp_path / "w2v-group")  # no preprocessor_config.json
+    cfg = small(variant="audio", audio_encoder=str(tmp_path / "w2v-group"))
+    feature_extractor, _ = build_processors(cfg)
+    assert feature_extractor.do_normalize and not feature_extractor.return_attention_mask
+
+    model = build_model(cfg).eval()
+    seen = []
+    model.audio_encoder.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(dict(kwargs)),
+                                                  with_kwargs=True)
+    pooled = []
+    original = em.masked_mean_std
+    monkeypatch.setattr(em, "masked_mean_std", lambda x, m: pooled.append(m) or original(x, m))
+    with torch.no_grad():
+        out = model(torch.randn(2, 4000), torch.tensor([4000, 1700]))
+    assert seen and "attention_mask" not in seen[0]
+    assert pooled[0].sum(1).tolist() == model.audio_encoder._get_feat_extract_output_lengths(
+        torch.tensor([4000, 1700])).tolist()
+    assert torch.isfinite(out.logits).all()
+
+
+def test_a_text_model_is_rejected_as_audio_encoder(tmp_path):
+    BertModel(BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="not an audio encoder"):
+        build_model(small(variant="audio", audio_encoder=str(tmp_path / "bert")))
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # inside WavLM's attention
+@pytest.mark.parametrize("audio_kind", ["hubert", "wavlm"])
+def test_other_audio_encoders_and_roberta_from_folders(tmp_path, audio_kind):
+    """HuBERT / WavLM (AutoModel) with a RoBERTa text encoder: padding-invariant, fully trained."""
+    from transformers import HubertConfig, HubertModel, RobertaConfig, RobertaModel, WavLMConfig, WavLMModel
+
+    kinds = {"hubert": (HubertConfig, HubertModel), "wavlm": (WavLMConfig, WavLMModel)}
+    config_cls, model_cls = kinds[audio_kind]
+    shape = tiny_audio_config(small()).to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        shape.pop(key, None)
+    torch.manual_seed(0)
+    model_cls(config_cls(**shape)).save_pretrained(tmp_path / audio_kind)
+    # A RoBERTa over the WordPiece vocabulary (pad id 0): RoBERTa's position ids depend on the pad id.
+    RobertaModel(RobertaConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, pad_token_id=0)).save_pretrained(tmp_path / "roberta")
+    build_tokenizer(small()).save_pretrained(tmp_path / "roberta")
+
+    cfg = small(audio_encoder=str(tmp_path / audio_kind), text_encoder=str(tmp_path / "roberta"))
+    model = build_model(cfg).eval()
+    assert type(model.audio_encoder) is model_cls and type(model.text_encoder) is RobertaModel
+    _, tokenizer = build_processors(cfg)
+    short_audio, long_audio = torch.randn(2100), torch.randn(6400)
+    values = torch.randn(2, 6400) * 3  # noise in the padding
+    values[0, :2100], values[1] = short_audio, long_audio
+    text = tokenizer(["why", "because that is what you said yesterday"], padding=True, return_tensors="pt")
+    alone = tokenizer(["why"], return_tensors="pt")
+    batch = (values, torch.tensor([2100, 6400]), text["input_ids"], text["attention_mask"])
+    with torch.no_grad():
+        batch_logits = model(*batch).logits
+        alone_logits = model(
+            short_audio[None], torch.tensor([2100]), alone["input_ids"], alone["attention_mask"]
+        ).logits
+    torch.testing.assert_close(batch_logits[:1], alone_logits, atol=1e-5, rtol=1e-5)
+
+    model.train()
+    model(*batch, labels=torch.tensor([1, 2])).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert not any(p.requires_grad for p in model.audio_encoder.feature_extractor.parameters())
