@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,78 @@ def rotate(checkpoints_dir: str | Path, keep_last: int, keep_steps: set[int] = f
         shutil.rmtree(leftover, ignore_errors=True)
         removed.append(leftover)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's own state, and saving a whole checkpoint (every rank calls this).
+
+
+@dataclass
+class LoopState:
+    """Where the training loop stands; saved as JSON in every checkpoint."""
+
+    epoch: int = 0
+    """The epoch the data stream is in (the next one after an epoch-end checkpoint)."""
+    step: int = 0
+    """Optimizer steps taken."""
+    best_ua: float = -1.0
+    best_step: int | None = None
+    best_validation: dict | None = None
+    """The full validation metrics at best_step."""
+    evaluations_without_improvement: int = 0
+    consecutive_nonfinite: int = 0
+    nonfinite_steps: int = 0
+    """Optimizer steps skipped because a loss was NaN/inf (on any rank)."""
+    stop_reason: str | None = None
+    """Why training ended (max_epochs, max_steps, early_stopping); None while it goes on."""
+    run_id: str = ""
+    """The tracker run id (W&B), so a resumed run continues the same run."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoopState":
+        return cls(**data)
+
+
+def save_checkpoint(
+    accelerator,
+    checkpoints_dir: str | Path,
+    step: int,
+    *,
+    stream_state: dict,
+    loop_state: LoopState,
+    config_yaml: str,
+    keep_last: int,
+) -> Path:
+    """Save model/optimizer/scheduler/scaler/RNG (Accelerate), this rank's stream state and the loop
+    state atomically, then rotate. A collective: every rank must call it at the same step."""
+    partial = partial_dir(checkpoints_dir, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))  # DeepSpeed: every rank writes its partition
+    write_json(stream_state_path(partial, accelerator.process_index), stream_state)
+    accelerator.wait_for_everyone()
+    final = Path(checkpoints_dir) / checkpoint_name(step)
+    if accelerator.is_main_process:
+        final = finalize(checkpoints_dir, step, loop_state.to_dict(), config_yaml)
+        best = {loop_state.best_step} if loop_state.best_step is not None else set()
+        rotate(checkpoints_dir, keep_last, keep_steps=best)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, folder: str | Path) -> tuple[LoopState, dict]:
+    """Restore Accelerate's state from `folder`; return the loop state and this rank's stream state."""
+    folder = Path(folder)
+    accelerator.load_state(str(folder))
+    stream_file = stream_state_path(folder, accelerator.process_index)
+    if not stream_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no data-stream state for rank {accelerator.process_index}: "
+            "resume with the world size the checkpoint was written with"
+        )
+    return LoopState.from_dict(read_json(folder / LOOP_STATE)), read_json(stream_file)

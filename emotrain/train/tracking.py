@@ -8,6 +8,7 @@ happens after resuming from a checkpoint older than the last logged point).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -85,3 +86,23 @@ def summarize(accelerator, cfg: Config, summary: dict) -> None:
         run = accelerator.get_tracker("wandb", unwrap=True)
         for key, value in summary.items():
             run.summary[key] = value
+
+
+def setup_logging(output_dir: str | Path, is_main_process: bool) -> logging.Logger:
+    """`emotrain` logs to the console and `output_dir/train.log` on rank 0; other ranks warn only."""
+    logger = logging.getLogger("emotrain")
+    logger.handlers.clear()
+    logger.propagate = False
+    if is_main_process:
+        logger.setLevel(logging.INFO)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+        for handler in (logging.StreamHandler(), logging.FileHandler(Path(output_dir) / "train.log")):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+    else:
+        logger.setLevel(logging.WARNING)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s [rank %(process)d] %(message)s"))
+        logger.addHandler(handler)
+    return logger
