@@ -31,8 +31,8 @@ def main() -> None:
         summary = synthesize_release(work / "release", seed=0, utterances_per_session=args.utterances_per_session)
         hours = summary["four_class_seconds"] / 3600
         print(f"synthesised {summary['utterances']} wavs ({hours:.2f} h kept) in {time.perf_counter() - started:.1f} s")
-        print(f"| workers | utterances | audio (h) | seconds | audio h per minute |")
-        print(f"| ---: | ---: | ---: | ---: | ---: |")
+        print("| workers | utterances | audio (h) | seconds | audio h per minute |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
         for workers in args.workers:
             out = work / f"prepared-{workers}"
             started = time.perf_counter()

@@ -27,13 +27,19 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 from emotrain.config import LABEL_NAMES, Config, save_config
 from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets
 from emotrain.data.folds import split_from_config
 from emotrain.data.stream import build_train_stream
+from emotrain.distributed import all_ranks_true, min_over_ranks, sum_over_ranks
 from emotrain.model import build_model, build_processors
 from emotrain.train import tracking
 from emotrain.train.checkpoint import (
@@ -43,11 +49,14 @@ from emotrain.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from emotrain.train.collectives import all_ranks_true, min_over_ranks, sum_over_ranks
 from emotrain.train.deepspeed_config import fill_deepspeed_auto
 from emotrain.train.evaluation import evaluate, model_inputs
 from emotrain.train.optim import build_optimizer_and_scheduler
-from emotrain.train.preemption import EXIT_PREEMPTED, PreemptionWatcher, default_flag_file
+from emotrain.train.preemption import (
+    EXIT_PREEMPTED,
+    PreemptionWatcher,
+    default_flag_file,
+)
 
 
 class TooManyNonFiniteLosses(RuntimeError):

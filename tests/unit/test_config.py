@@ -8,7 +8,13 @@ import pytest
 import yaml
 
 from emotrain.cli import main
-from emotrain.config import Config, ConfigError, describe_fields, load_config, save_config
+from emotrain.config import (
+    Config,
+    ConfigError,
+    describe_fields,
+    load_config,
+    save_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SHIPPED = sorted(CONFIGS.rglob("*.yaml"))

@@ -11,7 +11,12 @@ import transformers.modeling_utils
 
 import emotrain.model.encoders as encoders_module
 from emotrain.config import ModelConfig
-from emotrain.model import EmotionModel, EmotionModelOutput, build_model, build_processors
+from emotrain.model import (
+    EmotionModel,
+    EmotionModelOutput,
+    build_model,
+    build_processors,
+)
 
 VARIANTS = ["fusion", "audio", "text"]
 

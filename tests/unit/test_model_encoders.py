@@ -187,7 +187,14 @@ def test_a_text_model_is_rejected_as_audio_encoder(tmp_path):
 @pytest.mark.parametrize("audio_kind", ["hubert", "wavlm"])
 def test_other_audio_encoders_and_roberta_from_folders(tmp_path, audio_kind):
     """HuBERT / WavLM (AutoModel) with a RoBERTa text encoder: padding-invariant, fully trained."""
-    from transformers import HubertConfig, HubertModel, RobertaConfig, RobertaModel, WavLMConfig, WavLMModel
+    from transformers import (
+        HubertConfig,
+        HubertModel,
+        RobertaConfig,
+        RobertaModel,
+        WavLMConfig,
+        WavLMModel,
+    )
 
     kinds = {"hubert": (HubertConfig, HubertModel), "wavlm": (WavLMConfig, WavLMModel)}
     config_cls, model_cls = kinds[audio_kind]

@@ -10,7 +10,12 @@ import torch
 from emotrain.config import ModelConfig
 from emotrain.model.cross_attention import CrossAttention, CrossModalAttention
 from emotrain.model.encoders import build_audio_encoder
-from emotrain.model.masks import audio_frame_mask, audio_sample_mask, lengths_to_mask, text_mask
+from emotrain.model.masks import (
+    audio_frame_mask,
+    audio_sample_mask,
+    lengths_to_mask,
+    text_mask,
+)
 from emotrain.model.pooling import STD_EPS, masked_mean_std
 
 # ---------------------------------------------------------------------------------------------

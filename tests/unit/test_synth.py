@@ -189,7 +189,7 @@ def test_deterministic_per_seed_and_refuses_to_overwrite(tmp_path):
     kwargs = dict(utterances_per_session=8, duration_scale=0.1)
     a = synthesize_release(tmp_path / "a", seed=3, **kwargs)
     b = synthesize_release(tmp_path / "b", seed=3, **kwargs)
-    c = synthesize_release(tmp_path / "c", seed=4, **kwargs)
+    synthesize_release(tmp_path / "c", seed=4, **kwargs)
     assert {k: v for k, v in a.items() if k != "root"} == {k: v for k, v in b.items() if k != "root"}
     da, db, dc = (_tree_digest(tmp_path / n) for n in "abc")
     assert da == db, "same seed, byte-identical files"

@@ -6,7 +6,6 @@ import os
 import signal
 
 import pytest
-import torch
 from torch import nn
 
 from emotrain.config import TrainConfig

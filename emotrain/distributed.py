@@ -1,4 +1,7 @@
-"""Small collectives the loop needs beyond Accelerate's; call each on every rank at the same point."""
+"""Small collectives beyond Accelerate's (used by the data stream and the training loop).
+
+Each is a collective: call it on every rank at the same point. Single process: no communication.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,13 @@ import torch.distributed as dist
 
 
 def _distributed(accelerator) -> bool:
-    return accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized()
+    """`accelerator` may be None (a single process, e.g. in unit tests)."""
+    return (
+        accelerator is not None
+        and accelerator.num_processes > 1
+        and dist.is_available()
+        and dist.is_initialized()
+    )
 
 
 def all_ranks_true(flag: bool, accelerator) -> bool:

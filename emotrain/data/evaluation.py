@@ -1,0 +1,156 @@
+"""Validation and test data: map-style datasets, full audio, every utterance exactly once.
+
+    val_set, test_set = build_eval_datasets(split, sampling_rate=cfg.data.sampling_rate)
+    val_loader = accelerator.prepare(build_eval_dataloader(val_set, cfg.data,
+                                     feature_extractor=fe, tokenizer=tok))
+    for batch in val_loader:
+        logits = model(...)
+        preds, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+        ids = accelerator.gather_for_metrics(batch["ids"])      # strings: gathered as objects
+
+Gather tensors and `ids` in separate calls: given a whole batch dict (it holds strings),
+`gather_for_metrics` falls back to `gather_object`, which flattens per-rank objects (a dict
+flattens to its keys), and the end-of-data truncation no longer applies to samples.
+
+Unlike the training stream, these loaders ARE passed through `accelerator.prepare`: a map-style
+dataset has a length, so Accelerate shards its batches across ranks (padding the last round with
+repeated samples) and `gather_for_metrics` drops those repeats, so metrics see each utterance
+exactly once. Utterances are sorted by (duration, id): deterministic, and batches of similar
+lengths pad little. No crop: evaluation sees full audio.
+
+The rows (ids, labels, text, encoded audio bytes) of the split are read into memory once, reading
+only the Parquet row groups that hold them; audio is decoded in `__getitem__`. An utterance whose
+audio cannot be decoded is logged and stands in as a 0.1 s silence with `valid=False` in the
+batch: the batch structure Accelerate relies on is kept, and the recipe leaves invalid rows out of
+its metrics (gather `batch["valid"]` with the predictions; its False entries are the count to
+report). `dataset.skipped` lists them too, but only in the process that decoded them (the main
+process with num_workers=0, a worker otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from torch.utils.data import DataLoader, Dataset
+
+from emotrain.config import DataConfig
+from emotrain.data.audio import AudioDecodeError, decode_audio
+from emotrain.data.batching import Collator
+from emotrain.data.folds import FoldSplit
+
+logger = logging.getLogger("emotrain.data")
+
+EVAL_COLUMNS = ["id", "label", "text", "audio"]
+
+
+def _read_rows(url: str, rows: list[int]) -> pa.Table:
+    """The given rows (in that order) of one Parquet file, reading only the row groups holding them."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        starts = np.cumsum([0] + sizes)
+
+        def group_of(r: int) -> int:
+            return int(np.searchsorted(starts, r, side="right") - 1)
+
+        groups = sorted({group_of(r) for r in rows})
+        table = parquet.read_row_groups(groups, columns=EVAL_COLUMNS)
+    offset, position = {}, 0
+    for g in groups:  # where each row group starts in the table just read
+        offset[g] = position
+        position += sizes[g]
+    local = [offset[group_of(r)] + r - int(starts[group_of(r)]) for r in rows]
+    return table.take(pa.array(local, type=pa.int64()))
+
+
+class EvalDataset(Dataset):
+    """A split's utterances sorted by (duration, id); `__getitem__` decodes one (full length)."""
+
+    def __init__(self, split: FoldSplit, ids: tuple[str, ...] | list[str], sampling_rate: int = 16000, name: str = "eval"):
+        self.name = name
+        self.sampling_rate = sampling_rate
+        self.skipped: list[str] = []
+        """Ids that failed to decode in this process (each stood in as silence, valid=False)."""
+        meta = split.meta
+        wanted = set(ids)
+        index = np.flatnonzero(np.isin(meta.id, np.array(sorted(wanted), dtype=object)))
+        if len(index) != len(wanted):
+            raise ValueError(f"{name}: {len(wanted) - len(index)} ids are not in the prepared dataset")
+        order = sorted(index.tolist(), key=lambda m: (float(meta.duration[m]), str(meta.id[m])))
+        by_file: dict[int, list[int]] = {}
+        for m in order:
+            by_file.setdefault(int(meta.file[m]), []).append(m)
+        records: dict[int, tuple[str, int, str, bytes | None]] = {}
+        for f, ms in by_file.items():
+            table = _read_rows(meta.files[f], [int(meta.row[m]) for m in ms])
+            got_ids = table.column("id").to_pylist()
+            labels = table.column("label").to_pylist()
+            texts = table.column("text").to_pylist()
+            audio = table.column("audio").combine_chunks().field("bytes")
+            for k, m in enumerate(ms):
+                if got_ids[k] != meta.id[m]:
+                    raise RuntimeError(f"{meta.files[f]}: row {meta.row[m]} is {got_ids[k]!r}, expected {meta.id[m]!r}")
+                records[m] = (got_ids[k], labels[k], texts[k] or "", audio[k].as_py())
+        self.ids = [records[m][0] for m in order]
+        self.labels = np.array([records[m][1] for m in order], dtype=np.int64)
+        self.texts = [records[m][2] for m in order]
+        self.audio = pa.array([records[m][3] for m in order], type=pa.binary())
+        self.durations = np.array([float(meta.duration[m]) for m in order])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        utt_id = self.ids[i]
+        valid = True
+        try:
+            samples = decode_audio(self.audio[i].as_py(), self.sampling_rate)
+        except AudioDecodeError as err:
+            logger.warning("%s: utterance %s cannot be decoded (%s): silence stands in, valid=False", self.name, utt_id, err)
+            self.skipped.append(utt_id)
+            samples = np.zeros(self.sampling_rate // 10, dtype=np.float32)
+            valid = False
+        return {"id": utt_id, "array": samples, "text": self.texts[i], "label": int(self.labels[i]), "valid": valid}
+
+
+def build_eval_datasets(split: FoldSplit, sampling_rate: int = 16000) -> tuple[EvalDataset, EvalDataset | None]:
+    """(validation, test) datasets of a fold; test is None for fold 0."""
+    validation = EvalDataset(split, split.validation_ids, sampling_rate, name="validation")
+    test = None if split.test_ids is None else EvalDataset(split, split.test_ids, sampling_rate, name="test")
+    return validation, test
+
+
+def build_eval_dataloader(
+    dataset: EvalDataset,
+    data: DataConfig,
+    *,
+    feature_extractor,
+    tokenizer,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+) -> DataLoader:
+    """A DataLoader over `dataset` in its (duration-sorted) order: pass it to `accelerator.prepare`."""
+    collator = Collator(feature_extractor, tokenizer, data.max_text_tokens, data.sampling_rate)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or data.eval_batch_size,
+        shuffle=False,
+        drop_last=False,
+        collate_fn=collator,
+        num_workers=data.num_workers if num_workers is None else num_workers,
+    )
+
+
+def eval_padding_efficiency(dataset: EvalDataset, batch_size: int) -> float:
+    """Useful / padded audio of `dataset`'s batches in order (single process, from metadata)."""
+    d = dataset.durations
+    useful = float(d.sum())
+    padded = sum(len(d[i : i + batch_size]) * float(d[i : i + batch_size].max()) for i in range(0, len(d), batch_size))
+    return useful / padded if padded else 1.0
+

@@ -1,0 +1,73 @@
+"""Run under `accelerate launch` with 2 processes (see tests/integration/test_data_distributed.py).
+
+argv: PREPARED_ROOT OUT_DIR. Each rank writes OUT_DIR/rank<k>.json with what it gathered and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from emotrain.config import DataConfig
+from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets
+from emotrain.data.folds import make_fold_split
+from emotrain.data.stream import StreamSettings, TrainStream, lockstep
+from emotrain.data.toyset import toy_processors
+from emotrain.distributed import all_ranks_true
+
+
+def main() -> None:
+    root, out_dir = sys.argv[1], Path(sys.argv[2])
+    accelerator = Accelerator()
+    # A silent single-process run would pass every check below: refuse it.
+    assert accelerator.num_processes == 2, f"expected 2 processes, got {accelerator.num_processes}"
+    rank = accelerator.process_index
+    fe, tok = toy_processors()
+    split = make_fold_split(root, 1, validation="fraction", validation_fraction=0.2, seed=0)
+    validation, test = build_eval_datasets(split)
+    result: dict = {"rank": rank, "world": accelerator.num_processes}
+
+    # Evaluation: prepared loaders, gathered with gather_for_metrics (strings as objects).
+    for name, dataset in (("test", test), ("validation", validation)):
+        loader = accelerator.prepare(
+            build_eval_dataloader(dataset, DataConfig(), feature_extractor=fe, tokenizer=tok, batch_size=4)
+        )
+        ids, labels = [], []
+        for batch in loader:
+            ids += accelerator.gather_for_metrics(batch["ids"])
+            labels += accelerator.gather_for_metrics(batch["labels"]).tolist()
+        result[name] = {"ids": ids, "labels": labels, "expected": sorted(dataset.ids)}
+        result[name]["expected_labels"] = dict(zip(dataset.ids, dataset.labels.tolist()))
+
+    # Uneven ranks: 3 vs 5 items; both must stop after 3 steps, and the next collective must work.
+    mine = range(3 if rank == 0 else 5)
+    result["lockstep_steps"] = sum(1 for _ in lockstep(mine, accelerator))
+    assert all_ranks_true(True, accelerator) and not all_ranks_true(rank == 0, accelerator)
+
+    # Real training streams: different batch counts per rank, stopped together.
+    settings = StreamSettings(seed=1, batch_size=3, max_batch_audio_seconds=2.0, bucket_buffer_size=8,
+                              shuffle_buffer_size=4, max_audio_seconds=1.0)
+    stream = TrainStream(split, settings, feature_extractor=fe, tokenizer=tok, rank=rank, world_size=2)
+    result["num_batches"] = gather_object([stream.num_batches(0)])
+    steps = 0
+    it = iter(stream)
+    while all_ranks_true((batch := next(it, None)) is not None, accelerator):
+        steps += 1
+    result["stream_steps"] = steps
+    result["epoch_ids"] = stream.epoch_ids(0)
+    total = torch.tensor([steps], dtype=torch.long)
+    result["steps_sum"] = int(accelerator.reduce(total, reduction="sum").item())
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

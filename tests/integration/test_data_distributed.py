@@ -1,0 +1,58 @@
+"""2 CPU processes under `accelerate launch`: evaluation counts each utterance once, ranks stop together."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from emotrain.data.toyset import write_toy_prepared
+
+SCRIPT = Path(__file__).parent / "scripts" / "data_distributed.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_processes_evaluate_each_utterance_once_and_stop_together(tmp_path):
+    # Fold 1: the test set (session 1) has 13 utterances and validation 7 (20% of 36): odd sizes,
+    # so Accelerate pads the last round with repeats that gather_for_metrics must drop.
+    root = write_toy_prepared(tmp_path / "prepared", per_session=[13, 9, 10, 9, 8], num_shards=3)
+    out = tmp_path / "out"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(SCRIPT), str(root), str(out),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in results] == [2, 2]
+
+    for name, size in (("test", 13), ("validation", 7)):
+        for r in results:  # every rank gathers the same complete list
+            got = r[name]
+            counts = Counter(got["ids"])
+            assert sorted(counts) == got["expected"], name
+            assert set(counts.values()) == {1}, f"{name}: duplicated {[i for i, c in counts.items() if c > 1]}"
+            assert [got["expected_labels"][i] for i in got["ids"]] == got["labels"]
+        assert len(results[0][name]["ids"]) == size
+
+    assert [r["lockstep_steps"] for r in results] == [3, 3]
+    counts = results[0]["num_batches"]
+    assert counts[0] != counts[1], "the fixture should give the ranks different batch counts"
+    assert [r["stream_steps"] for r in results] == [min(counts)] * 2
+    assert results[0]["steps_sum"] == 2 * min(counts)
+    assert not set(results[0]["epoch_ids"]) & set(results[1]["epoch_ids"])
