@@ -35,7 +35,12 @@ from emotrain.model.encoders import (
     build_processors,
     build_text_encoder,
 )
-from emotrain.model.masks import audio_frame_lengths, audio_sample_mask, lengths_to_mask, text_mask
+from emotrain.model.masks import (
+    audio_frame_lengths,
+    audio_sample_mask,
+    lengths_to_mask,
+    text_mask,
+)
 from emotrain.model.pooling import masked_mean_std
 
 CONFIG_FILE = "emotion_model.json"
