@@ -63,10 +63,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from emotrain.train.recipe import train
+    from emotrain.train.recipe import TooManyNonFiniteLosses, train
 
     cfg = load_config(args.config, args.overrides)
-    return train(cfg)
+    try:
+        return train(cfg)
+    except TooManyNonFiniteLosses as err:
+        print(f"emotrain train: error: {err}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

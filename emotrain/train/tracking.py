@@ -26,6 +26,26 @@ def run_name(cfg: Config) -> str:
     return cfg.logging.run_name or f"{cfg.experiment}-fold{cfg.data.fold}"
 
 
+def flat_config(cfg: Config) -> dict[str, int | float | str | bool]:
+    """`{"train.lr": 2e-05, "logging.report_to": "wandb,tensorboard", ...}`: the scalars that
+    TensorBoard's hparams accept (no nesting, lists joined, None spelled out); W&B takes them as is."""
+    flat: dict[str, int | float | str | bool] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, list):
+                flat[prefix + key] = ",".join(map(str, value))
+            elif value is None:
+                flat[prefix + key] = "None"
+            else:
+                flat[prefix + key] = value
+
+    walk(cfg.to_dict(), "")
+    return flat
+
+
 def init_kwargs(cfg: Config, run_id: str) -> dict:
     """Per-tracker keyword arguments for `accelerator.init_trackers`."""
     kwargs: dict = {}
@@ -55,7 +75,7 @@ def start(accelerator, cfg: Config, run_id: str) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
     accelerator.init_trackers(
         project_name=cfg.logging.project,
-        config=cfg.to_dict(),  # plain config data; secrets (API keys) live only in the environment
+        config=flat_config(cfg),  # plain config data; secrets (API keys) live only in the environment
         init_kwargs=init_kwargs(cfg, run_id),
     )
     if "wandb" in cfg.logging.report_to and accelerator.is_main_process:

@@ -107,3 +107,17 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
     assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
     assert lr_factor(70, 100, 10, "constant") == 1.0
+
+
+def test_tracker_config_is_flat_scalars():
+    from emotrain.config import load_config
+    from emotrain.train.tracking import flat_config, init_kwargs
+
+    cfg = load_config(None, ["logging.report_to=[wandb,tensorboard]", "data.fold=3", "experiment=paper"])
+    flat = flat_config(cfg)
+    assert flat["train.lr"] == cfg.train.lr and flat["data.fold"] == 3
+    assert flat["logging.report_to"] == "wandb,tensorboard" and flat["logging.entity"] == "None"
+    assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
+    wandb = init_kwargs(cfg, "abc123")["wandb"]
+    assert (wandb["id"], wandb["resume"], wandb["group"], wandb["job_type"]) == ("abc123", "allow", "paper", "fold3")
+    assert wandb["name"] == "paper-fold3" and wandb["mode"] == "offline"

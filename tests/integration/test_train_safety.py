@@ -1,0 +1,38 @@
+"""Runs that go wrong stop clearly; secrets never reach what a run writes; TensorBoard works too."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import run_train, subprocess_env, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_diverging_run_stops_with_a_clear_message(synthetic_corpus, tmp_path):
+    # An absurd learning rate: after the first update every loss is NaN; each such step is skipped
+    # (never applied) and counted, and the run stops after 3 in a row instead of training on NaN.
+    proc = run_train(tiny_overrides(synthetic_corpus, tmp_path / "run", "train.lr=1e30", "train.head_lr=1e30",
+                                    "train.warmup_ratio=0", "train.max_consecutive_nonfinite=3",
+                                    "train.max_epochs=1"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 non-finite losses in a row" in proc.stderr
+    assert proc.stderr.count("non-finite loss, step skipped") == 3
+    assert "Traceback" not in proc.stderr
+
+
+def test_secrets_stay_out_of_outputs_and_tensorboard_logs(synthetic_corpus, tmp_path):
+    secret_key, secret_token = "wandbkey-0123456789abcdef0123456789", "hf_SECRETtoken0123456789"
+    out = tmp_path / "run"
+    proc = run_train(
+        tiny_overrides(synthetic_corpus, out, "train.max_epochs=1", "logging.report_to=[wandb,tensorboard]"),
+        env=subprocess_env(WANDB_API_KEY=secret_key, HF_TOKEN=secret_token),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(out.rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    for path in files:
+        data = path.read_bytes()
+        assert secret_key.encode() not in data and secret_token.encode() not in data, path
+    assert secret_key not in proc.stdout + proc.stderr and secret_token not in proc.stdout + proc.stderr
