@@ -25,6 +25,9 @@ from emotrain.data.iemocap import Utterance, scan_release
 from emotrain.data.shards import SAMPLING_RATE, write_session_shards
 
 AUDIO_FORMATS = ("flac", "wav")
+MIN_SECONDS = 0.1
+"""Shorter audio is skipped: it holds no speech, and a Wav2Vec2 encoder needs 25 ms for one frame
+(training on it would fail mid-epoch). IEMOCAP's shortest kept utterance is 0.59 s."""
 
 
 class NothingToPrepareError(RuntimeError):
@@ -61,6 +64,8 @@ def encode_wav_file(path: str, audio_format: str = "flac") -> EncodedAudio:
     mono = to_mono_16k(samples, rate)
     if not np.isfinite(mono).all():
         return EncodedAudio(None, 0.0, "unreadable wav: non-finite samples")
+    if len(mono) < MIN_SECONDS * SAMPLING_RATE:
+        return EncodedAudio(None, 0.0, f"too short ({len(mono) / SAMPLING_RATE:.3f} s < {MIN_SECONDS} s)")
     buffer = io.BytesIO()
     sf.write(buffer, np.clip(mono, -1.0, 1.0), SAMPLING_RATE, format=audio_format.upper(), subtype="PCM_16")
     return EncodedAudio(buffer.getvalue(), len(mono) / SAMPLING_RATE)

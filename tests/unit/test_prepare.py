@@ -104,6 +104,7 @@ def quirky_release(tmp_path: Path) -> Path:
             {"id": "Ses05M_script01_1b_F002", "code": "neu", "text": "Okay.", "wav": "corrupt"},
             {"id": "Ses05M_script01_1b_M003", "code": "neu", "text": None},
             {"id": "Ses05M_script01_1b_F004", "code": "exc", "text": "Yes, yes, yes!"},
+            {"id": "Ses05M_script01_1b_M005", "code": "ang", "text": "Ha.", "seconds": 0.05},
         ],
     )
     # macOS AppleDouble companions of real files.
@@ -170,12 +171,14 @@ def test_prepare_yields_exactly_the_expected_utterances(quirky_release: Path, tm
 
     skipped = {s["id"]: s["reason"] for s in report["skipped"]}
     assert set(skipped) == {
-        "Ses05M_script01_1b_F000", "Ses05M_script01_1b_M001", "Ses05M_script01_1b_F002", "Ses05M_script01_1b_M003"
+        "Ses05M_script01_1b_F000", "Ses05M_script01_1b_M001", "Ses05M_script01_1b_F002", "Ses05M_script01_1b_M003",
+        "Ses05M_script01_1b_M005",
     }
     assert skipped["Ses05M_script01_1b_F000"].startswith("empty wav")
     assert skipped["Ses05M_script01_1b_M001"] == "missing wav"
     assert skipped["Ses05M_script01_1b_F002"].startswith("unreadable wav")
     assert skipped["Ses05M_script01_1b_M003"] == "no transcription line"
+    assert skipped["Ses05M_script01_1b_M005"].startswith("too short (0.050 s")
 
     on_disk = json.loads((out / "prepare_report.json").read_text())
     assert on_disk["kept"] == 6
@@ -189,7 +192,7 @@ def test_prepare_yields_exactly_the_expected_utterances(quirky_release: Path, tm
 def test_prepare_cli_prints_a_summary_and_the_empty_tree_is_an_error(quirky_release, tmp_path, capsys):
     assert main(["prepare", str(quirky_release), str(tmp_path / "out"), "--workers", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "kept 6 utterances" in printed and "skipped 4" in printed
+    assert "kept 6 utterances" in printed and "skipped 5" in printed
 
     assert main(["prepare", str(tmp_path / "nowhere"), str(tmp_path / "out2")]) == 2
     assert "no Session1..Session5 folders" in capsys.readouterr().err
