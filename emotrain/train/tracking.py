@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from emotrain.config import Config
 
@@ -108,6 +111,16 @@ def summarize(accelerator, cfg: Config, summary: dict) -> None:
             run.summary[key] = value
 
 
+class _TqdmConsoleHandler(logging.StreamHandler):
+    """Console lines written through tqdm, so they do not tear the progress bar apart."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break training
+            self.handleError(record)
+
+
 def setup_logging(output_dir: str | Path, is_main_process: bool) -> logging.Logger:
     """`emotrain` logs to the console and `output_dir/train.log` on rank 0; other ranks warn only."""
     logger = logging.getLogger("emotrain")
@@ -117,7 +130,7 @@ def setup_logging(output_dir: str | Path, is_main_process: bool) -> logging.Logg
         logger.setLevel(logging.INFO)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-        for handler in (logging.StreamHandler(), logging.FileHandler(Path(output_dir) / "train.log")):
+        for handler in (_TqdmConsoleHandler(), logging.FileHandler(Path(output_dir) / "train.log")):
             handler.setFormatter(formatter)
             logger.addHandler(handler)
     else:
