@@ -7,6 +7,9 @@ values that come from the experiment are written into the plugin's config before
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from emotrain.config import Config
 
 
@@ -27,3 +30,38 @@ def fill_deepspeed_auto(ds_config: dict, cfg: Config) -> dict:
             section["enabled"] = cfg.train.mixed_precision == precision
     # train_batch_size = micro x accumulation x world: left to Accelerate, which knows the world size.
     return ds_config
+
+
+@contextmanager
+def model_construction(accelerator) -> Iterator[None]:
+    """Build the model inside this: under ZeRO-3 it honours `zero3_init_flag: false` (our launch configs).
+
+    Accelerate registers its DeepSpeed config with transformers (`HfDeepSpeedConfig`) whatever
+    `zero3_init_flag` says, so with a stage-3 config every `from_config`/`from_pretrained` after the
+    Accelerator exists runs under `deepspeed.zero.Init` and then `initialize_weights_zero3`. With
+    transformers 5.23 / deepspeed 0.19.8 that crashes on Wav2Vec2's weight-normed positional conv:
+    it gathers only a module's own and its children's parameters, not the parametrization's
+    `original0/1`, so `_weight_norm` sees an empty partition ("IndexError: Dimension out of range
+    (expected to be in range of [-1, 0], but got 2)"). Building the model whole and letting
+    `accelerator.prepare` partition it (what zero3_init_flag=false means) avoids it. The config is
+    registered again afterwards. A no-op without DeepSpeed, below stage 3, or with zero3_init_flag true.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.is_zero3_init_enabled():
+        yield
+        return
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    registered = getattr(plugin, "dschf", None)
+    if registered is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)

@@ -49,7 +49,7 @@ from emotrain.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from emotrain.train.deepspeed_config import fill_deepspeed_auto
+from emotrain.train.deepspeed_config import fill_deepspeed_auto, model_construction
 from emotrain.train.evaluation import evaluate, model_inputs
 from emotrain.train.optim import build_optimizer_and_scheduler
 from emotrain.train.preemption import (
@@ -124,7 +124,8 @@ def train(cfg: Config) -> int:
              total_steps, steps_per_epoch[0], accumulation)
 
     # ---------------------------------------------------------------------------------- model
-    model = build_model(cfg.model)
+    with model_construction(accelerator):  # ZeRO-3: no zero.Init (it breaks Wav2Vec2's weight norm)
+        model = build_model(cfg.model)
     model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.train, total_steps)
     if accelerator.state.deepspeed_plugin is not None:
