@@ -19,28 +19,24 @@ def _distributed(accelerator) -> bool:
     )
 
 
+def _all_reduce(values: list, dtype: torch.dtype, op, accelerator) -> list:
+    if not _distributed(accelerator):
+        return list(values)
+    tensor = torch.tensor(values, dtype=dtype, device=accelerator.device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
 def all_ranks_true(flag: bool, accelerator) -> bool:
     """True iff `flag` is true on every rank (one MIN all-reduce)."""
-    if not _distributed(accelerator):
-        return bool(flag)
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=accelerator.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    return bool(min_over_ranks([int(bool(flag))], accelerator)[0])
 
 
 def min_over_ranks(values: list[int], accelerator) -> list[int]:
     """Element-wise minimum of an integer list across ranks."""
-    if not _distributed(accelerator):
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.int64, device=accelerator.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor.tolist()
+    return _all_reduce(values, torch.int64, dist.ReduceOp.MIN, accelerator)
 
 
 def sum_over_ranks(values: list[float], accelerator) -> list[float]:
     """Element-wise sum of a float list across ranks (float64)."""
-    if not _distributed(accelerator):
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+    return _all_reduce(values, torch.float64, dist.ReduceOp.SUM, accelerator)
