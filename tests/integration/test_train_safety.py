@@ -36,3 +36,12 @@ def test_secrets_stay_out_of_outputs_and_tensorboard_logs(synthetic_corpus, tmp_
         data = path.read_bytes()
         assert secret_key.encode() not in data and secret_token.encode() not in data, path
     assert secret_key not in proc.stdout + proc.stderr and secret_token not in proc.stdout + proc.stderr
+
+
+def test_wandb_disabled_mode_trains_and_writes_no_run(synthetic_corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(tiny_overrides(synthetic_corpus, out, "train.max_epochs=1", "logging.report_to=[wandb]",
+                                    "logging.wandb_mode=disabled"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "metrics.json").is_file()
+    assert not (out / "wandb").exists()
