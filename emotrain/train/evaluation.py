@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from emotrain.data.batching import TENSOR_KEYS
 from emotrain.metrics import compute_metrics
 
-MODEL_INPUTS = ("input_values", "audio_lengths", "input_ids", "attention_mask")
+MODEL_INPUTS = tuple(key for key in TENSOR_KEYS if key != "labels")
+"""The batch tensors the model's forward takes (labels are passed separately, when wanted)."""
 
 
 def model_inputs(batch: dict, device=None) -> dict:

@@ -286,7 +286,6 @@ def train(cfg: Config) -> int:
              loop.stop_reason, loop.step, loop.best_ua, loop.best_step)
 
     # ------------------------------------------------------------------- best model and test
-    final_loop = loop
     # Every rank loads the best checkpoint: this restores the best weights under any strategy (ZeRO-3 too).
     load_checkpoint(accelerator, checkpoints_dir / checkpoint_name(loop.best_step))
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3 (gathers the partitions)
@@ -294,18 +293,18 @@ def train(cfg: Config) -> int:
         accelerator.unwrap_model(model).save_pretrained(
             output_dir / "best", processors=(feature_extractor, tokenizer), state_dict=state_dict)
         save_config(cfg, output_dir / "best" / "config.yaml")
-    results = {"validation": final_loop.best_validation, "best_step": final_loop.best_step,
-               "stop_reason": final_loop.stop_reason, "steps": final_loop.step,
-               "nonfinite_steps": final_loop.nonfinite_steps, "skipped_training_utterances": len(stream.skipped)}
+    results = {"validation": loop.best_validation, "best_step": loop.best_step,
+               "stop_reason": loop.stop_reason, "steps": loop.step,
+               "nonfinite_steps": loop.nonfinite_steps, "skipped_training_utterances": len(stream.skipped)}
     if test_loader is not None:
         results["test"] = evaluate(accelerator, model, test_loader)
-        tracking.log(accelerator, {f"test/{k}": results["test"][k] for k in ("wa", "ua", "macro_f1")}, final_loop.step)
-        tracking.log_confusion(accelerator, cfg, "test", results["test"]["confusion"], LABEL_NAMES, final_loop.step)
+        tracking.log(accelerator, {f"test/{k}": results["test"][k] for k in ("wa", "ua", "macro_f1")}, loop.step)
+        tracking.log_confusion(accelerator, cfg, "test", results["test"]["confusion"], LABEL_NAMES, loop.step)
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         log.info("results (WA = accuracy, UA = mean per-class recall):\n%s", format_results(results))
     tracking.summarize(accelerator, cfg, {
-        "best/validation_ua": final_loop.best_ua, "best/step": final_loop.best_step,
+        "best/validation_ua": loop.best_ua, "best/step": loop.best_step,
         **({"test/wa": results["test"]["wa"], "test/ua": results["test"]["ua"]} if "test" in results else {}),
     })
     watcher.uninstall()
