@@ -5,6 +5,7 @@
 Every field carries a docstring (the string literal under it); `field_docs` reads them back for
 `emotrain config --help`. YAML is read with `yaml.safe_load`: a config is plain data, nothing in it
 is executed. Unknown keys, wrong types and invalid values raise `ConfigError` naming the dotted key.
+`output_dir` is a template (`runs/{experiment}/fold{fold}`), resolved when the Config is built.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import string
 import textwrap
 import types
 import typing
@@ -24,6 +26,12 @@ import yaml
 
 LABEL_NAMES = ("neutral", "happy", "sad", "angry")
 """The 4-class IEMOCAP label set, in ClassLabel order (exc is merged into happy)."""
+
+TINY_ENCODER = "tiny"
+"""The encoder name that builds a randomly initialised encoder instead of loading pretrained weights."""
+
+OUTPUT_DIR_PLACEHOLDERS = ("experiment", "fold", "seed", "variant")
+"""What `output_dir` may contain: {experiment}, {fold} (data.fold), {seed} (train.seed), {variant}."""
 
 
 class ConfigError(ValueError):
@@ -72,9 +80,10 @@ class DataConfig:
         _check(self.validation_speakers >= 1, "data.validation_speakers", "must be >= 1")
         _check(0 < self.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
         _check(self.sampling_rate > 0, "data.sampling_rate", "must be > 0")
-        _check(self.max_audio_seconds > 0, "data.max_audio_seconds", "must be > 0")
+        # An infinite crop or budget passes a `> 0` check and only fails inside the data workers.
+        _check_positive(self.max_audio_seconds, "data.max_audio_seconds")
         _check(self.max_text_tokens >= 2, "data.max_text_tokens", "must be >= 2")
-        _check(self.max_batch_audio_seconds > 0, "data.max_batch_audio_seconds", "must be > 0")
+        _check_positive(self.max_batch_audio_seconds, "data.max_batch_audio_seconds")
         _check(self.bucket_buffer_size >= 1, "data.bucket_buffer_size", "must be >= 1")
         _check(self.shuffle_buffer_size >= 0, "data.shuffle_buffer_size", "must be >= 0")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -93,8 +102,10 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer source when it differs from text_encoder; for `tiny`, defaults to the bundled
     bert-base-uncased WordPiece vocabulary."""
-    freeze_feature_encoder: bool = True
-    """Keep Wav2Vec2's convolutional feature encoder frozen (standard for fine-tuning)."""
+    freeze_feature_encoder: bool | None = None
+    """Keep the audio encoder's convolutional feature encoder frozen. None (auto): frozen for a
+    pretrained encoder (standard for fine-tuning), trained for a random `tiny` one (a frozen random
+    conv stack is a fixed random filter bank); true/false force it."""
     hidden_size: int = 256
     """Common width d that both modalities are projected to before cross-attention."""
     cross_attention_layers: int = 1
@@ -125,6 +136,17 @@ class ModelConfig:
         _check(bool(self.audio_encoder), "model.audio_encoder", "must not be empty")
         _check(bool(self.text_encoder), "model.text_encoder", "must not be empty")
 
+    def is_random(self, modality: Literal["audio", "text"]) -> bool:
+        """Whether that encoder is randomly initialised (`tiny`) rather than pretrained."""
+        name = self.audio_encoder if modality == "audio" else self.text_encoder
+        return name == TINY_ENCODER
+
+    def freezes_feature_encoder(self) -> bool:
+        """`freeze_feature_encoder` with None (auto) decided: freeze only a pretrained conv stack."""
+        if self.freeze_feature_encoder is None:
+            return not self.is_random("audio")
+        return self.freeze_feature_encoder
+
 
 @dataclass
 class TrainConfig:
@@ -133,9 +155,16 @@ class TrainConfig:
     max_steps: int = 0
     """Upper bound on optimizer steps; 0 means no bound (max_epochs decides)."""
     lr: float = 5e-5
-    """Peak learning rate of the pretrained encoders."""
+    """Peak learning rate of the pretrained encoders (unless audio_encoder_lr / text_encoder_lr)."""
     head_lr: float = 1e-3
-    """Peak learning rate of the new layers (projections, cross-attention, classifier)."""
+    """Peak learning rate of the new layers (projections, cross-attention, classifier), and by
+    default of a random `tiny` encoder."""
+    audio_encoder_lr: float | None = None
+    """Peak learning rate of the audio encoder; None: train.lr when pretrained, train.head_lr when
+    random (`tiny`: it learns from scratch, at the pace of the new layers)."""
+    text_encoder_lr: float | None = None
+    """Peak learning rate of the text encoder; None: train.lr when pretrained, train.head_lr when
+    random (`tiny`)."""
     weight_decay: float = 0.01
     """AdamW weight decay (never applied to biases and norm weights)."""
     warmup_ratio: float = 0.1
@@ -166,29 +195,46 @@ class TrainConfig:
     """Stop after this many evaluations without a better validation UA; 0 disables."""
     max_consecutive_nonfinite: int = 20
     """Stop with an error after this many non-finite losses in a row (each is skipped)."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """Cross-entropy class weights: `none`, or `balanced` (class c weighs N / (C * n_c), counted over
+    the training split: IEMOCAP is imbalanced and UA, the metric, weighs every class equally)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing, in [0, 1); 0 disables it."""
 
     def validate(self) -> None:
         _check(self.max_epochs >= 1, "train.max_epochs", "must be >= 1")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
-        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be > 0, got {self.lr}")
-        _check(self.head_lr > 0, "train.head_lr", "must be > 0")
-        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check_positive(self.lr, "train.lr")
+        _check_positive(self.head_lr, "train.head_lr")
+        for key in ("audio_encoder_lr", "text_encoder_lr"):
+            if getattr(self, key) is not None:
+                _check_positive(getattr(self, key), f"train.{key}")
+        _check(
+            0 <= self.weight_decay < math.inf, "train.weight_decay", f"must be finite and >= 0, got {self.weight_decay}"
+        )
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
-        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        # inf would silently disable clipping: 0 is the way to say that.
+        _check(
+            0 <= self.max_grad_norm < math.inf,
+            "train.max_grad_norm",
+            f"must be finite and >= 0 (0 disables clipping), got {self.max_grad_norm}",
+        )
         _check(self.eval_every_steps >= 0, "train.eval_every_steps", "must be >= 0")
         _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
         _check(self.keep_last_checkpoints >= 1, "train.keep_last_checkpoints", "must be >= 1")
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
         _check(self.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be >= 1")
         _check(bool(self.resume), "train.resume", "must be `auto`, `never` or a checkpoint folder")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
 class LoggingConfig:
-    report_to: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)
-    """Trackers (rank 0 only): any of wandb, tensorboard; empty logs to the console and file only."""
+    report_to: list[Literal["wandb", "tensorboard", "none"]] = field(default_factory=list)
+    """Trackers (rank 0 only): any of wandb, tensorboard; empty (or `none`, alone) logs to the console
+    and file only. A single name may be given without brackets (`logging.report_to=wandb`)."""
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
     """W&B mode: `offline` on compute nodes (then `wandb sync`), `online`, or `disabled`."""
     project: str = "emotrain"
@@ -206,7 +252,17 @@ class LoggingConfig:
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
 
+    def __post_init__(self) -> None:
+        # `none` is how HF Trainer users say "no tracker": store it as the empty list it means.
+        if self.report_to == ["none"]:
+            self.report_to = []
+
     def validate(self) -> None:
+        _check(
+            "none" not in self.report_to,
+            "logging.report_to",
+            f"`none` means no tracker and cannot be combined with others, got {self.report_to}",
+        )
         _check(self.log_every_steps >= 1, "logging.log_every_steps", "must be >= 1")
         _check(bool(self.project), "logging.project", "must not be empty")
 
@@ -215,12 +271,18 @@ class LoggingConfig:
 class Config:
     experiment: str = "smoke"
     """Experiment name: groups runs (W&B group) and names the output folder by default."""
-    output_dir: str = "runs/smoke"
-    """Where the run writes its resolved config, checkpoints/, best/, metrics.json and log."""
+    output_dir: str = "runs/{experiment}/fold{fold}"
+    """Where the run writes its resolved config, checkpoints/, best/, metrics.json and log. A
+    template: {experiment}, {fold} (data.fold), {seed} (train.seed), {variant} (model.variant) are
+    filled in when the config is loaded (after overrides); write a literal brace as {{ or }}."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        # Resolved once, on the final values: the printed and saved config holds the real folder.
+        self.output_dir = resolve_output_dir(self.output_dir, self)
 
     def validate(self) -> None:
         _check(bool(self.experiment), "experiment", "must not be empty")
@@ -229,7 +291,10 @@ class Config:
             section.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        # Read back, output_dir is a template again: a literal brace in the folder stays literal.
+        data["output_dir"] = self.output_dir.replace("{", "{{").replace("}", "}}")
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -238,6 +303,37 @@ class Config:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(key, message)
+
+
+def _check_positive(value: float, key: str) -> None:
+    # `inf > 0` holds, yet an infinite lr or duration only fails much later (NaN weights, a crash
+    # in a data worker): say so at load.
+    _check(0 < value < math.inf, key, f"must be a finite number > 0, got {value}")
+
+
+def resolve_output_dir(template: str, cfg: Config) -> str:
+    """`template` with its {placeholders} filled from `cfg` (see OUTPUT_DIR_PLACEHOLDERS)."""
+    values = {
+        "experiment": cfg.experiment,
+        "fold": cfg.data.fold,
+        "seed": cfg.train.seed,
+        "variant": cfg.model.variant,
+    }
+    allowed = ", ".join("{" + name + "}" for name in OUTPUT_DIR_PLACEHOLDERS)
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:  # an unmatched brace
+        raise ConfigError(
+            "output_dir", f"malformed template {template!r} ({err}): placeholders are {allowed}; "
+            "write a literal brace as {{ or }}"
+        ) from None
+    unknown = [name for name in names if name not in values]  # also `{}`, `{0}`, `{fold.real}`
+    if unknown:
+        raise ConfigError("output_dir", f"unknown placeholder {{{unknown[0]}}} in {template!r} (allowed: {allowed})")
+    try:
+        return template.format(**values)
+    except (ValueError, TypeError) as err:  # a bad format spec, e.g. {fold:x3}
+        raise ConfigError("output_dir", f"cannot fill {template!r}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +360,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
+        spelled = _yaml11_bool_spelling(value, typing.get_args(tp))
+        if spelled is not None:
+            return spelled
         raise bad
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -273,6 +372,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise bad
     if origin is list:
+        if isinstance(value, str):
+            value = [value]  # `report_to: wandb` means [wandb]
         if not isinstance(value, list):
             raise bad
         (item_type,) = typing.get_args(tp)
@@ -310,6 +411,60 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported config type {tp!r}")
 
 
+_YAML11_BOOLS = {True: ("yes", "on", "true"), False: ("no", "off", "false")}
+
+
+def _yaml11_bool_spelling(value: Any, allowed: tuple[Any, ...]) -> str | None:
+    """The allowed string a YAML 1.1 boolean was written as, when exactly one fits.
+
+    YAML reads a bare `no` (or off, yes, on...) as a bool, so `mixed_precision: no` arrives as
+    False: give back `"no"`, the one allowed value that False can have been spelled as.
+    """
+    if not isinstance(value, bool):
+        return None
+    matches = [a for a in allowed if isinstance(a, str) and a.lower() in _YAML11_BOOLS[value]]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _string_options(tp: Any) -> tuple[bool, bool]:
+    """(whether `tp` is a string type: str, a Literal of strings, or either `| None`; whether None is allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        allows_none = len(options) < len(typing.get_args(tp))
+        return len(options) == 1 and _string_options(options[0])[0], allows_none
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp)), False
+    return tp is str, False
+
+
+def _string_value(raw: str, allows_none: bool) -> str | None:
+    """An override's text for a string field, kept as text: YAML would read `no` as False, `1e-3`
+    as a number and `null` as None. Only null/~ (where None is allowed) and matching quotes are read."""
+    text = raw.strip()
+    if allows_none and text in ("null", "Null", "NULL", "~"):
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def _parse_override_value(raw: str, tp: Any, key: str) -> Any:
+    """The value of `key=raw` for a field of type `tp`: text for string fields, else safe YAML."""
+    is_string, allows_none = _string_options(tp)
+    if is_string:
+        return _string_value(raw, allows_none)
+    if typing.get_origin(tp) is list and _string_options(typing.get_args(tp)[0])[0]:
+        # A list of strings: `[a, b]` is YAML; a bare `wandb` (or `none`) is one item, as text.
+        if not raw.strip():
+            return []
+        if not raw.strip().startswith("["):
+            return [_string_value(raw, allows_none=False)]
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {' '.join(str(err).split())}") from None
+
+
 def _build(cls: type, data: Any, prefix: str = "") -> Any:
     if data is None:
         data = {}
@@ -338,7 +493,12 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (safe)."""
+    """Apply one `dotted.key=value` override in place.
+
+    The value is parsed as YAML (safe), except for string fields (str, a Literal of strings, or
+    those `| None`), whose value is kept as typed: `train.mixed_precision=no` is "no", not False.
+    A list of strings also takes one bare item (`logging.report_to=wandb`).
+    """
     if "=" not in override:
         raise ConfigError(override, "an override must look like dotted.key=value")
     key, raw = override.split("=", 1)
@@ -354,10 +514,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             allowed = ", ".join(sorted(fields)) if fields else "nothing (not a section)"
             raise ConfigError(where, f"unknown key (allowed here: {allowed})")
         if i == len(parts) - 1:
-            try:
-                node[part] = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError as err:
-                raise ConfigError(key, f"cannot parse value {raw!r}: {err}") from None
+            node[part] = _parse_override_value(raw, typing.get_type_hints(cls)[part], key)
         else:
             cls = typing.get_type_hints(cls)[part]
             if not dataclasses.is_dataclass(cls):
@@ -374,14 +531,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML experiment config (or the defaults when path is None), apply overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("<root>", f"{path} must hold a mapping of keys")
-        data = loaded or {}
+        data = _read_yaml_file(Path(path))
     for override in overrides:
         apply_override(data, override)
     return config_from_dict(data)
+
+
+def _read_yaml_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; any problem is a one-line ConfigError naming the file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(str(path), "no such config file (the shipped ones are in configs/)") from None
+    except OSError as err:
+        raise ConfigError(str(path), f"cannot read it: {err.strerror or err}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), _describe_yaml_error(err)) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(str(path), f"must hold a mapping of keys, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def _describe_yaml_error(err: yaml.YAMLError) -> str:
+    """One line: where (line, column) and what, and for a tag that a config may not use, why."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err)
+    if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+        # safe_load refuses `!!python/...` and other tags that would build objects.
+        return f"{where}{problem}: a config is plain data (mappings, lists, strings, numbers), remove the tag"
+    context = getattr(err, "context", None) or ""
+    context_mark = getattr(err, "context_mark", None)
+    if context and context_mark is not None and context_mark.line != getattr(mark, "line", None):
+        context += f" started at line {context_mark.line + 1}"  # e.g. the unclosed `[`
+    context = f" ({context})" if context else ""
+    return " ".join(f"{where}{problem}{context}: fix the YAML syntax".split())
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -416,12 +602,13 @@ def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str
     rows = []
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    defaults = cls()
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             rows.extend(describe_fields(tp, key + "."))
         else:
-            rows.append((key, _describe(tp), getattr(defaults, f.name), docs.get(f.name, "")))
+            # The declared default (output_dir's template, not an instance's resolved folder).
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, _describe(tp), default, docs.get(f.name, "")))
     return rows

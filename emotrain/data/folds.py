@@ -25,7 +25,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from emotrain.config import LABEL_NAMES, DataConfig
+from emotrain.config import LABEL_NAMES, ConfigError, DataConfig
 
 SESSIONS = (1, 2, 3, 4, 5)
 META_COLUMNS = ("id", "session", "speaker", "label", "duration")
@@ -120,13 +120,30 @@ class FoldSplit:
         }
 
 
+class NoPreparedDataset(ConfigError, FileNotFoundError):
+    """data.path holds no prepared shards (of one session, or at all): `emotrain prepare` first.
+
+    A ConfigError naming `data.path` (the CLI prints it as one line, exit code 2) and still a
+    FileNotFoundError for callers that catch that.
+    """
+
+    def __init__(self, path: str, session: int | None = None):
+        what = "no prepared dataset" if session is None else f"no prepared shards for session {session}"
+        super().__init__(
+            "data.path",
+            f"{what} at {path}: run `emotrain synth ...` then `emotrain prepare ...` (or set data.path)",
+        )
+
+
 def list_session_files(path: str, session: int) -> list[str]:
     """The Parquet shards of one prepared session, sorted, as paths/URLs `datasets` and fsspec open."""
     fs, root = fsspec.core.url_to_fs(path)
     pattern = f"{root.rstrip('/')}/session{session}/data-*.parquet"
     found = sorted(fs.glob(pattern))
     if not found:
-        raise FileNotFoundError(f"no prepared shards for session {session} under {path}")
+        # Nothing prepared at all is the common mistake (train before prepare): say that.
+        anything = fs.glob(f"{root.rstrip('/')}/session*/data-*.parquet")
+        raise NoPreparedDataset(path, session if anything else None)
     # Local paths stay plain; remote ones get their protocol back (`s3://...`, `hf://...`).
     if "file" in _protocols(fs):
         return found
@@ -145,8 +162,17 @@ def read_parquet(url: str, columns: list[str] | tuple[str, ...]):
         return pq.read_table(handle, columns=list(columns))
 
 
+def check_prepared(path: str) -> None:
+    """Raise NoPreparedDataset unless every session has shards at `path` (lists files, reads none)."""
+    for session in SESSIONS:
+        list_session_files(path, session)
+
+
 def read_metadata(path: str, sessions: tuple[int, ...] = SESSIONS) -> Metadata:
-    """Read the light columns of the given sessions' shards (no audio)."""
+    """Read the light columns of the given sessions' shards (no audio).
+
+    Raises NoPreparedDataset (a ConfigError and a FileNotFoundError) when `path` holds none.
+    """
     files: list[str] = []
     file_session: list[int] = []
     parts: dict[str, list] = {name: [] for name in META_COLUMNS + ("file", "row")}

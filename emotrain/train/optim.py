@@ -7,9 +7,10 @@ import math
 import torch
 from torch import nn
 
-from emotrain.config import TrainConfig
+from emotrain.config import ModelConfig, TrainConfig
 
-ENCODER_PREFIXES = ("audio_encoder.", "text_encoder.")
+PARTS = ("audio_encoder", "text_encoder", "head")
+"""Parameters named `audio_encoder.*`, `text_encoder.*`, and everything else (the new layers)."""
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -17,28 +18,46 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or "norm" in name.lower()
 
 
-def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Four groups: {encoder, head} x {decay, no decay}; frozen parameters are left out.
+def _part(name: str) -> str:
+    return next((part for part in PARTS[:2] if name.startswith(part + ".")), "head")
 
-    Encoders (names starting `audio_encoder.` / `text_encoder.`) get `cfg.lr`, the new layers
-    (projections, cross-attention, classifier) `cfg.head_lr`. Each group carries a `name` for logging.
+
+def learning_rates(train_cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, float]:
+    """Peak lr of each part: an encoder's own lr when set, else train.lr when it is pretrained and
+    train.head_lr when it is random (`tiny` learns from scratch, like the new layers)."""
+
+    def encoder_lr(own: float | None, modality: str) -> float:
+        if own is not None:
+            return own
+        return train_cfg.head_lr if model_cfg.is_random(modality) else train_cfg.lr
+
+    return {
+        "audio_encoder": encoder_lr(train_cfg.audio_encoder_lr, "audio"),
+        "text_encoder": encoder_lr(train_cfg.text_encoder_lr, "text"),
+        "head": train_cfg.head_lr,
+    }
+
+
+def parameter_groups(model: nn.Module, train_cfg: TrainConfig, model_cfg: ModelConfig) -> list[dict]:
+    """Up to six groups: {audio_encoder, text_encoder, head} x {decay, no decay}, in that order.
+
+    Each carries a `name` for logging (`audio_encoder`, `audio_encoder_no_decay`, ..., `head_no_decay`)
+    and its part's lr (`learning_rates`). Frozen parameters are left out, and so are empty groups.
     """
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    lrs = learning_rates(train_cfg, model_cfg)
+    groups: dict[str, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "encoder" if name.startswith(ENCODER_PREFIXES) else "head"
-        groups.setdefault((part, _no_decay(name, param)), []).append(param)
+        part = _part(name)
+        groups.setdefault(part + ("_no_decay" if _no_decay(name, param) else ""), []).append(param)
     result = []
-    for (part, no_decay), params in sorted(groups.items()):
-        result.append(
-            {
-                "name": f"{part}{'_no_decay' if no_decay else ''}",
-                "params": params,
-                "lr": cfg.lr if part == "encoder" else cfg.head_lr,
-                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-            }
-        )
+    for part in PARTS:
+        for group_name, decay in ((part, train_cfg.weight_decay), (part + "_no_decay", 0.0)):
+            if group_name in groups:
+                result.append(
+                    {"name": group_name, "params": groups[group_name], "lr": lrs[part], "weight_decay": decay}
+                )
     return result
 
 
@@ -57,10 +76,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
-def build_optimizer_and_scheduler(model: nn.Module, cfg: TrainConfig, total_steps: int):
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), betas=(0.9, 0.98), eps=1e-8)
-    warmup = int(cfg.warmup_ratio * total_steps)
+def build_optimizer_and_scheduler(
+    model: nn.Module, train_cfg: TrainConfig, model_cfg: ModelConfig, total_steps: int
+):
+    """AdamW over `parameter_groups(model, train_cfg, model_cfg)` and its warmup-then-decay schedule."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, train_cfg, model_cfg), betas=(0.9, 0.98), eps=1e-8)
+    warmup = int(train_cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.lr_schedule)
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, train_cfg.lr_schedule)
     )
     return optimizer, scheduler

@@ -30,6 +30,10 @@ def test_every_shipped_config_is_found_and_validates():
         assert isinstance(cfg, Config)
         # Shipped files spell every key out explicitly where it matters, and start with the command.
         assert path.read_text().startswith("# "), f"{path.name} must start with the command that runs it"
+        # No hard-coded run folder: the default follows the experiment and the fold.
+        assert "output_dir" not in yaml.safe_load(path.read_text()), path.name
+        assert cfg.output_dir == f"runs/{cfg.experiment}/fold{cfg.data.fold}"
+        assert load_config(path, ["data.fold=4"]).output_dir == f"runs/{cfg.experiment}/fold4"
 
 
 def test_paper_config_is_the_published_setup():
@@ -90,14 +94,157 @@ def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
 def test_yaml_is_plain_data(tmp_path):
     path = tmp_path / "evil.yaml"
     path.write_text("experiment: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.key == str(path) and "line 1" in str(err.value) and "plain data" in str(err.value)
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("experiment: x\ntrain:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.key == str(path) and "started at line 3" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.mixed_precision=no", "no"),  # YAML alone reads a bare `no` as False
+        ("train.mixed_precision='no'", "no"),
+        ('train.mixed_precision="bf16"', "bf16"),
+        ("experiment=1e-3", "1e-3"),  # a str field keeps the text, not the float YAML would make
+        ("experiment=off", "off"),
+        ("experiment=null", "null"),  # None is not allowed there: the text it is
+        ("logging.run_name=null", None),
+        ("logging.run_name=~", None),
+        ("logging.run_name=2024", "2024"),
+        ("logging.run_name= spaced ", "spaced"),
+        ("model.tokenizer=NULL", None),
+    ],
+)
+def test_string_fields_keep_the_override_text(override, expected):
+    key = override.split("=", 1)[0]
+    section, _, name = key.rpartition(".")
+    cfg = load_config(CONFIGS / "smoke.yaml", [override])
+    assert getattr(getattr(cfg, section) if section else cfg, name) == expected
+
+
+def test_yaml_booleans_in_a_file_map_to_the_one_allowed_spelling(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")  # YAML 1.1: False
+    assert load_config(path).train.mixed_precision == "no"
+    # False could be spelled no, off or false: none of wandb_mode's values, so it stays an error.
+    path.write_text("logging:\n  wandb_mode: off\n")
+    with pytest.raises(ConfigError, match=r"^logging\.wandb_mode: expected one of"):
         load_config(path)
 
 
+def test_report_to_none_and_a_bare_tracker(tmp_path):
+    assert load_config(CONFIGS / "paper.yaml", ["logging.report_to=none"]).logging.report_to == []
+    assert load_config(CONFIGS / "paper.yaml", ["logging.report_to=[none]"]).logging.report_to == []
+    assert load_config(CONFIGS / "paper.yaml", ["logging.report_to=wandb"]).logging.report_to == ["wandb"]
+    assert load_config(CONFIGS / "paper.yaml", ["logging.report_to="]).logging.report_to == []
+    assert load_config(None, ["logging.tags=no"]).logging.tags == ["no"]
+    path = tmp_path / "c.yaml"
+    path.write_text("logging:\n  report_to: none\n")
+    assert load_config(path).logging.report_to == []
+    path.write_text("logging:\n  report_to: tensorboard\n")
+    assert load_config(path).logging.report_to == ["tensorboard"]
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "paper.yaml", ["logging.report_to=[none, wandb]"])
+    assert err.value.key == "logging.report_to" and "cannot be combined" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=inf", "train.lr=nan", "train.head_lr=inf", "train.head_lr=.inf", "train.head_lr=nan",
+        "train.head_lr=0", "train.audio_encoder_lr=inf", "train.text_encoder_lr=-1e-5",
+        "train.text_encoder_lr=nan", "data.max_audio_seconds=.inf", "data.max_audio_seconds=nan",
+        "data.max_batch_audio_seconds=inf", "data.validation_fraction=nan", "data.validation_fraction=inf",
+        "train.weight_decay=inf", "train.weight_decay=nan", "train.warmup_ratio=nan",
+        "train.max_grad_norm=inf", "train.max_grad_norm=nan", "model.dropout=nan", "model.dropout=inf",
+        "train.label_smoothing=1.0", "train.label_smoothing=-0.1", "train.label_smoothing=nan",
+    ],
+)
+def test_non_finite_and_out_of_range_floats_name_the_key(override):
+    key = override.split("=", 1)[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "paper.yaml", [override])
+    assert err.value.key == key
+
+
+def test_loss_and_per_encoder_lr_fields():
+    cfg = load_config(None)
+    assert (cfg.train.class_weights, cfg.train.label_smoothing) == ("none", 0.0)
+    assert (cfg.train.audio_encoder_lr, cfg.train.text_encoder_lr) == (None, None)
+    assert cfg.model.freeze_feature_encoder is None
+    cfg = load_config(None, ["train.class_weights=balanced", "train.label_smoothing=0.1",
+                             "train.audio_encoder_lr=1e-4", "model.freeze_feature_encoder=false"])
+    assert (cfg.train.class_weights, cfg.train.label_smoothing, cfg.train.audio_encoder_lr) == ("balanced", 0.1, 1e-4)
+    assert cfg.model.freeze_feature_encoder is False
+    with pytest.raises(ConfigError, match=r"^train\.class_weights: expected one of 'none', 'balanced'"):
+        load_config(None, ["train.class_weights=inverse"])
+
+
+def test_freeze_feature_encoder_auto_follows_whether_the_encoder_is_random():
+    assert not load_config(None).model.freezes_feature_encoder()  # tiny: random, trained whole
+    paper = load_config(CONFIGS / "paper.yaml", ["model.freeze_feature_encoder=null"]).model
+    assert paper.freeze_feature_encoder is None and paper.freezes_feature_encoder()
+    assert load_config(None, ["model.freeze_feature_encoder=true"]).model.freezes_feature_encoder()
+
+
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        ("runs/{experiment}/fold{fold}", "runs/paper/fold3"),
+        ("out/{variant}-s{seed}/{fold}", "out/fusion-s7/3"),
+        ("out/fold{fold:02d}", "out/fold03"),
+        ("out/{{literal}}/{fold}", "out/{literal}/3"),
+        ("/abs/plain", "/abs/plain"),
+    ],
+)
+def test_output_dir_is_a_template(template, expected):
+    cfg = load_config(CONFIGS / "paper.yaml", [f"output_dir={template}", "data.fold=3", "train.seed=7"])
+    assert cfg.output_dir == expected
+
+
+def test_output_dir_default_follows_the_fold_after_overrides():
+    assert load_config(None).output_dir == "runs/smoke/fold1"
+    cfg = load_config(CONFIGS / "paper.yaml", ["data.fold=3", "experiment=ablation"])
+    assert cfg.output_dir == "runs/ablation/fold3"
+    assert Config().output_dir == "runs/smoke/fold1"  # built directly: resolved as well
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("runs/{exp}/fold{fold}", "unknown placeholder {exp}"),
+        ("runs/{}", "unknown placeholder"),
+        ("runs/{0}", "unknown placeholder {0}"),
+        ("runs/{fold.real}", "unknown placeholder"),
+        ("runs/{fold", "malformed template"),
+        ("runs/fold}", "malformed template"),
+        ("runs/{fold:zz}", "cannot fill"),
+    ],
+)
+def test_bad_output_dir_template_names_output_dir(template, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "paper.yaml", [f"output_dir={template}"])
+    assert err.value.key == "output_dir" and message in str(err.value)
+
+
 def test_saved_config_reloads_identically(tmp_path):
-    cfg = load_config(CONFIGS / "smoke.yaml", ["train.seed=7"])
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.seed=7", "output_dir=out/{experiment}-s{seed}"])
     save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["output_dir"] == "out/smoke-s7"  # concrete
     assert load_config(tmp_path / "config.yaml") == cfg
+    # A saved config holds the concrete folder: overriding its fold does not move the run.
+    assert load_config(tmp_path / "config.yaml", ["data.fold=2"]).output_dir == "out/smoke-s7"
 
 
 def test_every_field_has_a_docstring():
@@ -117,4 +264,16 @@ def test_config_cli(capsys):
     assert "data.fold: must be 0..5" in capsys.readouterr().err
 
     assert main(["config", "--keys"]) == 0
-    assert "train.gradient_checkpointing  (bool" in capsys.readouterr().out
+    keys = capsys.readouterr().out
+    assert "train.gradient_checkpointing  (bool" in keys
+    assert "output_dir  (str, default 'runs/{experiment}/fold{fold}')" in keys  # the template, documented
+
+
+def test_a_saved_config_with_a_literal_brace_in_its_folder_loads_back_the_same(tmp_path):
+    from emotrain.config import save_config
+
+    cfg = load_config(None, ["output_dir=runs/a{{b}}/fold{fold}", "data.fold=2"])
+    assert cfg.output_dir == "runs/a{b}/fold2"
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again.output_dir == "runs/a{b}/fold2" and again.to_dict() == cfg.to_dict()

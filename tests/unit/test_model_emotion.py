@@ -22,7 +22,10 @@ VARIANTS = ["fusion", "audio", "text"]
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    fields = dict(hidden_size=16, cross_attention_heads=4, classifier_hidden_size=16, tiny_hidden_size=32)
+    # The conv stack frozen as for a pretrained encoder (a random tiny one trains whole by default):
+    # these tests check what freezing spares.
+    fields = dict(hidden_size=16, cross_attention_heads=4, classifier_hidden_size=16, tiny_hidden_size=32,
+                  freeze_feature_encoder=True)
     fields.update(overrides)
     return ModelConfig(**fields)
 

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, Wav2Vec2Model
 
 import emotrain.model.emotion_model as em
-from emotrain.config import ModelConfig
+from emotrain.config import ConfigError, DataConfig, ModelConfig
 from emotrain.model import EmotionModel, build_model, build_processors
 from emotrain.model.encoders import (
     build_tokenizer,
+    check_data_fits_model,
     default_feature_extractor,
     resolve_pretrained,
     tiny_audio_config,
@@ -230,3 +231,74 @@ def test_other_audio_encoders_and_roberta_from_folders(tmp_path, audio_kind):
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     assert not any(p.requires_grad for p in model.audio_encoder.feature_extractor.parameters())
+
+
+def _conv_trainable(model) -> set[bool]:
+    return {p.requires_grad for p in model.audio_encoder.feature_extractor.parameters()}
+
+
+def test_a_random_conv_stack_is_trained_and_a_pretrained_one_frozen_by_default(tmp_path):
+    # A frozen random conv stack would be a fixed random filter bank: `tiny` trains it.
+    assert _conv_trainable(build_model(small(variant="audio"))) == {True}
+    assert _conv_trainable(build_model(small(variant="audio", freeze_feature_encoder=True))) == {False}
+    audio_dir, _ = _save_tiny_encoder_folders(tmp_path)
+    pretrained = small(variant="audio", audio_encoder=str(audio_dir))
+    assert pretrained.freeze_feature_encoder is None
+    assert _conv_trainable(build_model(pretrained)) == {False}
+    forced = small(variant="audio", audio_encoder=str(audio_dir), freeze_feature_encoder=False)
+    assert _conv_trainable(build_model(forced)) == {True}
+
+
+def test_check_data_fits_tiny_encoders():
+    model = build_model(small())
+    feature_extractor, tokenizer = build_processors(model.config)
+    check_data_fits_model(DataConfig(max_text_tokens=512), model, feature_extractor, tokenizer)  # tiny BERT: 512
+    with pytest.raises(ConfigError) as err:
+        check_data_fits_model(DataConfig(max_text_tokens=513), model, feature_extractor, tokenizer)
+    assert err.value.key == "data.max_text_tokens" and "at most 512" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        check_data_fits_model(DataConfig(sampling_rate=8000), model, feature_extractor, tokenizer)
+    assert err.value.key == "data.sampling_rate" and "16000" in str(err.value)
+    # A unimodal variant has one processor: the other check is skipped.
+    audio = build_model(small(variant="audio"))
+    check_data_fits_model(DataConfig(max_text_tokens=10_000), audio, feature_extractor, None)
+    text = build_model(small(variant="text"))
+    check_data_fits_model(DataConfig(sampling_rate=8000), text, None, tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_max_text_tokens_is_checked_against_the_positions_the_encoder_really_has(tmp_path, kind):
+    """A small position table (20 rows); RoBERTa numbers positions from pad_token_id + 1. The limit
+    the check reports is exactly the longest input that runs."""
+    from transformers import RobertaConfig, RobertaModel
+
+    shape = dict(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=20, pad_token_id=0)
+    encoder_cls, config_cls = (BertModel, BertConfig) if kind == "bert" else (RobertaModel, RobertaConfig)
+    encoder_cls(config_cls(**shape)).save_pretrained(tmp_path / kind)
+    build_tokenizer(small()).save_pretrained(tmp_path / kind)  # model_max_length 512: not sane here
+    model = build_model(small(variant="text", text_encoder=str(tmp_path / kind))).eval()
+    _, tokenizer = build_processors(model.config)
+    limit = {"bert": 20, "roberta": 19}[kind]
+    check_data_fits_model(DataConfig(max_text_tokens=limit), model, None, tokenizer)
+    with pytest.raises(ConfigError, match=rf"^data\.max_text_tokens: is {limit + 1} .* at most {limit} tokens"):
+        check_data_fits_model(DataConfig(max_text_tokens=limit + 1), model, None, tokenizer)
+    with torch.no_grad():
+        for length, runs in ((limit, True), (limit + 1, False)):
+            ids = torch.full((1, length), 2000)
+            try:
+                model.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
+                ran = True
+            except (IndexError, RuntimeError):
+                ran = False
+            assert ran == runs, (kind, length)
+
+
+def test_the_tokenizer_states_the_usable_length_where_it_is_sane(tmp_path):
+    model = build_model(small(variant="text"))  # 512 positions
+    _, tokenizer = build_processors(model.config)
+    tokenizer.model_max_length = 128  # e.g. a checkpoint trained on shorter texts says so
+    with pytest.raises(ConfigError, match="at most 128"):
+        check_data_fits_model(DataConfig(max_text_tokens=129), model, None, tokenizer)
+    tokenizer.model_max_length = int(1e30)  # transformers' "unknown" placeholder: the config decides
+    check_data_fits_model(DataConfig(max_text_tokens=512), model, None, tokenizer)
