@@ -1,33 +1,63 @@
-"""Checkpoint folders: atomic save, `resume=auto`, rotation.
+"""Checkpoint folders: atomic save, journaled replacement, crash recovery, `resume=auto`, rotation.
 
     output_dir/checkpoints/
-      step-000200/          Accelerate state (model, optimizer, scheduler, scaler, RNG of every rank),
-                            stream-rank{r}.json (data position of every rank), loop_state.json,
-                            config.yaml, and COMPLETE, written last
-      .partial-step-000400/ being written: never picked by resume
+      step-000200/           Accelerate state (model, optimizer, scheduler, scaler, RNG of every rank),
+                             stream-rank{r}.json (data position of every rank), loop_state.json,
+                             config.yaml, and COMPLETE, written last
+      .partial-step-000400/  being written: never picked by resume
+      .replaced-step-000200/ the previous step-000200 while a new one takes its place (journal)
 
 Saving writes into a `.partial-` folder on every rank (DeepSpeed's `save_state` is a collective, so
 all ranks call it), then the main process adds the loop state, config and `COMPLETE` marker and
 renames the folder into place. A crash at any moment leaves either a complete folder or one that
 `latest_checkpoint` ignores. Folders are named by optimizer step, not by Accelerate's automatic
 counter (which `load_state` does not restore).
+
+Save order, not step order. `COMPLETE` holds `{"step": 200, "sequence": 7}`: the sequence is one
+more than the highest in the checkpoints folder at save time (a marker in the old format, a bare
+step number, counts as sequence 0). A run that resumed from an older checkpoint (or started afresh
+with `resume=never` in an old folder) writes lower steps than the abandoned branch's folders, but
+higher sequences, so:
+  - `latest_checkpoint` / `resume=auto` pick the highest (sequence, step): the branch written last,
+    never the abandoned one;
+  - `rotate` keeps the `keep_last` most recently *written* checkpoints (so never the one just
+    written) and the best step(s), and deletes the rest, the abandoned branch included.
+
+Replacing a step that exists already (a rerun that saves the same step) is journaled, so a crash
+never loses that step: rename the old folder aside to `.replaced-step-NNNNNN`, rename the partial
+into place, delete the aside folder. `recover` (main process, before choosing what to resume;
+`resolve_resume` calls it) finishes or undoes whatever a crash interrupted:
+  - an aside folder whose step folder exists: the replacement was done, the aside is deleted;
+  - an aside folder without its step folder: a complete partial of that step is renamed into place
+    (then the aside is deleted), otherwise the aside is renamed back;
+  - a complete partial folder (it has `COMPLETE`, which the main process writes only after every
+    rank finished writing) is published: renamed into place (journaled if the step folder exists).
+Incomplete partial folders are left for `rotate` to delete. A folder is deleted marker first, so a
+deletion cut short never leaves something that looks complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 COMPLETE = "COMPLETE"
 LOOP_STATE = "loop_state.json"
 CONFIG = "config.yaml"
-_NAME = re.compile(r"^step-(\d{6,})$")
 _PARTIAL_PREFIX = ".partial-"
+_ASIDE_PREFIX = ".replaced-"
+_NAME = re.compile(r"^step-(\d{6,})$")
+_ANY_NAME = re.compile(r"^(\.partial-|\.replaced-)?step-(\d{6,})$")  # every folder a save or a replacement makes
+_STREAM_NAME = re.compile(r"^stream-rank(\d+)\.json$")
+
+log = logging.getLogger("emotrain.train")
 
 
 def checkpoint_name(step: int) -> str:
@@ -37,6 +67,11 @@ def checkpoint_name(step: int) -> str:
 def partial_dir(checkpoints_dir: str | Path, step: int) -> Path:
     """Where every rank writes checkpoint `step` before it is complete."""
     return Path(checkpoints_dir) / f"{_PARTIAL_PREFIX}{checkpoint_name(step)}"
+
+
+def aside_dir(checkpoints_dir: str | Path, step: int) -> Path:
+    """Where the previous checkpoint `step` waits while a new one replaces it."""
+    return Path(checkpoints_dir) / f"{_ASIDE_PREFIX}{checkpoint_name(step)}"
 
 
 def stream_state_path(folder: str | Path, rank: int) -> Path:
@@ -66,46 +101,176 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def finalize(checkpoints_dir: str | Path, step: int, loop_state: dict, config_yaml: str) -> Path:
-    """Main process only, after every rank has written into the partial folder: mark and publish it."""
+# ---------------------------------------------------------------------------------------------
+# The COMPLETE marker: what makes a folder a checkpoint, and when it was written.
+
+
+class Marker(NamedTuple):
+    step: int
+    sequence: int
+    """Save order in the checkpoints folder: 1 + the highest sequence present at save time."""
+
+
+def read_marker(folder: str | Path) -> Marker | None:
+    """The folder's COMPLETE marker, or None if it has none (or an unreadable one: not complete).
+    The old format, a bare step number, counts as sequence 0, so folders written before keep working."""
+    try:
+        data = json.loads((Path(folder) / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, int) and not isinstance(data, bool):
+        return Marker(step=data, sequence=0)
+    if isinstance(data, dict) and isinstance(data.get("step"), int) and isinstance(data.get("sequence"), int):
+        return Marker(step=data["step"], sequence=data["sequence"])
+    return None
+
+
+def _is_complete(folder: Path) -> bool:
+    return folder.is_dir() and read_marker(folder) is not None and (folder / LOOP_STATE).is_file()
+
+
+def _next_sequence(checkpoints_dir: Path) -> int:
+    """1 + the highest sequence of any marked folder here: published, partial or set aside, so a
+    folder that `recover` will restore later can never outrank what is saved now."""
+    highest = 0
+    for child in checkpoints_dir.iterdir():
+        if _ANY_NAME.match(child.name) and (marker := read_marker(child)) is not None:
+            highest = max(highest, marker.sequence)
+    return highest + 1
+
+
+def _delete(folder: Path) -> None:
+    """Delete a checkpoint folder, marker first: if this is cut short, what is left is ignored
+    (and `recover` never restores a half-deleted aside folder)."""
+    marker = folder / COMPLETE
+    if marker.exists():
+        marker.unlink()
+        _fsync_dir(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing a partial folder, and recovering from a crash in the middle of it.
+
+
+def _publish(checkpoints_dir: Path, step: int) -> Path:
+    """Rename the complete partial folder of `step` into place. If the step folder exists, replace it
+    through the journal: old folder aside, partial into place, aside deleted. Every state between two
+    renames is one `recover` completes."""
     partial = partial_dir(checkpoints_dir, step)
-    write_json(partial / LOOP_STATE, loop_state)
-    (partial / CONFIG).write_text(config_yaml)
-    marker = partial / COMPLETE
-    with open(marker, "w") as handle:
-        handle.write(f"{step}\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    _fsync_dir(partial)
-    final = Path(checkpoints_dir) / checkpoint_name(step)
+    final = checkpoints_dir / checkpoint_name(step)
+    aside = aside_dir(checkpoints_dir, step)
+    if aside.exists():  # debris of an earlier replacement that was never recovered: superseded now
+        _delete(aside)
     if final.exists():  # the same step saved again (e.g. a rerun that resumed exactly here)
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    _fsync_dir(Path(checkpoints_dir))
+        os.rename(final, aside)
+        _fsync_dir(checkpoints_dir)
+    os.rename(partial, final)
+    _fsync_dir(checkpoints_dir)
+    if aside.exists():
+        _delete(aside)
     return final
 
 
-def complete_checkpoints(checkpoints_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first."""
+def finalize(checkpoints_dir: str | Path, step: int, loop_state: dict, config_yaml: str) -> Path:
+    """Main process only, after every rank has written into the partial folder: mark and publish it."""
+    checkpoints_dir = Path(checkpoints_dir)
+    partial = partial_dir(checkpoints_dir, step)
+    write_json(partial / LOOP_STATE, loop_state)
+    (partial / CONFIG).write_text(config_yaml)
+    # The marker is written last, atomically: with it, the folder is a checkpoint.
+    write_json(partial / COMPLETE, {"step": step, "sequence": _next_sequence(checkpoints_dir)})
+    _fsync_dir(partial)
+    return _publish(checkpoints_dir, step)
+
+
+def _recover_replacement(checkpoints_dir: Path, step: int) -> str:
+    """Finish or undo the replacement of `step` that left its aside folder behind."""
+    final = checkpoints_dir / checkpoint_name(step)
+    aside = aside_dir(checkpoints_dir, step)
+    partial = partial_dir(checkpoints_dir, step)
+    if final.exists():  # the new folder was in place; only deleting the old one was cut short
+        _delete(aside)
+        return f"deleted {aside.name}: {final.name} had replaced it"
+    if _is_complete(partial):  # cut short between the two renames: roll forward
+        os.rename(partial, final)
+        _fsync_dir(checkpoints_dir)
+        _delete(aside)
+        return f"renamed {partial.name} to {final.name} (interrupted replacement rolled forward)"
+    if not _is_complete(aside):  # a deletion that was cut short: nothing left worth restoring
+        _delete(aside)
+        return f"deleted {aside.name}: incomplete"
+    os.rename(aside, final)  # the new folder never got complete: roll back
+    _fsync_dir(checkpoints_dir)
+    return f"renamed {aside.name} back to {final.name} (interrupted replacement rolled back)"
+
+
+def _steps_named(checkpoints_dir: Path, prefix: str) -> list[int]:
+    steps = []
+    for child in checkpoints_dir.iterdir():
+        match = _ANY_NAME.match(child.name)
+        if match and (match.group(1) or "") == prefix and child.is_dir():
+            steps.append(int(match.group(2)))
+    return sorted(steps)
+
+
+def recover(checkpoints_dir: str | Path) -> list[str]:
+    """Main process only, before choosing what to resume: complete or undo what a crash interrupted
+    (see the module docstring). Returns what was done, one line each, and logs it."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    done = [_recover_replacement(checkpoints_dir, step) for step in _steps_named(checkpoints_dir, _ASIDE_PREFIX)]
+    for step in _steps_named(checkpoints_dir, _PARTIAL_PREFIX):
+        # COMPLETE is written after every rank finished writing: the folder is a whole checkpoint.
+        if _is_complete(partial_dir(checkpoints_dir, step)):
+            _publish(checkpoints_dir, step)
+            done.append(f"published the complete {partial_dir(checkpoints_dir, step).name} as {checkpoint_name(step)}")
+    for line in done:
+        log.warning("checkpoint recovery: %s", line)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding, choosing and rotating checkpoints.
+
+
+class Saved(NamedTuple):
+    """A complete checkpoint; tuples sort in the order they were written."""
+
+    sequence: int
+    step: int
+    folder: Path
+
+
+def saved_checkpoints(checkpoints_dir: str | Path) -> list[Saved]:
+    """Every complete checkpoint, in the order written: by (sequence, step)."""
     folder = Path(checkpoints_dir)
     if not folder.is_dir():
         return []
     found = []
     for child in folder.iterdir():
         match = _NAME.match(child.name)
-        if match and child.is_dir() and (child / COMPLETE).is_file() and (child / LOOP_STATE).is_file():
-            found.append((int(match.group(1)), child))
+        if match and _is_complete(child):
+            found.append(Saved(read_marker(child).sequence, int(match.group(1)), child))
     return sorted(found)
 
 
+def complete_checkpoints(checkpoints_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, lowest step first."""
+    return sorted((saved.step, saved.folder) for saved in saved_checkpoints(checkpoints_dir))
+
+
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    found = complete_checkpoints(checkpoints_dir)
-    return found[-1][1] if found else None
+    """The checkpoint written last (highest sequence, then step), or None."""
+    found = saved_checkpoints(checkpoints_dir)
+    return found[-1].folder if found else None
 
 
 def resolve_resume(resume: str, checkpoints_dir: str | Path) -> Path | None:
-    """`train.resume` → the folder to load, or None for a fresh start."""
+    """Main process only. `train.resume` → the folder to load, or None for a fresh start. Runs
+    `recover` first, whatever `resume` says, so the folder is consistent before anything is saved."""
+    recover(checkpoints_dir)
     if resume == "never":
         return None
     if resume == "auto":
@@ -117,18 +282,22 @@ def resolve_resume(resume: str, checkpoints_dir: str | Path) -> Path | None:
 
 
 def rotate(checkpoints_dir: str | Path, keep_last: int, keep_steps: set[int] = frozenset()) -> list[Path]:
-    """Delete complete checkpoints except the newest `keep_last` and those in `keep_steps` (the best),
-    and leftover partial folders from crashed saves. Main process only. Returns what was removed."""
-    found = complete_checkpoints(checkpoints_dir)
-    keep = {step for step, _ in found[-keep_last:]} | set(keep_steps)
+    """Delete complete checkpoints except the `keep_last` most recently written (by sequence, never
+    fewer than one: the checkpoint just written survives) and those whose step is in `keep_steps` (the
+    best), and incomplete partial folders of crashed saves. Complete partial folders are `recover`'s.
+    Main process only. Returns what was removed."""
+    found = saved_checkpoints(checkpoints_dir)
+    keep = {saved.folder for saved in found[-max(keep_last, 1):]}
+    keep |= {saved.folder for saved in found if saved.step in keep_steps}
     removed = []
-    for step, folder in found:
-        if step not in keep:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    for leftover in Path(checkpoints_dir).glob(f"{_PARTIAL_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-        removed.append(leftover)
+    for saved in found:
+        if saved.folder not in keep:
+            _delete(saved.folder)
+            removed.append(saved.folder)
+    for leftover in sorted(Path(checkpoints_dir).glob(f"{_PARTIAL_PREFIX}*")):
+        if not _is_complete(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
     return removed
 
 
@@ -156,13 +325,47 @@ class LoopState:
     """Why training ended (max_epochs, max_steps, early_stopping); None while it goes on."""
     run_id: str = ""
     """The tracker run id (W&B), so a resumed run continues the same run."""
+    pending_evaluation: bool = False
+    """A stop request arrived on a step whose validation was due: the checkpoint was taken before
+    validating; the resumed run validates this step first."""
+    last_evaluation_step: int | None = None
+    """The step validated last (a step is validated once, whatever leads there twice)."""
+    log_window: dict | None = None
+    """Training sums since the last log line, over all ranks (loss, utterances, audio seconds...),
+    so that a resumed run logs the same figures at the next log step as an uninterrupted one."""
+    world_size: int = 1
+    """Processes that wrote the checkpoint (`save_checkpoint` records it)."""
+    distributed_type: str = "NO"
+    """Accelerate's distributed type name that wrote the checkpoint, e.g. "MULTI_GPU", "DEEPSPEED"."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage that wrote the checkpoint; 0 without DeepSpeed."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoopState":
+        """Fields missing from `data` (a checkpoint written before they existed) get their defaults;
+        an unknown field is an error rather than something silently dropped."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"loop state has unknown field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
         return cls(**data)
+
+
+def _writer_fields(accelerator) -> dict[str, Any]:
+    """world_size / distributed_type / zero_stage of the processes saving now."""
+    distributed_type = getattr(accelerator, "distributed_type", "NO")
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    zero_stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
+    return {
+        "world_size": int(getattr(accelerator, "num_processes", 1)),
+        # DistributedType is a str enum: .value is the plain name ("MULTI_GPU"); str() is not, on 3.11+.
+        "distributed_type": str(getattr(distributed_type, "value", distributed_type)),
+        "zero_stage": int(zero_stage or 0),
+    }
 
 
 def save_checkpoint(
@@ -176,7 +379,9 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Save model/optimizer/scheduler/scaler/RNG (Accelerate), this rank's stream state and the loop
-    state atomically, then rotate. A collective: every rank must call it at the same step."""
+    state atomically, then rotate. A collective: every rank must call it at the same step. The saved
+    loop state records the writer (world size, distributed type, ZeRO stage) from `accelerator`;
+    `loop_state` itself is not modified."""
     partial = partial_dir(checkpoints_dir, step)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
@@ -187,21 +392,66 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     final = Path(checkpoints_dir) / checkpoint_name(step)
     if accelerator.is_main_process:
-        final = finalize(checkpoints_dir, step, loop_state.to_dict(), config_yaml)
+        saved_state = dataclasses.replace(loop_state, **_writer_fields(accelerator))
+        final = finalize(checkpoints_dir, step, saved_state.to_dict(), config_yaml)
         best = {loop_state.best_step} if loop_state.best_step is not None else set()
         rotate(checkpoints_dir, keep_last, keep_steps=best)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, folder: str | Path) -> tuple[LoopState, dict]:
-    """Restore Accelerate's state from `folder`; return the loop state and this rank's stream state."""
+def read_loop_state(folder: str | Path) -> LoopState:
+    """The loop state of a checkpoint folder, without Accelerate: check world size / ZeRO stage before
+    `accelerator.load_state`."""
+    return LoopState.from_dict(read_json(Path(folder) / LOOP_STATE))
+
+
+def read_stream_states(folder: str | Path, world_size: int = 1) -> list[dict]:
+    """The data-stream state of every rank that wrote `folder`, ordered by rank. Ranks 0..n-1 must all
+    be there, n being the highest rank found + 1 and at least `world_size`."""
     folder = Path(folder)
-    accelerator.load_state(str(folder))
-    stream_file = stream_state_path(folder, accelerator.process_index)
-    if not stream_file.is_file():
+    ranks = {int(m.group(1)): child for child in folder.iterdir() if (m := _STREAM_NAME.match(child.name))}
+    expected = max(world_size, max(ranks, default=-1) + 1)
+    missing = sorted(set(range(expected)) - set(ranks))
+    if missing:  # (no stream file at all: rank 0 is missing)
         raise FileNotFoundError(
-            f"{folder} has no data-stream state for rank {accelerator.process_index}: "
-            "resume with the world size the checkpoint was written with"
+            f"{folder} lacks the data-stream state of rank(s) {', '.join(map(str, missing))} "
+            f"({stream_state_path(folder, missing[0]).name} ...): not a whole checkpoint")
+    return [read_json(ranks[rank]) for rank in range(expected)]
+
+
+def load_checkpoint(accelerator, folder: str | Path) -> tuple[LoopState, list[dict]]:
+    """Restore Accelerate's state from `folder`; return the loop state and the stream state of every
+    rank that wrote it, ordered by rank (a run on a different number of processes needs them all)."""
+    folder = Path(folder)
+    loop_state = read_loop_state(folder)
+    stream_states = read_stream_states(folder, loop_state.world_size)  # checked before the slow load
+    accelerator.load_state(str(folder))
+    return loop_state, stream_states
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint this run cannot continue from; the message says why and what to do."""
+
+
+def check_resumable(saved: LoopState, distributed_type: str, world_size: int, zero_stage: int) -> None:
+    """Refuse, before anything is loaded, a checkpoint whose state cannot be restored here.
+
+    DDP (and one process) checkpoints hold whole model and optimizer states: any number of
+    processes can continue them (the data stream re-plans the rest of the epoch). DeepSpeed ZeRO
+    partitions the optimizer state (and at stage 3 the weights) over the ranks that wrote it.
+    """
+    was_deepspeed, is_deepspeed = saved.distributed_type == "DEEPSPEED", distributed_type == "DEEPSPEED"
+    if was_deepspeed != is_deepspeed:
+        raise ResumeError(
+            f"the checkpoint was written under {saved.distributed_type} and this run is {distributed_type}: "
+            "DeepSpeed and DDP checkpoints hold different files. Resume with the launch config it was "
+            "written with, or start a new run in another output_dir"
         )
-    return LoopState.from_dict(read_json(folder / LOOP_STATE)), read_json(stream_file)
+    if is_deepspeed and (saved.world_size, saved.zero_stage) != (world_size, zero_stage):
+        raise ResumeError(
+            f"the checkpoint was written by {saved.world_size} DeepSpeed ZeRO-{saved.zero_stage} processes and this "
+            f"run has {world_size} (ZeRO-{zero_stage}): ZeRO partitions the optimizer state (and at stage 3 the "
+            "weights) over the processes that wrote it, and emotrain does not re-partition it. Resume with "
+            f"{saved.world_size} processes and ZeRO-{saved.zero_stage}, or start a new run in another output_dir"
+        )

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
+from accelerate.utils import DistributedType
 from torch import nn
 
 from emotrain.config import TrainConfig
 from emotrain.train import checkpoint as ckpt
 from emotrain.train.optim import lr_factor, parameter_groups
-from emotrain.train.preemption import PreemptionWatcher
+from emotrain.train.preemption import STOP_SIGNALS, PreemptionWatcher
 
 
-def _save(root, step):
+def _save(root, step, weights=b"weights"):
     partial = ckpt.partial_dir(root, step)
     partial.mkdir(parents=True)
-    (partial / "model.safetensors").write_bytes(b"weights")
+    (partial / "model.safetensors").write_bytes(weights)
     return ckpt.finalize(root, step, {"step": step}, "experiment: x\n")
+
+
+def _weights(folder):
+    return (folder / "model.safetensors").read_bytes()
 
 
 def test_only_complete_checkpoints_are_resumed(tmp_path):
@@ -57,21 +64,248 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path):
 def test_saving_the_same_step_again_replaces_it(tmp_path):
     root = tmp_path / "checkpoints"
     _save(root, 100)
-    _save(root, 100)
+    _save(root, 100, b"again")
     assert [s for s, _ in ckpt.complete_checkpoints(root)] == [100]
+    assert _weights(root / "step-000100") == b"again"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000100"]  # no aside folder left behind
+
+
+def test_the_marker_records_save_order_and_old_markers_still_count(tmp_path):
+    root = tmp_path / "checkpoints"
+    old = root / "step-000300"  # written before markers carried a sequence: a bare step number
+    old.mkdir(parents=True)
+    (old / ckpt.COMPLETE).write_text("300\n")
+    ckpt.write_json(old / ckpt.LOOP_STATE, {"step": 300})
+    assert ckpt.read_marker(old) == (300, 0) and ckpt.latest_checkpoint(root) == old
+    new = _save(root, 100)
+    assert json.loads((new / ckpt.COMPLETE).read_text()) == {"step": 100, "sequence": 1}
+    assert ckpt.read_marker(_save(root, 200)) == (200, 2)
+    # Written later, so newer, whatever the step numbers say.
+    assert [(s.step, s.sequence) for s in ckpt.saved_checkpoints(root)] == [(300, 0), (100, 1), (200, 2)]
+    assert ckpt.latest_checkpoint(root) == root / "step-000200"
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [100, 200, 300]  # still by step
+
+
+def test_a_run_resumed_from_an_older_checkpoint_keeps_what_it_writes(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (100, 200, 300, 400, 500):
+        _save(root, step, b"abandoned")
+    # train.resume=<step-000200>: the new branch saves 300 and 400, lower than the abandoned 500.
+    _save(root, 300, b"new")
+    ckpt.rotate(root, keep_last=2, keep_steps={100})  # the best step, as the resumed loop state says
+    assert _weights(root / "step-000300") == b"new"  # the save just written survives its rotation
+    assert ckpt.resolve_resume("auto", root) == root / "step-000300"
+    _save(root, 400, b"new")
+    ckpt.rotate(root, keep_last=2, keep_steps={100})
+    assert [(s, _weights(f)) for s, f in ckpt.complete_checkpoints(root)] == [
+        (100, b"abandoned"), (300, b"new"), (400, b"new")]  # the abandoned 500 is gone, the best kept
+    assert ckpt.resolve_resume("auto", root) == root / "step-000400"
+
+
+def test_a_fresh_run_in_an_old_folder_never_resumes_the_old_run(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (100, 200, 300):
+        _save(root, step, b"old run")
+    assert ckpt.resolve_resume("never", root) is None
+    _save(root, 50, b"new run")
+    ckpt.rotate(root, keep_last=1)
+    assert [(s, _weights(f)) for s, f in ckpt.complete_checkpoints(root)] == [(50, b"new run")]
+    assert ckpt.resolve_resume("auto", root) == root / "step-000050"
+
+
+def _complete_partial(root, step, weights):
+    """A partial folder exactly as `finalize` leaves it just before publishing."""
+    partial = ckpt.partial_dir(root, step)
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(weights)
+    ckpt.write_json(partial / ckpt.LOOP_STATE, {"step": step})
+    ckpt.write_json(partial / ckpt.COMPLETE, {"step": step, "sequence": 99})
+    return partial
+
+
+def _names(root):
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_recover_an_interrupted_replacement_at_every_crash_point(tmp_path):
+    # Killed after the old folder went aside and the new one into place, before the aside was deleted.
+    root = tmp_path / "a"
+    _save(root, 100, b"other")
+    _save(root, 200, b"old")
+    os.rename(root / "step-000200", ckpt.aside_dir(root, 200))
+    os.rename(_complete_partial(root, 200, b"new"), root / "step-000200")
+    assert len(ckpt.recover(root)) == 1
+    assert _names(root) == ["step-000100", "step-000200"] and _weights(root / "step-000200") == b"new"
+
+    # Killed between the two renames: the old folder aside, the new one complete but still partial.
+    root = tmp_path / "b"
+    _save(root, 100, b"old")
+    os.rename(root / "step-000100", ckpt.aside_dir(root, 100))
+    _complete_partial(root, 100, b"new")
+    done = ckpt.recover(root)
+    assert len(done) == 1 and "rolled forward" in done[0]
+    assert _names(root) == ["step-000100"] and _weights(root / "step-000100") == b"new"
+
+    # Old folder aside, the partial not complete (cannot come from finalize, but roll back all the same).
+    root = tmp_path / "c"
+    _save(root, 100, b"old")
+    os.rename(root / "step-000100", ckpt.aside_dir(root, 100))
+    ckpt.partial_dir(root, 100).mkdir()
+    assert ckpt.resolve_resume("auto", root) == root / "step-000100"  # resolve_resume recovers first
+    assert _names(root) == [".partial-step-000100", "step-000100"] and _weights(root / "step-000100") == b"old"
+    ckpt.rotate(root, keep_last=1)  # the incomplete partial is rotation's to delete
+    assert _names(root) == ["step-000100"]
+
+    # A deletion of an aside folder that was cut short (marker gone): nothing to restore.
+    root = tmp_path / "d"
+    _save(root, 100, b"old")
+    os.rename(root / "step-000100", ckpt.aside_dir(root, 100))
+    (ckpt.aside_dir(root, 100) / ckpt.COMPLETE).unlink()
+    ckpt.recover(root)
+    assert _names(root) == []
+
+
+def test_recover_publishes_a_complete_partial(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 100, b"kept")
+    _complete_partial(root, 200, b"new")  # killed after COMPLETE, before the rename
+    ckpt.partial_dir(root, 300).mkdir()  # killed while the ranks were writing
+    assert ckpt.latest_checkpoint(root) == root / "step-000100"
+    ckpt.rotate(root, keep_last=1)  # leaves the complete partial to recover
+    assert _names(root) == [".partial-step-000200", "step-000100"]
+    ckpt.partial_dir(root, 300).mkdir()
+    ckpt.recover(root)
+    assert _names(root) == [".partial-step-000300", "step-000100", "step-000200"]
+    assert _weights(root / "step-000200") == b"new" and ckpt.latest_checkpoint(root) == root / "step-000200"
+    # The same, with the step folder still there (killed before it went aside): replaced.
+    _complete_partial(root, 100, b"newer")
+    ckpt.recover(root)
+    assert _names(root) == [".partial-step-000300", "step-000100", "step-000200"]
+    assert _weights(root / "step-000100") == b"newer"
+    assert ckpt.recover(root) == []  # nothing left to do
+
+
+def test_a_crash_while_replacing_a_step_never_loses_it(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    _save(root, 100, b"old")
+    real_rename = os.rename
+
+    def crash_on_publish(src, dst):
+        if os.fspath(dst).endswith("step-000100") and ".partial-" in os.fspath(src):
+            raise KeyboardInterrupt("killed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", crash_on_publish)
+    with pytest.raises(KeyboardInterrupt):
+        _save(root, 100, b"new")
+    monkeypatch.undo()
+    assert "step-000100" not in _names(root)  # the moment a crash used to lose the step
+    ckpt.recover(root)
+    assert _names(root) == ["step-000100"] and _weights(root / "step-000100") == b"new"
+
+    # Killed while deleting the aside folder: the new folder is in place, the rest is debris.
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        _save(root, 100, b"newest")
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(root) == root / "step-000100" and _weights(root / "step-000100") == b"newest"
+    ckpt.recover(root)
+    assert _names(root) == ["step-000100"] and _weights(root / "step-000100") == b"newest"
+
+
+def test_loop_state_from_older_checkpoints_and_unknown_fields():
+    old = {"epoch": 2, "step": 300, "best_ua": 0.6, "best_step": 200, "best_validation": None,
+           "evaluations_without_improvement": 1, "consecutive_nonfinite": 0, "nonfinite_steps": 0,
+           "stop_reason": None, "run_id": "abc"}
+    state = ckpt.LoopState.from_dict(old)
+    assert (state.step, state.run_id) == (300, "abc")
+    assert (state.pending_evaluation, state.world_size, state.distributed_type, state.zero_stage) == (
+        False, 1, "NO", 0)
+    again = ckpt.LoopState(step=5, pending_evaluation=True, world_size=4, distributed_type="DEEPSPEED", zero_stage=3)
+    assert ckpt.LoopState.from_dict(json.loads(json.dumps(again.to_dict()))) == again
+    with pytest.raises(ValueError, match="unknown field.*learning_rate"):
+        ckpt.LoopState.from_dict({**old, "learning_rate": 1e-5})
+
+
+class _FakeAccelerator:
+    """One process, as far as save_checkpoint / load_checkpoint can tell."""
+
+    def __init__(self, distributed_type=DistributedType.NO, num_processes=1, zero_stage=None):
+        self.is_main_process, self.process_index, self.num_processes = True, 0, num_processes
+        self.distributed_type = distributed_type
+        plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage is not None else None
+        self.state = SimpleNamespace(deepspeed_plugin=plugin)
+        self.loaded = []
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        (ckpt.Path(folder) / "model.safetensors").write_bytes(b"weights")
+
+    def load_state(self, folder):
+        self.loaded.append(folder)
+
+
+def test_save_and_load_a_whole_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    accelerator = _FakeAccelerator(DistributedType.DEEPSPEED, num_processes=1, zero_stage=2)
+    loop = ckpt.LoopState(step=100, best_step=100, run_id="abc")
+    ckpt.partial_dir(root, 100).mkdir(parents=True)  # debris of a killed save
+    (ckpt.partial_dir(root, 100) / "junk").write_text("")
+    folder = ckpt.save_checkpoint(accelerator, root, 100, stream_state={"epoch": 0, "position": 7},
+                                  loop_state=loop, config_yaml="experiment: x\n", keep_last=1)
+    assert folder == root / "step-000100" and not (folder / "junk").exists()
+    assert loop.world_size == 1 and loop.distributed_type == "NO"  # the caller's state is left alone
+    saved = ckpt.read_loop_state(folder)
+    assert (saved.step, saved.run_id, saved.distributed_type, saved.zero_stage) == (100, "abc", "DEEPSPEED", 2)
+    loop_state, streams = ckpt.load_checkpoint(accelerator, folder)
+    assert loop_state == saved and streams == [{"epoch": 0, "position": 7}] and accelerator.loaded == [str(folder)]
+
+
+def test_load_returns_the_stream_state_of_every_rank_in_rank_order(tmp_path):
+    folder = tmp_path / "step-000100"
+    folder.mkdir()
+    ckpt.write_json(folder / ckpt.LOOP_STATE, ckpt.LoopState(step=100, world_size=11).to_dict())
+    for rank in range(11):  # rank 10 sorts before rank 2 by name
+        ckpt.write_json(ckpt.stream_state_path(folder, rank), {"rank": rank})
+    accelerator = _FakeAccelerator()
+    _, streams = ckpt.load_checkpoint(accelerator, folder)
+    assert streams == [{"rank": rank} for rank in range(11)]
+
+    ckpt.stream_state_path(folder, 3).unlink()
+    with pytest.raises(FileNotFoundError, match="rank.*3"):
+        ckpt.load_checkpoint(accelerator, folder)
+    ckpt.stream_state_path(folder, 10).unlink()  # ranks 0..9 minus 3: still one missing
+    with pytest.raises(FileNotFoundError, match="rank.*3"):
+        ckpt.load_checkpoint(accelerator, folder)
+    ckpt.write_json(ckpt.stream_state_path(folder, 3), {"rank": 3})  # 0..9 whole, but 11 wrote it
+    with pytest.raises(FileNotFoundError, match="10"):
+        ckpt.load_checkpoint(accelerator, folder)
+    assert accelerator.loaded == [str(folder)]  # checked before the (slow) load_state
 
 
 def test_preemption_by_signal_and_flag_file(tmp_path):
-    flag = tmp_path / "STOP"
-    with PreemptionWatcher(flag) as watcher:
-        assert not watcher.requested()
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert watcher.requested() and watcher.reason() == "signal SIGUSR1"
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGUSR1))
-    with PreemptionWatcher(flag) as watcher:
-        assert not watcher.requested()
-        flag.write_text("")
-        assert watcher.requested() and "flag file" in watcher.reason()
+    def previous(signum, frame):  # a handler someone installed before: it must come back exactly
+        pass
+
+    original = {sig: signal.signal(sig, previous) for sig in STOP_SIGNALS}
+    try:
+        flag = tmp_path / "STOP"
+        with PreemptionWatcher(flag) as watcher:
+            assert all(signal.getsignal(sig) == watcher._handle for sig in STOP_SIGNALS)
+            assert not watcher.requested()
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert watcher.requested() and watcher.reason() == "signal SIGUSR1"
+        assert all(signal.getsignal(sig) is previous for sig in STOP_SIGNALS)
+        with PreemptionWatcher(flag) as watcher:
+            assert not watcher.requested()
+            flag.write_text("")
+            assert watcher.requested() and "flag file" in watcher.reason()
+        assert all(signal.getsignal(sig) is previous for sig in STOP_SIGNALS)
+    finally:
+        for sig, handler in original.items():
+            signal.signal(sig, handler)
 
 
 class _Tiny(nn.Module):
@@ -84,19 +318,45 @@ class _Tiny(nn.Module):
 
 
 def test_parameter_groups_split_encoders_head_and_decay():
+    from emotrain.config import ModelConfig
+
     model = _Tiny()
     cfg = TrainConfig(lr=1e-5, head_lr=1e-3, weight_decay=0.1)
-    groups = {g["name"]: g for g in parameter_groups(model, cfg)}
-    assert set(groups) == {"encoder", "encoder_no_decay", "head", "head_no_decay"}
-    assert groups["encoder"]["lr"] == 1e-5 and groups["head"]["lr"] == 1e-3
-    assert groups["encoder_no_decay"]["weight_decay"] == 0.0 and groups["head"]["weight_decay"] == 0.1
+    # A random (`tiny`) audio encoder learns at the head's lr; the pretrained text encoder at train.lr.
+    random_audio = ModelConfig(audio_encoder="tiny", text_encoder="bert-base-uncased")
+    listed = parameter_groups(model, cfg, random_audio)
+    # Fixed order; the audio encoder's only decayed weight is frozen, so that group is left out.
+    assert [g["name"] for g in listed] == [
+        "audio_encoder_no_decay", "text_encoder", "text_encoder_no_decay", "head", "head_no_decay",
+    ]
+    groups = {g["name"]: g for g in listed}
+    assert {name: g["lr"] for name, g in groups.items()} == {
+        "audio_encoder_no_decay": 1e-3, "text_encoder": 1e-5, "text_encoder_no_decay": 1e-5,
+        "head": 1e-3, "head_no_decay": 1e-3,
+    }
+    assert {name: g["weight_decay"] for name, g in groups.items()} == {
+        "audio_encoder_no_decay": 0.0, "text_encoder": 0.1, "text_encoder_no_decay": 0.0,
+        "head": 0.1, "head_no_decay": 0.0,
+    }
     ids = lambda name: {id(p) for p in groups[name]["params"]}  # noqa: E731
-    assert ids("encoder") == {id(model.text_encoder.weight)}  # the frozen weight is left out
-    assert ids("encoder_no_decay") == {id(p) for p in (model.audio_encoder[0].bias, *model.audio_encoder[1].parameters(),
-                                                      model.text_encoder.bias)}
-    assert ids("head") == {id(model.classifier.weight)}
+    assert ids("audio_encoder_no_decay") == {id(p) for p in (model.audio_encoder[0].bias,
+                                                             *model.audio_encoder[1].parameters())}
+    assert ids("text_encoder") == {id(model.text_encoder.weight)}
+    assert ids("text_encoder_no_decay") == {id(model.text_encoder.bias)}
+    assert ids("head") == {id(model.classifier.weight)} and ids("head_no_decay") == {id(model.classifier.bias)}
     total = sum(len(g["params"]) for g in groups.values())
-    assert total == sum(1 for p in model.parameters() if p.requires_grad)
+    assert total == sum(1 for p in model.parameters() if p.requires_grad)  # the frozen weight is left out
+
+    def lrs(train_cfg, model_cfg):
+        return {g["name"]: g["lr"] for g in parameter_groups(model, train_cfg, model_cfg)}
+
+    # Both pretrained: train.lr; both random: train.head_lr; an encoder's own lr wins either way.
+    pretrained = ModelConfig(audio_encoder="facebook/wav2vec2-base", text_encoder="bert-base-uncased")
+    assert lrs(cfg, pretrained)["audio_encoder_no_decay"] == 1e-5
+    assert lrs(cfg, ModelConfig())["text_encoder"] == 1e-3
+    own = TrainConfig(lr=1e-5, head_lr=1e-3, audio_encoder_lr=3e-4, text_encoder_lr=2e-5)
+    assert lrs(own, ModelConfig())["audio_encoder_no_decay"] == 3e-4
+    assert lrs(own, pretrained)["text_encoder"] == 2e-5 and lrs(own, pretrained)["head"] == 1e-3
 
 
 def test_lr_schedule_warms_up_then_decays():
