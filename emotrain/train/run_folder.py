@@ -1,0 +1,127 @@
+"""Refuse to train into a run folder whose saved config would give another result.
+
+    check_run_folder(cfg.output_dir, cfg)   # before anything is written into output_dir
+
+A run folder holds one experiment: its `config.yaml`, checkpoints, `best/` and metrics. Rerunning
+the same command resumes it (`train.resume=auto`); rerunning it with, say, another `train.lr` would
+resume the old run's checkpoint under the new settings, or overwrite part of its outputs, and
+`metrics.json` would then describe neither. Keys that change only speed, memory, logging, where
+things are read and written, or the execution resources (like the number of processes, the number
+of data workers) (`RESULT_NEUTRAL_KEYS`) may differ freely.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emotrain.config import Config, ConfigError
+from emotrain.train.checkpoint import saved_checkpoints
+
+CONFIG_FILE = "config.yaml"
+"""What the recipe saves the resolved config as, in output_dir."""
+
+RESULT_NEUTRAL_KEYS = frozenset(
+    {
+        "output_dir",  # the same run moved or reached under another path
+        "train.resume",  # how to continue, not what is trained
+        "data.path",  # the same prepared data, elsewhere (another mount, a copy, a URL)
+        # Loader processes, like the number of ranks: an execution resource, deliberately allowed to
+        # change (a resumed job may get other CPUs). The batches of later epochs follow the new count
+        # (each utterance still once per epoch); the rest of the current one is re-planned.
+        "data.num_workers",
+        "train.gradient_checkpointing",  # recomputes the same activations (memory for time)
+        "train.checkpoint_every_steps",  # when state is saved, not what is trained
+        "train.keep_last_checkpoints",
+        "train.max_consecutive_nonfinite",  # a safety stop: a run it would stop gives no result
+        "logging.",  # trackers, names, tags, log frequency, progress bar
+    }
+)
+"""Dotted config keys that do not change a run's result; an entry ending in `.` covers every key
+under it. Anything else that differs between a run folder's saved config and a new one is a
+conflict."""
+
+_MISSING = "<missing>"
+
+
+def _is_neutral(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESULT_NEUTRAL_KEYS)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-3}} → {"train.lr": 1e-3}; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def config_differences(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, new value) for every result-changing key whose values differ.
+
+    `saved` and `new` are nested plain data (`Config.to_dict()`, or a config.yaml as read). A key
+    present on one side only counts, with the string "<missing>" on the other side: a config saved
+    by another emotrain version may not mean the same run. Sorted by key.
+    """
+    old_flat, new_flat = _flatten(saved or {}), _flatten(new or {})
+    differences = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        if _is_neutral(key):
+            continue
+        old, current = old_flat.get(key, _MISSING), new_flat.get(key, _MISSING)
+        if old != current or type(old) is not type(current):  # 1 == 1.0 == True, yet they differ
+            differences.append((key, old, current))
+    return differences
+
+
+class RunFolderConflict(ConfigError):
+    """output_dir already holds a run whose saved config differs in a result-changing key."""
+
+    def __init__(self, message: str):
+        super().__init__("output_dir", message)
+
+
+def holds_results(output_dir: str | Path) -> bool:
+    """Whether a run left something another config would be mixed with: a complete checkpoint,
+    `best/` or `metrics.json`. (A run that failed before its first checkpoint, e.g. on a config
+    value checked at model build, left only its config.yaml: the corrected command may reuse it.)"""
+    folder = Path(output_dir)
+    return (
+        (folder / "metrics.json").is_file() or (folder / "best").is_dir()
+        or bool(saved_checkpoints(folder / "checkpoints"))
+    )
+
+
+def check_run_folder(output_dir: str | Path, cfg: Config) -> None:
+    """Raise RunFolderConflict if `output_dir` holds a run's results (`holds_results`) and its
+    `config.yaml` differs from `cfg` in a key that changes the result (see RESULT_NEUTRAL_KEYS).
+    A folder without results passes, and so does one whose saved config differs only in neutral keys."""
+    path = Path(output_dir) / CONFIG_FILE
+    if not holds_results(output_dir):
+        return
+    todo = f"choose another output_dir, or delete {output_dir} to start over"
+    if not path.is_file():
+        raise RunFolderConflict(f"{output_dir} holds a run's results but no {CONFIG_FILE}: {todo}")
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        reason = " ".join(str(err).split())
+        raise RunFolderConflict(f"cannot read the run's config {path} ({reason}): {todo}") from None
+    if not isinstance(saved, dict):
+        raise RunFolderConflict(f"{path} does not hold a config: {todo}")
+    differences = config_differences(saved, cfg.to_dict())
+    if differences:
+        if any(key == "train.seed" for key, _, _ in differences):
+            todo += " (another seed in its own folder: output_dir=runs/{experiment}/fold{fold}/seed{seed})"
+        listed = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences)
+        raise RunFolderConflict(
+            f"{output_dir} holds a run with another config ({path}), resuming or overwriting it would mix "
+            f"two experiments. Differences: {listed}. To train this config, {todo}; to continue that "
+            "run, use its config."
+        )
