@@ -36,7 +36,8 @@ from emotrain.data.batching import (  # noqa: E402
     shuffle_buffer_order,
 )
 from emotrain.data.folds import make_fold_split, read_parquet  # noqa: E402
-from emotrain.data.stream import StreamSettings, TrainStream  # noqa: E402
+from emotrain.data.plan import StreamSettings  # noqa: E402
+from emotrain.data.stream import TrainStream  # noqa: E402
 from emotrain.data.toyset import (  # noqa: E402
     iemocap_like_durations,
     toy_processors,
@@ -137,7 +138,7 @@ def throughput(utterances_per_session: int, workdir: Path) -> dict:
     it.close()
     resumed = TrainStream(split, settings, feature_extractor=fe, tokenizer=tok)
     t = time.perf_counter()
-    resumed.load_state_dict(state)
+    resumed.load_state_dicts([state])
     next(iter(resumed))
     out["resume_first_batch_ms"] = (time.perf_counter() - t) * 1000
     return out

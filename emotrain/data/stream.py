@@ -1,59 +1,51 @@
-"""The training stream: Parquet shards read with `datasets` streaming, sharded once, batched on metadata.
+"""The training stream: Parquet shards read with `datasets` streaming, batched by the epoch plan.
 
     split = split_from_config(cfg.data, seed=cfg.train.seed)
     stream = build_train_stream(cfg, split, feature_extractor=fe, tokenizer=tok,
                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
-    stream.load_state_dict(saved)            # on resume: the per-rank state saved in the checkpoint
-    for epoch in range(start_epoch, cfg.train.max_epochs):
-        stream.set_epoch(epoch)              # no-op when resuming inside this very epoch
-        it = iter(stream)
-        while all_ranks_true((batch := next(it, None)) is not None, accelerator):
-            ...train on batch...             # `stream.state_dict()` now counts this batch as consumed
+    stream.load_state_dicts(saved)           # on resume: every rank's state saved in the checkpoint
+    stream.set_epoch(epoch)                  # no-op when resuming inside this very epoch
+    sizes = stream.step_utterances()         # utterances per optimizer step, over all ranks
+    for batch in stream: ...                 # `stream.state_dict()` now counts this batch as consumed
 
-How the data moves (one rank):
+What each rank trains on, in which batches, is the epoch plan (`emotrain.data.plan`): a pure
+function of metadata that gives every rank the same number of batches, so every rank yields
+exactly `num_batches()` batches per epoch and the epoch ends everywhere at the same step without
+a collective. This module reads and decodes what the plan asks for:
 
-1. Sharding, once, deliberately. The training shards (all Parquet files of the four training
-   sessions, 32 with the default layout) are dealt to ranks by `partition_shards`: whole shards when
-   `n_shards % world_size == 0` (dealt largest first in a snake, so ranks get equal shard counts and
-   near-equal rows); otherwise the largest `n - n % world_size` shards are dealt whole and the few
-   remaining smallest shards are split row by row (every rank reads those files, decodes only its
-   rows). The same rule then splits a rank's shards across its DataLoader workers. This loader is
-   NOT passed through `accelerator.prepare`: Accelerate would shard (or dispatch) the stream a second
-   time and each rank would silently drop data.
-2. An epoch plan, computed on metadata only (id, duration, file, row; read once by `folds.py`):
-   per (seed, epoch, rank, worker) the worker's shard order is shuffled, rows go through a
-   simulated shuffle buffer (`data.shuffle_buffer_size`) and then duration buckets
-   (`data.bucket_buffer_size`, padded-seconds budget `data.max_batch_audio_seconds`, size cap
-   `train.batch_size`) or fixed-size batches (`data.batching=fixed`). The plan is a pure function,
-   so it is recomputed, never saved. Validation rows are never in it.
-3. Reading: each worker streams its shards in plan order with `datasets`
+1. Each DataLoader worker streams its shards in plan order with `datasets`
    (`load_dataset("parquet", data_files=..., streaming=True)`, one shard at a time via `.shard`),
-   keeps the bytes of rows whose batch is not complete yet (bounded by the two buffers, as in a
-   real shuffle buffer), and as soon as the next planned batch is complete decodes it (soundfile,
-   soxr), crops it (seeded by (seed, epoch, id)), tokenises and collates it.
-4. Workers: torch's DataLoader round-robins workers; batches carry their index in the rank's
-   canonical sequence (worker 0's batch 0, worker 1's batch 0, ..., worker 0's batch 1, ...) and
-   the stream yields them in that order.
+   keeps the bytes of rows whose batch is not complete yet (bounded by the shuffle and bucket
+   buffers, as in a real shuffle buffer), and as soon as the next planned batch is complete decodes
+   it (soundfile, soxr), crops it (seeded by (seed, epoch, id)), tokenises and collates it.
+2. torch's DataLoader round-robins workers; batches carry their position in the rank's sequence
+   and the stream yields them in that order. The stream is NOT passed through
+   `accelerator.prepare`: it is sharded across ranks already, and Accelerate would shard (or
+   dispatch) it a second time.
 
-State (per rank, small, JSON-serialisable): `{epoch, position}` (batches of the epoch already
-yielded) plus the identity of the plan (rank, world size, workers, a fingerprint of split and
-settings) and the ids skipped so far. Restoring replays the plan and skips, without decoding, the
-rows of already-yielded batches; files whose rows are all consumed are not even opened. The next
-batches are exactly those the uninterrupted stream would have produced.
+Bad data never changes the batch structure: an utterance whose audio cannot be decoded (or whose
+shard cannot be read) stands in as a 0.1 s silence with `valid == False` in its batch (the loss
+leaves it out), is logged with its id and appended to `stream.skipped`; the epoch goes on.
 
-Bad data: an utterance whose audio cannot be decoded (or a shard that cannot be read) is skipped,
-logged with its id and appended to `stream.skipped`; the epoch goes on.
-
-Ranks can get different numbers of batches: stop the epoch collectively with
-`emotrain.distributed.all_ranks_true` (one MIN all-reduce per step), or equalise with `num_batches()`.
+Resume. A rank's state is `{epoch, position}` (batches of the epoch already yielded) plus what the
+plan depends on: world size, workers, accumulation, and fingerprints of the split, of the shard
+layout (files and the ids in each, in row order) and of the plan settings. Restoring on the same
+number of processes and workers replays the plan and skips, without decoding, the rows of
+already-yielded batches. Restoring on another number (a requeued job on fewer or more GPUs)
+collects every old rank's consumed rows, and plans the rest of that epoch over the new ranks:
+every utterance not yet seen in the epoch is seen exactly once; later epochs follow the new world
+size. Anything else that changed is an error naming it (re-prepared shards would otherwise
+silently repeat some utterances and skip others).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from pathlib import PurePosixPath
 from typing import Any, Iterator
 
 import datasets
@@ -63,22 +55,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from emotrain.config import Config, DataConfig
-from emotrain.data.audio import (
-    AudioDecodeError,
-    crop,
-    crop_offset,
-    cropped_seconds,
-    decode_audio,
-)
-from emotrain.data.batching import (
-    Collator,
-    bucket_batches,
-    fixed_batches,
-    shuffle_buffer_order,
-)
-from emotrain.data.folds import FoldSplit
-from emotrain.distributed import all_ranks_true
+from emotrain.config import Config
+from emotrain.data.audio import AudioDecodeError, crop, crop_offset, decode_audio
+from emotrain.data.batching import Collator
+from emotrain.data.folds import FoldSplit, Metadata
+from emotrain.data.plan import EpochPlan, StreamSettings, plan_epoch, step_utterances
 
 # A shuffled Parquet stream otherwise sleeps 5 s at the end of every pass (arrow thread shutdown).
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
@@ -86,161 +67,9 @@ datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
 logger = logging.getLogger("emotrain.data")
 
 READ_COLUMNS = ["id", "label", "text", "audio"]
-STATE_FORMAT = "emotrain.train_stream/1"
-
-Shard = tuple[int, np.ndarray]
-"""(index into split.meta.files, metadata row indices of this shard that this part reads)."""
-
-
-@dataclass(frozen=True)
-class StreamSettings:
-    """Everything that shapes the batch plan (part of the resume fingerprint)."""
-
-    seed: int
-    batch_size: int
-    batching: str = "bucket"
-    max_batch_audio_seconds: float = 80.0
-    bucket_buffer_size: int = 256
-    shuffle_buffer_size: int = 512
-    max_audio_seconds: float = 15.0
-    random_crop: bool = True
-    max_text_tokens: int = 64
-    sampling_rate: int = 16000
-
-    @classmethod
-    def from_config(cls, data: DataConfig, batch_size: int, seed: int) -> "StreamSettings":
-        return cls(
-            seed=seed,
-            batch_size=batch_size,
-            batching=data.batching,
-            max_batch_audio_seconds=data.max_batch_audio_seconds,
-            bucket_buffer_size=data.bucket_buffer_size,
-            shuffle_buffer_size=data.shuffle_buffer_size,
-            max_audio_seconds=data.max_audio_seconds,
-            random_crop=data.random_crop,
-            max_text_tokens=data.max_text_tokens,
-            sampling_rate=data.sampling_rate,
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Sharding (ranks, then workers) and the epoch plan: pure functions of metadata.
-
-
-def partition_shards(shards: list[Shard], parts: int, index: int) -> list[Shard]:
-    """Part `index` of `parts` of `shards`; every row lands in exactly one part.
-
-    `n % parts == 0`: whole shards, dealt in a snake over the shards sorted by row count (largest
-    first): equal shard counts, near-equal rows. Otherwise the `n - n % parts` largest shards are
-    dealt whole the same way and the rows of the remaining (smallest) shards are dealt one by one
-    (row i of their concatenation to part i % parts): each part reads those few files in full but
-    decodes only its rows. Returned in file order (the epoch plan shuffles that order).
-    """
-    if not 0 <= index < parts:
-        raise ValueError(f"index {index} out of range for {parts} parts")
-    order = sorted(range(len(shards)), key=lambda i: (-len(shards[i][1]), shards[i][0]))
-    n_whole = len(order) - len(order) % parts
-    mine: list[Shard] = []
-    for pos, i in enumerate(order[:n_whole]):
-        round_, j = divmod(pos, parts)
-        owner = j if round_ % 2 == 0 else parts - 1 - j
-        if owner == index:
-            mine.append(shards[i])
-    counter = 0
-    for i in sorted(order[n_whole:], key=lambda i: shards[i][0]):
-        file_idx, rows = shards[i]
-        take = [r for k, r in enumerate(rows) if (counter + k) % parts == index]
-        counter += len(rows)
-        if take:
-            mine.append((file_idx, np.asarray(take, dtype=np.int64)))
-    mine.sort(key=lambda s: s[0])
-    return mine
-
-
-def training_shards(split: FoldSplit) -> list[Shard]:
-    """Every training shard with its training rows (validation rows removed), in file order."""
-    meta = split.meta
-    mask = split.train_mask()
-    train_files = set(split.train_files)
-    train_file_idx = [i for i, url in enumerate(meta.files) if url in train_files]
-    shards = []
-    for f in train_file_idx:
-        rows = np.flatnonzero((meta.file == f) & mask)
-        rows = rows[np.argsort(meta.row[rows], kind="stable")]
-        shards.append((f, rows))
-    return shards
-
-
-@dataclass
-class WorkerPlan:
-    shards: list[Shard]
-    """The worker's shards in this epoch's read order."""
-    batches: list[np.ndarray]
-    """Batches of metadata row indices, in the order the worker yields them."""
-    canonical: np.ndarray
-    """Position of each of these batches in the rank's canonical sequence."""
-
-
-@dataclass
-class EpochPlan:
-    epoch: int
-    workers: list[WorkerPlan]
-    sequence: list[tuple[int, int]]
-    """The rank's batches in yield order: (logical worker, its batch index), round-robin."""
-
-    def __len__(self) -> int:
-        return len(self.sequence)
-
-    def batch(self, position: int) -> np.ndarray:
-        w, j = self.sequence[position]
-        return self.workers[w].batches[j]
-
-
-def plan_epoch(
-    split: FoldSplit, settings: StreamSettings, rank: int, world_size: int, num_workers: int, epoch: int
-) -> EpochPlan:
-    """The rank's batches for `epoch`: a pure function of metadata, settings and (rank, worker)."""
-    meta = split.meta
-    rank_shards = partition_shards(training_shards(split), world_size, rank)
-    n_logical = max(1, num_workers)
-    seconds = cropped_seconds(meta.duration, settings.max_audio_seconds)
-    workers = []
-    for w in range(n_logical):
-        shards = partition_shards(rank_shards, n_logical, w)
-        rng = np.random.default_rng([settings.seed, epoch, rank, world_size, w, n_logical])
-        shards = [shards[i] for i in rng.permutation(len(shards))]
-        read_order = np.concatenate([rows for _, rows in shards]) if shards else np.zeros(0, np.int64)
-        order = shuffle_buffer_order(read_order, settings.shuffle_buffer_size, rng)
-        if settings.batching == "bucket":
-            batches = bucket_batches(
-                order,
-                seconds[order],
-                buffer_size=settings.bucket_buffer_size,
-                max_batch_seconds=settings.max_batch_audio_seconds,
-                max_batch_size=settings.batch_size,
-                rng=rng,
-            )
-        elif settings.batching == "fixed":
-            batches = fixed_batches(order, settings.batch_size)
-        else:
-            raise ValueError(f"unknown batching {settings.batching!r}")
-        workers.append(WorkerPlan(shards=shards, batches=batches, canonical=np.zeros(0, np.int64)))
-    sequence: list[tuple[int, int]] = []
-    canonical: list[list[int]] = [[] for _ in workers]
-    round_ = 0
-    while True:
-        added = False
-        for w, plan in enumerate(workers):
-            if round_ < len(plan.batches):
-                canonical[w].append(len(sequence))
-                sequence.append((w, round_))
-                added = True
-        if not added:
-            break
-        round_ += 1
-    for plan, positions in zip(workers, canonical):
-        plan.canonical = np.asarray(positions, dtype=np.int64)
-    return EpochPlan(epoch=epoch, workers=workers, sequence=sequence)
+STATE_FORMAT = "emotrain.train_stream/2"
+STAND_IN_SECONDS = 0.1
+"""A training utterance that cannot be decoded stands in as this much silence, with valid=False."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +84,7 @@ class StreamMismatchError(RuntimeError):
 
 
 class _EpochReader(IterableDataset):
-    """Yields `(position, batch or None, skipped ids)` for the planned batches from `start` on."""
+    """Yields `(position, batch, skipped ids)` for the planned batches from `start` on."""
 
     def __init__(self, stream: "TrainStream", plan: EpochPlan, start: int):
         super().__init__()
@@ -272,16 +101,13 @@ class _EpochReader(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        physical = info.id if info is not None else None
-        if physical is not None:
-            # A forked worker must not reuse the parent's fsspec event-loop lock (remote filesystems
-            # hang otherwise); datasets does the same in its own worker path, which we bypass.
-            fsspec.asyn.reset_lock()
-        if physical is None:
-            # In-process: one logical worker (num_workers=0).
-            yield from self._produce(0)
-        else:
-            yield from self._produce((physical + self.rotation) % len(self.plan.workers))
+        if info is None:
+            yield from self._produce(0)  # in-process: one logical worker (num_workers=0)
+            return
+        # A forked worker must not reuse the parent's fsspec event-loop lock (remote filesystems
+        # hang otherwise); datasets does the same in its own worker path, which we bypass.
+        fsspec.asyn.reset_lock()
+        yield from self._produce((info.id + self.rotation) % len(self.plan.workers))
 
     def _produce(self, w: int):
         plan = self.plan.workers[w]
@@ -332,7 +158,7 @@ class _EpochReader(IterableDataset):
             if close is not None:
                 close()
             for m in wanted.values():
-                if m not in received:  # the shard ended early or failed: these rows are skipped
+                if m not in received:  # the shard ended early or failed: these rows stand in as silence
                     held[m] = _FAILED
                     missing[batch_of[m]] -= 1
             while next_j < len(batches) and missing[next_j] == 0:
@@ -368,13 +194,16 @@ class _EpochReader(IterableDataset):
             except AudioDecodeError as err:
                 logger.warning("skipping training utterance %s: %s", utt_id, err)
                 skipped.append(utt_id)
+                # The batch keeps its shape (every rank runs the same steps); the loss ignores it.
+                stand_in = np.zeros(int(STAND_IN_SECONDS * s.sampling_rate), dtype=np.float32)
+                examples.append({"id": utt_id, "array": stand_in, "text": "", "label": int(meta.label[m]),
+                                 "valid": False})
                 continue
             offset = crop_offset(
                 len(samples), max_samples, random=s.random_crop, seed=s.seed, epoch=self.plan.epoch, utt_id=utt_id
             )
-            examples.append(
-                {"id": utt_id, "array": crop(samples, max_samples, offset), "text": record["text"], "label": record["label"]}
-            )
+            examples.append({"id": utt_id, "array": crop(samples, max_samples, offset), "text": record["text"],
+                             "label": record["label"], "valid": True})
         return int(position), self.collator(examples), skipped
 
 
@@ -383,11 +212,42 @@ def _identity(item):
 
 
 # ---------------------------------------------------------------------------------------------
+# What a resume state must agree on.
+
+
+def layout_fingerprint(meta: Metadata) -> dict[str, Any]:
+    """The shard layout: which files (by their name inside the dataset folder, so a moved or
+    remote copy still matches) hold which ids in which row order, and their durations (the plan
+    buckets by duration: re-encoded or trimmed audio would plan other batches)."""
+    names = [str(PurePosixPath(*PurePosixPath(str(url).replace("\\", "/")).parts[-2:])) for url in meta.files]
+    rows = [meta.id[meta.file == f].tolist() for f in range(len(meta.files))]
+    durations = np.round(meta.duration, 4).tolist()
+    return {"files": len(names), "names": _digest(names), "rows": _digest(rows), "durations": _digest(durations)}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.blake2b(json.dumps(value, separators=(",", ":")).encode(), digest_size=8).hexdigest()
+
+
+def _encode_mask(mask: np.ndarray | None) -> str | None:
+    return None if mask is None else base64.b64encode(np.packbits(mask).tobytes()).decode()
+
+
+def _decode_mask(text: str | None, length: int) -> np.ndarray | None:
+    if text is None:
+        return None
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))
+    if len(bits) < length:
+        raise ValueError("stream state: the consumed-rows mask is shorter than the dataset")
+    return bits[:length].astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------
 # The stream the recipe iterates.
 
 
 class TrainStream:
-    """One rank's training batches, epoch by epoch, with an exact, cheap, per-rank resume state.
+    """One rank's training batches, epoch by epoch, with an exact, small, per-rank resume state.
 
     Iterate it (`for batch in stream`) to get the rest of the current epoch; `set_epoch(e)` moves to
     epoch e (position 0) unless e is already the current epoch. See the module docstring.
@@ -403,6 +263,7 @@ class TrainStream:
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
+        accumulation: int = 1,
         multiprocessing_context: str | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
@@ -412,16 +273,20 @@ class TrainStream:
         self.rank = rank
         self.world_size = world_size
         self.num_workers = num_workers
+        self.accumulation = accumulation
         self.multiprocessing_context = multiprocessing_context
         self.collator = Collator(feature_extractor, tokenizer, settings.max_text_tokens, settings.sampling_rate)
         self.epoch = 0
         self.position = 0
+        self.consumed: np.ndarray | None = None
+        """Rows (mask over split.meta) trained on in the current epoch before its plan began:
+        set when the epoch was resumed on another number of processes or workers."""
         self.skipped: list[str] = []
         """Ids of training utterances skipped because they could not be decoded (this run + restored)."""
-        self._plan_cache: EpochPlan | None = None
+        self._plans: tuple[int, list[EpochPlan]] | None = None
         self._source_ds: datasets.IterableDataset | None = None
         self._source_index = {url: i for i, url in enumerate(split.train_files)}
-        self._fingerprint: str | None = None
+        self._identity: dict[str, Any] | None = None
 
     # -- epochs and plans ------------------------------------------------------------------------
 
@@ -430,29 +295,40 @@ class TrainStream:
         if epoch != self.epoch:
             self.epoch = epoch
             self.position = 0
+            self.consumed = None
+
+    def plans(self, epoch: int | None = None) -> list[EpochPlan]:
+        """Every rank's plan for `epoch` (the current one by default), index = rank."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._plans is None or self._plans[0] != epoch:
+            exclude = self.consumed if epoch == self.epoch else None
+            plans = plan_epoch(self.split, self.settings, self.world_size, self.num_workers, epoch,
+                               self.accumulation, exclude)
+            if epoch != self.epoch:
+                return plans  # a look ahead (step counts): not worth keeping
+            self._plans = (epoch, plans)
+        return self._plans[1]
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
-        epoch = self.epoch if epoch is None else epoch
-        if self._plan_cache is None or self._plan_cache.epoch != epoch:
-            self._plan_cache = plan_epoch(
-                self.split, self.settings, self.rank, self.world_size, self.num_workers, epoch
-            )
-        return self._plan_cache
+        """This rank's plan."""
+        return self.plans(epoch)[self.rank]
 
     def num_batches(self, epoch: int | None = None) -> int:
-        """Batches this rank yields in a whole epoch (fewer if entire batches fail to decode)."""
+        """Batches every rank yields in `epoch` (the same on all ranks)."""
         return len(self.plan(epoch))
 
-    def epoch_ids(self, epoch: int | None = None) -> list[str]:
-        """Ids this rank trains on in `epoch`, in yield order (from the plan; no audio read)."""
-        plan = self.plan(epoch)
-        meta = self.split.meta
-        return [str(meta.id[m]) for p in range(len(plan)) for m in plan.batch(p).tolist()]
+    def steps_in_epoch(self, epoch: int | None = None) -> int:
+        """Optimizer steps in `epoch` (of its current plan, for a resumed epoch)."""
+        return self.num_batches(epoch) // self.accumulation
+
+    def step_utterances(self, epoch: int | None = None) -> np.ndarray:
+        """Planned utterances in each optimizer step of `epoch`, over all ranks and micro-batches."""
+        return step_utterances(self.plans(epoch), self.accumulation)
 
     @property
-    def remaining(self) -> int:
-        """Planned batches of the current epoch not yet yielded."""
-        return max(0, len(self.plan()) - self.position)
+    def steps_done(self) -> int:
+        """Optimizer steps of the current epoch's plan already taken (the batches yielded)."""
+        return self.position // self.accumulation
 
     # -- iteration -------------------------------------------------------------------------------
 
@@ -477,6 +353,9 @@ class TrainStream:
         start = self.position
         if start >= len(plan):
             return
+        if plan.dropped and start == 0:
+            logger.warning("epoch %d: %d utterances left out so that every rank has %d batches (a rank holds "
+                           "too few utterances: prepare more shards)", self.epoch, plan.dropped, len(plan))
         reader = _EpochReader(self, plan, start)
         if self.num_workers == 0:
             source = iter(reader)
@@ -503,8 +382,7 @@ class TrainStream:
                     batch, skipped = pending.pop(self.position)
                     self.position += 1
                     self.skipped.extend(skipped)
-                    if batch is not None:
-                        yield batch
+                    yield batch
         finally:
             if hasattr(source, "_shutdown_workers"):
                 source._shutdown_workers()
@@ -514,12 +392,15 @@ class TrainStream:
 
     # -- resume ----------------------------------------------------------------------------------
 
-    def fingerprint(self) -> str:
-        """A short hash of the split and the plan settings (a state only fits the same ones)."""
-        if self._fingerprint is None:
-            payload = json.dumps([self.split.fingerprint(), asdict(self.settings)], sort_keys=True)
-            self._fingerprint = hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
-        return self._fingerprint
+    def identity(self) -> dict[str, Any]:
+        """What a saved state must agree on: the split, the shard layout and the plan settings."""
+        if self._identity is None:
+            self._identity = {
+                "split": self.split.fingerprint(),
+                "layout": layout_fingerprint(self.split.meta),
+                "settings": asdict(self.settings),
+            }
+        return self._identity
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position: small and JSON-serialisable (save one file per rank)."""
@@ -530,33 +411,84 @@ class TrainStream:
             "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self.num_workers,
-            "fingerprint": self.fingerprint(),
+            "accumulation": self.accumulation,
+            "consumed": _encode_mask(self.consumed),
             "skipped": list(self.skipped),
+            **self.identity(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state` was taken; the plan identity must match.
-
-        Raises ValueError when the state comes from another rank, world size, worker count, split
-        or batching setup: the remaining batches of that epoch could not be reproduced.
-        """
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a training stream state: format={state.get('format')!r}")
-        expected = {
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "fingerprint": self.fingerprint(),
-        }
-        for key, value in expected.items():
-            if state.get(key) != value:
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Continue exactly where a checkpoint's ranks stopped; `states` holds every rank's
+        `state_dict()`, ordered by rank. Another world size or worker count is fine (the rest of the
+        epoch is planned anew over the utterances not yet seen); anything else that shaped the plan
+        is a ValueError naming what changed."""
+        if not states:
+            raise ValueError("no stream state to resume from")
+        for rank, state in enumerate(states):
+            if state.get("format") != STATE_FORMAT:
                 raise ValueError(
-                    f"stream state has {key}={state.get(key)!r} but this stream has {value!r}: "
-                    "resume with the same world size, data.num_workers, split and batching settings"
+                    f"stream state of rank {rank} has format {state.get('format')!r}, expected {STATE_FORMAT!r} "
+                    "(written by another emotrain version): start a new run in another output_dir"
                 )
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self.skipped = list(state.get("skipped", []))
+            if state.get("rank") != rank or state.get("world_size") != len(states):
+                raise ValueError(f"stream states are not one per rank 0..{len(states) - 1} (rank {rank}: {state})")
+        first = states[0]
+        self._check_identity(first)
+        if len({(s["epoch"], s["position"]) for s in states}) != 1:
+            raise ValueError("the checkpoint's ranks stopped at different batches: it was not taken at a step boundary")
+        self.epoch = int(first["epoch"])
+        consumed = _decode_mask(first.get("consumed"), len(self.split.meta))
+        if (first["world_size"], first["num_workers"], first["accumulation"]) == (
+            self.world_size, self.num_workers, self.accumulation,
+        ):
+            self.position = int(first["position"])
+            self.consumed = consumed
+            self.skipped = list(states[self.rank].get("skipped", []))
+            self._plans = None
+            return
+        # Another number of processes (or workers): every old rank's consumed rows are this epoch's
+        # history, and the rest of the epoch is planned over the new ranks from position 0.
+        old_plans = plan_epoch(self.split, self.settings, first["world_size"], first["num_workers"], self.epoch,
+                               first["accumulation"], consumed)
+        seen = np.zeros(len(self.split.meta), dtype=bool) if consumed is None else consumed.copy()
+        for plan in old_plans:
+            seen[plan.rows(int(first["position"]))] = True
+        self.position = 0
+        self.consumed = seen if seen.any() else None
+        # The skip count is a total over ranks: rank 0 carries the old ranks' lists.
+        self.skipped = [i for s in states for i in s.get("skipped", [])] if self.rank == 0 else []
+        self._plans = None
+
+    def _check_identity(self, state: dict[str, Any]) -> None:
+        mine = self.identity()
+        if state.get("split") != mine["split"]:
+            raise ValueError(
+                "the fold's split (which utterances train, validate and test) differs from the checkpoint's: "
+                "data.fold, the validation settings, train.seed or the prepared data changed"
+            )
+        old, new = state.get("layout") or {}, mine["layout"]
+        if old != new:
+            if old.get("names") != new["names"]:
+                what = f"{old.get('files')} shard files then, {new['files']} now"
+            elif old.get("rows") != new["rows"]:
+                what = "the same files hold other rows (or rows in another order)"
+            else:
+                what = "the same rows have other durations (re-encoded or trimmed audio)"
+            raise ValueError(
+                f"the prepared data was re-written since the checkpoint ({what}): the rest of epoch "
+                f"{state.get('epoch')} cannot be resumed exactly (some utterances would repeat, others be "
+                "skipped). Resume on the data the checkpoint was trained on, or start a new run in another output_dir"
+            )
+        old_settings = state.get("settings") or {}
+        changed = [f"{_config_key(key)} {old_settings.get(key)!r} -> {value!r}"
+                   for key, value in mine["settings"].items() if old_settings.get(key) != value]
+        if changed:
+            raise ValueError(f"the batch plan's settings differ from the checkpoint's: {', '.join(changed)}")
+
+
+def _config_key(setting: str) -> str:
+    """The config key behind a `StreamSettings` field (for error messages)."""
+    return {"seed": "train.seed", "batch_size": "train.batch_size"}.get(setting, f"data.{setting}")
 
 
 def build_train_stream(
@@ -568,7 +500,7 @@ def build_train_stream(
     rank: int = 0,
     world_size: int = 1,
 ) -> TrainStream:
-    """The rank's `TrainStream` from a config (batch size cap and seed from `cfg.train`).
+    """The rank's `TrainStream` from a config (batch size cap, seed and accumulation from `cfg.train`).
 
     Pass `rank=accelerator.process_index, world_size=accelerator.num_processes`, and do not wrap
     the stream in `accelerator.prepare` (it is already sharded).
@@ -582,26 +514,5 @@ def build_train_stream(
         rank=rank,
         world_size=world_size,
         num_workers=cfg.data.num_workers,
+        accumulation=cfg.train.gradient_accumulation_steps,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Uneven ranks.
-
-
-def lockstep(batches, accelerator=None) -> Iterator[Any]:
-    """Yield from `batches` while every rank still has one.
-
-    As soon as one rank is exhausted, every rank stops (one MIN all-reduce per item, on every rank),
-    so no rank waits alone in a collective the others never reach. A rank that still had a batch
-    drops it (it counts as consumed in the stream state; the epoch is over anyway).
-    """
-    it = iter(batches)
-    while True:
-        batch = next(it, None)
-        if not all_ranks_true(batch is not None, accelerator):
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-            return
-        yield batch

@@ -1,4 +1,4 @@
-"""2 CPU processes under `accelerate launch`: evaluation counts each utterance once, ranks stop together."""
+"""2 CPU processes under `accelerate launch`: evaluation counts each utterance once, ranks take equal steps."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.distributed
-def test_two_processes_evaluate_each_utterance_once_and_stop_together(tmp_path):
+def test_two_processes_evaluate_each_utterance_once_and_take_equal_steps(tmp_path):
     # Fold 1: the test set (session 1) has 13 utterances and validation 7 (20% of 36): odd sizes,
     # so Accelerate pads the last round with repeats that gather_for_metrics must drop.
     root = write_toy_prepared(tmp_path / "prepared", per_session=[13, 9, 10, 9, 8], num_shards=3)
@@ -50,9 +50,10 @@ def test_two_processes_evaluate_each_utterance_once_and_stop_together(tmp_path):
             assert [got["expected_labels"][i] for i in got["ids"]] == got["labels"]
         assert len(results[0][name]["ids"]) == size
 
-    assert [r["lockstep_steps"] for r in results] == [3, 3]
     counts = results[0]["num_batches"]
-    assert counts[0] != counts[1], "the fixture should give the ranks different batch counts"
-    assert [r["stream_steps"] for r in results] == [min(counts)] * 2
-    assert results[0]["steps_sum"] == 2 * min(counts)
-    assert not set(results[0]["epoch_ids"]) & set(results[1]["epoch_ids"])
+    assert counts[0] == counts[1] and counts[0] % 2 == 0, counts  # equal steps, whole accumulations
+    assert [r["yielded_batches"] for r in results] == counts
+    ids = results[0]["epoch_ids"] + results[1]["epoch_ids"]
+    assert sorted(ids) == results[0]["train_ids"]  # the epoch: every training utterance once
+    assert len(ids) == results[0]["utterances_sum"] == sum(results[0]["step_utterances"])
+    assert results[0]["step_utterances"] == results[1]["step_utterances"]  # every rank knows every step's size

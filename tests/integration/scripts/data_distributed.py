@@ -16,9 +16,9 @@ from accelerate.utils import gather_object
 from emotrain.config import DataConfig
 from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets
 from emotrain.data.folds import make_fold_split
-from emotrain.data.stream import StreamSettings, TrainStream, lockstep
+from emotrain.data.plan import StreamSettings
+from emotrain.data.stream import TrainStream
 from emotrain.data.toyset import toy_processors
-from emotrain.distributed import all_ranks_true
 
 
 def main() -> None:
@@ -44,24 +44,20 @@ def main() -> None:
         result[name] = {"ids": ids, "labels": labels, "expected": sorted(dataset.ids)}
         result[name]["expected_labels"] = dict(zip(dataset.ids, dataset.labels.tolist()))
 
-    # Uneven ranks: 3 vs 5 items; both must stop after 3 steps, and the next collective must work.
-    mine = range(3 if rank == 0 else 5)
-    result["lockstep_steps"] = sum(1 for _ in lockstep(mine, accelerator))
-    assert all_ranks_true(True, accelerator) and not all_ranks_true(rank == 0, accelerator)
-
-    # Real training streams: different batch counts per rank, stopped together.
+    # Real training streams over shards of different sizes: the plan gives both ranks the same
+    # number of batches (a multiple of the accumulation), and each rank yields exactly that many.
     settings = StreamSettings(seed=1, batch_size=3, max_batch_audio_seconds=2.0, bucket_buffer_size=8,
                               shuffle_buffer_size=4, max_audio_seconds=1.0)
-    stream = TrainStream(split, settings, feature_extractor=fe, tokenizer=tok, rank=rank, world_size=2)
+    stream = TrainStream(split, settings, feature_extractor=fe, tokenizer=tok, rank=rank, world_size=2,
+                         accumulation=2)
     result["num_batches"] = gather_object([stream.num_batches(0)])
-    steps = 0
-    it = iter(stream)
-    while all_ranks_true((batch := next(it, None)) is not None, accelerator):
-        steps += 1
-    result["stream_steps"] = steps
-    result["epoch_ids"] = stream.epoch_ids(0)
-    total = torch.tensor([steps], dtype=torch.long)
-    result["steps_sum"] = int(accelerator.reduce(total, reduction="sum").item())
+    ids = [i for batch in stream for i in batch["ids"]]
+    result["yielded_batches"] = stream.position
+    result["epoch_ids"] = ids
+    result["train_ids"] = sorted(split.train_ids())
+    result["step_utterances"] = stream.step_utterances(0).tolist()
+    total = torch.tensor([len(ids)], dtype=torch.long)
+    result["utterances_sum"] = int(accelerator.reduce(total, reduction="sum").item())
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
