@@ -63,12 +63,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from emotrain.train.recipe import TooManyNonFiniteLosses, train
+    from emotrain.data.folds import check_prepared
 
     cfg = load_config(args.config, args.overrides)
+    # Training before `emotrain prepare` is the first mistake a new user makes: fail in one line,
+    # before importing torch, creating output_dir or building a model.
+    check_prepared(cfg.data.path)
+
+    from emotrain.train.checkpoint import ResumeError
+    from emotrain.train.recipe import TooManyNonFiniteSteps, train
+    from emotrain.train.step import NonFiniteStepApplied
+
     try:
         return train(cfg)
-    except TooManyNonFiniteLosses as err:
+    except (TooManyNonFiniteSteps, NonFiniteStepApplied, ResumeError) as err:
         print(f"emotrain train: error: {err}", file=sys.stderr)
         return 1
 
@@ -109,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"emotrain: config error: {err}", file=sys.stderr)
+        # One line, no traceback: the message names the key (or file) and what to do.
+        message = " ".join(str(err).splitlines())
+        print(f"emotrain: config error: {message}", file=sys.stderr)
         return 2
 
 

@@ -65,3 +65,9 @@ def model_construction(accelerator) -> Iterator[None]:
         yield
     finally:
         set_hf_deepspeed_config(registered)
+
+
+def zero_stage(accelerator) -> int:
+    """The ZeRO stage of this run (0 without DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage or 0) if plugin is not None else 0

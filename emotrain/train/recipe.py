@@ -1,20 +1,24 @@
-"""The training recipe, top to bottom: setup → train loop → evaluate → save.
+"""The training recipe, top to bottom: setup → data → model → resume → train loop → best model → test.
 
     emotrain train configs/smoke.yaml                                   # one process
     accelerate launch --config_file launch/ddp.yaml -m emotrain.cli train configs/paper.yaml
     sbatch slurm/train.sbatch configs/paper.yaml data.fold=3            # Slurm, requeued on preemption
 
-One optimizer step = `train.gradient_accumulation_steps` micro-batches per rank. Every rank must
-have that many left in its stream, or the epoch ends on all ranks together (ranks stream different
-shards and may hold different numbers of batches; a rank waiting alone in an all-reduce would hang).
-Evaluation on the validation set happens at every epoch end (and every `train.eval_every_steps`)
-and is always followed by a checkpoint, so the best step always has one. At the end the best
-checkpoint is reloaded, exported with `save_pretrained` to `best/` and scored on the test session.
+One optimizer step = `train.gradient_accumulation_steps` micro-batches on every rank. The epoch
+plan gives every rank the same number of batches (`emotrain.data.plan`), so every rank takes the
+same steps and the epoch ends everywhere at once, with no collective to agree on it. Each
+micro-batch's loss is a sum over its utterances scaled by the step's utterance count over all
+ranks (`emotrain.train.loss`): every utterance of a step weighs the same, whatever the batch sizes.
 
-A stop request (SIGTERM, SIGUSR1, or the flag file) is agreed on by all ranks at the next step
-boundary; they save a checkpoint and exit with EXIT_PREEMPTED (75). Rerunning the same command
-(`train.resume=auto`) continues from the newest complete checkpoint: model, optimizer, scheduler,
-scaler, RNG of every rank, the data stream's exact position on every rank, and this loop's state.
+After each step, `emotrain.train.schedule.step_end` decides what happens, always in the same order:
+log → validate → checkpoint → exit on a stop request → finish. A stop request (SIGTERM, SIGUSR1
+or the flag file) is agreed on by all ranks at the step boundary; they save a checkpoint and exit
+with EXIT_PREEMPTED (75), deferring a due validation to the resumed run. Rerunning the same command
+(`train.resume=auto`) continues from the newest checkpoint this run wrote — model, optimizer,
+scheduler, scaler, RNG of every rank, the data stream's exact position on every rank and this
+loop's state — and ends with the same weights and metrics as an uninterrupted run. Under DDP it may
+resume on another number of processes: the rest of the interrupted epoch is planned over the new
+ranks (every utterance not yet seen in it is seen exactly once).
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -35,31 +38,36 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from emotrain.config import LABEL_NAMES, Config, save_config
+from emotrain.config import LABEL_NAMES, Config, ConfigError, save_config
 from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets
 from emotrain.data.folds import split_from_config
 from emotrain.data.stream import build_train_stream
-from emotrain.distributed import all_ranks_true, min_over_ranks, sum_over_ranks
 from emotrain.model import build_model, build_processors
+from emotrain.model.encoders import check_data_fits_model
 from emotrain.train import tracking
 from emotrain.train.checkpoint import (
+    COMPLETE,
     LoopState,
+    ResumeError,
+    check_resumable,
     checkpoint_name,
     load_checkpoint,
+    read_loop_state,
+    read_stream_states,
     resolve_resume,
     save_checkpoint,
 )
-from emotrain.train.deepspeed_config import fill_deepspeed_auto, model_construction
+from emotrain.train.deepspeed_config import fill_deepspeed_auto, model_construction, zero_stage
 from emotrain.train.evaluation import evaluate, model_inputs
+from emotrain.train.loss import balanced_class_weights, micro_batch_loss, utterance_losses
 from emotrain.train.optim import build_optimizer_and_scheduler
-from emotrain.train.preemption import (
-    EXIT_PREEMPTED,
-    PreemptionWatcher,
-    default_flag_file,
-)
+from emotrain.train.preemption import EXIT_PREEMPTED, PreemptionWatcher, default_flag_file
+from emotrain.train.run_folder import check_run_folder
+from emotrain.train.schedule import step_end
+from emotrain.train.step import finish_optimizer_step
 
 
-class TooManyNonFiniteLosses(RuntimeError):
+class TooManyNonFiniteSteps(RuntimeError):
     pass
 
 
@@ -75,17 +83,41 @@ def train(cfg: Config) -> int:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=list(cfg.logging.report_to) or None,
         project_dir=cfg.output_dir,
-        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
+        step_scheduler_with_optimizer=False,  # we step it once per applied optimizer step
         kwargs_handlers=handlers,
     )
     output_dir = Path(cfg.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
+    world_size, accumulation = accelerator.num_processes, cfg.train.gradient_accumulation_steps
+
+    def decided_by_main(decide):
+        """`decide()` on the main process; every rank gets its result, or raises its error (a rank
+        must never wait alone in a collective because the main process failed)."""
+        outcome = [None]
+        if accelerator.is_main_process:
+            try:
+                outcome = [("result", decide())]
+            except ConfigError as err:
+                outcome = [("config", err.key, str(err).split(": ", 1)[1])]
+            except (ResumeError, FileNotFoundError, ValueError) as err:
+                outcome = [("resume", str(err))]
+        broadcast_object_list(outcome)
+        kind, *value = outcome[0]
+        if kind == "config":
+            raise ConfigError(*value)
+        if kind == "resume":
+            raise ResumeError(value[0])
+        return value[0]
+
+    # A folder holding a run whose config would change the result is refused before anything is written.
+    decided_by_main(lambda: check_run_folder(output_dir, cfg))
+
     log = tracking.setup_logging(output_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
         log.info("resolved config:\n%s", cfg.to_yaml().rstrip())
-        log.info("%d process(es), %s, mixed precision %s", accelerator.num_processes,
-                 accelerator.distributed_type, accelerator.mixed_precision)
+        log.info("%d process(es), %s, mixed precision %s", world_size, accelerator.distributed_type,
+                 accelerator.mixed_precision)
 
     # A stale flag from an earlier stop must not stop this run at once.
     stop_flag = default_flag_file(output_dir)
@@ -95,39 +127,57 @@ def train(cfg: Config) -> int:
     watcher = PreemptionWatcher(stop_flag).install()
     set_seed(cfg.train.seed)
 
+    # What to resume: the main process decides (it also completes a replacement a crash interrupted),
+    # so every rank loads the same folder. Strategy and world size are checked before anything loads.
+    resume_from = decided_by_main(lambda: resolve_resume(cfg.train.resume, checkpoints_dir))
+    if resume_from is not None:
+        try:
+            loop = read_loop_state(resume_from)
+        except (OSError, ValueError) as err:
+            raise ResumeError(f"cannot read the loop state of {resume_from}: {err}") from None
+        check_resumable(loop, accelerator.distributed_type.value, world_size, zero_stage(accelerator))
+    else:
+        loop = LoopState(run_id=tracking.new_run_id())
+
     # ----------------------------------------------------------------------------------- data
     split = split_from_config(cfg.data, seed=cfg.train.seed)
     log.info("fold %d: %s", cfg.data.fold, json.dumps(split.summary()))
     feature_extractor, tokenizer = build_processors(cfg.model)
     stream = build_train_stream(
         cfg, split, feature_extractor=feature_extractor, tokenizer=tokenizer,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        rank=accelerator.process_index, world_size=world_size,
     )
+    if resume_from is not None:
+        try:
+            stream.load_state_dicts(read_stream_states(resume_from, loop.world_size))
+        except (OSError, ValueError) as err:  # a rank's file is missing, or the data or settings changed
+            raise ResumeError(f"cannot resume from {resume_from}: {err}") from None
     validation_set, test_set = build_eval_datasets(split, sampling_rate=cfg.data.sampling_rate)
     eval_loader_args = dict(feature_extractor=feature_extractor, tokenizer=tokenizer)
     validation_loader = build_eval_dataloader(validation_set, cfg.data, **eval_loader_args)
     test_loader = build_eval_dataloader(test_set, cfg.data, **eval_loader_args) if test_set else None
 
-    # Optimizer steps per epoch: the epoch ends when the first rank runs out of micro-batches.
-    accumulation = cfg.train.gradient_accumulation_steps
-    batches_per_epoch = min_over_ranks([stream.num_batches(e) for e in range(cfg.train.max_epochs)], accelerator)
-    steps_per_epoch = [n // accumulation for n in batches_per_epoch]
-    total_steps = sum(steps_per_epoch)
+    # Steps are known from the plans: those taken, the rest of this epoch, the epochs after it.
+    steps_left = stream.steps_in_epoch() - stream.steps_done if loop.epoch < cfg.train.max_epochs else 0
+    steps_left += sum(stream.steps_in_epoch(e) for e in range(loop.epoch + 1, cfg.train.max_epochs))
+    total_steps = loop.step + steps_left
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    if total_steps == 0:
-        raise ValueError(
-            f"no optimizer step fits in an epoch ({min(batches_per_epoch)} batches per rank, "
-            f"{accumulation} per step): use a smaller train.gradient_accumulation_steps or batch budget"
-        )
-    log.info("%d optimizer steps (%s per epoch, %d micro-batch(es) per step)",
-             total_steps, steps_per_epoch[0], accumulation)
+    if stream.consumed is None and loop.stop_reason is None and stream.steps_in_epoch() == 0:
+        raise ConfigError("train.gradient_accumulation_steps", (
+            f"is {accumulation} but each of the {world_size} rank(s) has {stream.num_batches()} batch(es) per epoch: "
+            "lower it, or the batch budget (data.max_batch_audio_seconds, train.batch_size)"))
+    log.info("%d optimizer steps (%d in this epoch, %d micro-batch(es) per step on each of %d rank(s))",
+             total_steps, stream.steps_in_epoch(), accumulation, world_size)
+    class_weights = (balanced_class_weights(split.meta.label[split.train_mask()], len(LABEL_NAMES))
+                     if cfg.train.class_weights == "balanced" else None)
 
     # ---------------------------------------------------------------------------------- model
     with model_construction(accelerator):  # ZeRO-3: no zero.Init (it breaks Wav2Vec2's weight norm)
         model = build_model(cfg.model)
+    check_data_fits_model(cfg.data, model, feature_extractor, tokenizer)
     model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
-    optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.train, total_steps)
+    optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.train, cfg.model, total_steps)
     if accelerator.state.deepspeed_plugin is not None:
         fill_deepspeed_auto(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
     # The training stream is NOT prepared: it is sharded across ranks already (see data/stream.py).
@@ -137,25 +187,38 @@ def train(cfg: Config) -> int:
     group_names = [group["name"] for group in optimizer.param_groups]
 
     # --------------------------------------------------------------------------------- resume
-    resume_from = [resolve_resume(cfg.train.resume, checkpoints_dir) if accelerator.is_main_process else None]
-    broadcast_object_list(resume_from)  # the main process decides, so all ranks load the same folder
-    if resume_from[0] is not None:
-        loop, stream_state = load_checkpoint(accelerator, resume_from[0])
-        stream.load_state_dict(stream_state)
-        log.info("resumed from %s (epoch %d, step %d)", resume_from[0], loop.epoch, loop.step)
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from)
+        log.info("resumed from %s (epoch %d, step %d)", resume_from, loop.epoch, loop.step)
     else:
-        loop = LoopState(run_id=tracking.new_run_id())
         log.info("starting fresh in %s", output_dir)
     tracking.start(accelerator, cfg, loop.run_id)
 
+    def summed_over_ranks(values: list[float]) -> list[float]:
+        """A collective (every rank calls it): element-wise sums over ranks, in float64."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+        return accelerator.reduce(tensor, reduction="sum").tolist()
+
+    # Training figures summed since the last log line. The loss stays on the device until a log
+    # step (no host sync per step); a checkpoint stores the sums over ranks, which rank 0 restores.
+    window_keys = ("loss", "valid", "utterances", "audio_seconds", "padded_seconds")
+    window = dict.fromkeys(window_keys, 0.0)
+    window["loss"] = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    if loop.log_window and accelerator.is_main_process:
+        window.update({key: value for key, value in loop.log_window.items() if key != "loss"})
+        window["loss"] += loop.log_window["loss"]
+    timer = {"started": time.perf_counter(), "paused": 0.0}  # evaluating and saving is not training
+
     def checkpoint() -> Path:
+        totals = summed_over_ranks([float(window[key]) for key in window_keys])
+        loop.log_window = dict(zip(window_keys, totals))
         return save_checkpoint(
             accelerator, checkpoints_dir, loop.step, stream_state=stream.state_dict(), loop_state=loop,
             config_yaml=cfg.to_yaml(), keep_last=cfg.train.keep_last_checkpoints,
         )
 
     def validate() -> None:
-        """Evaluate on validation, track the best UA and early stopping, log, then checkpoint."""
+        """Evaluate on validation, track the best UA and early stopping, log."""
         metrics = evaluate(accelerator, model, validation_loader)
         improved = metrics["ua"] > loop.best_ua
         if improved:
@@ -163,6 +226,7 @@ def train(cfg: Config) -> int:
             loop.evaluations_without_improvement = 0
         else:
             loop.evaluations_without_improvement += 1
+        loop.pending_evaluation, loop.last_evaluation_step = False, loop.step
         patience = cfg.train.early_stopping_patience
         if patience and loop.evaluations_without_improvement >= patience and loop.stop_reason is None:
             loop.stop_reason = "early_stopping"
@@ -172,130 +236,166 @@ def train(cfg: Config) -> int:
                      | {f"validation/recall_{name}": r for name, r in metrics["per_class_recall"].items()
                         if r is not None}, loop.step)
         tracking.log_confusion(accelerator, cfg, "validation", metrics["confusion"], LABEL_NAMES, loop.step)
+
+    def log_training(grad_norm) -> None:
+        """The window's figures, summed over ranks (a collective), to the trackers and the console."""
+        totals = dict(zip(window_keys, summed_over_ranks([float(window[key]) for key in window_keys])))
+        skipped = int(summed_over_ranks([len(stream.skipped)])[0])
+        elapsed = max(time.perf_counter() - timer["started"] - timer["paused"], 1e-9)
+        values = {
+            "train/epoch": loop.epoch,
+            "train/utterances_per_second": totals["utterances"] / elapsed,
+            "train/audio_seconds_per_second": totals["audio_seconds"] / elapsed,
+            "train/padding_efficiency": totals["audio_seconds"] / max(totals["padded_seconds"], 1e-9),
+            "train/nonfinite_steps": loop.nonfinite_steps,
+            "train/skipped_utterances": skipped,
+        }
+        loss = "-"  # a window of skipped steps only has no loss to report
+        if totals["valid"]:
+            values["train/loss"] = totals["loss"] / totals["valid"]  # mean per utterance of the applied steps
+            loss = f"{values['train/loss']:.4f}"
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        for name, lr in zip(group_names, scheduler.get_last_lr()):
+            values[f"train/lr_{name}"] = lr
+        tracking.log(accelerator, values, loop.step)
+        progress.set_postfix(loss=loss, utt_s=f"{values['train/utterances_per_second']:.1f}")
+        log.info("step %d epoch %d loss %s | %.1f utt/s, %.1f audio s/s, padding efficiency %.2f",
+                 loop.step, loop.epoch, loss, values["train/utterances_per_second"],
+                 values["train/audio_seconds_per_second"], values["train/padding_efficiency"])
+        window.update(dict.fromkeys(window_keys[1:], 0.0))
+        window["loss"].zero_()
+        timer.update(started=time.perf_counter(), paused=0.0)
+
+    def end_step(*, epoch_ended: bool, stop_requested: bool, grad_norm=None, may_log: bool = True) -> bool:
+        """Carry out `step_end`'s decision for the step just taken; True: exit for a stop request."""
+        end = step_end(
+            loop.step, epoch_ended=epoch_ended, epochs_done=loop.epoch, max_epochs=cfg.train.max_epochs,
+            max_steps=cfg.train.max_steps, eval_every_steps=cfg.train.eval_every_steps,
+            checkpoint_every_steps=cfg.train.checkpoint_every_steps,
+            log_every_steps=cfg.logging.log_every_steps, stop_requested=stop_requested,
+        )
+        if end.finish:
+            loop.stop_reason = end.finish
+        if end.log and may_log:
+            log_training(grad_norm)
+        paused = time.perf_counter()
+        if end.evaluate and loop.last_evaluation_step != loop.step:
+            validate()  # may decide on early stopping
+        if end.defer_evaluation and loop.last_evaluation_step != loop.step:
+            loop.pending_evaluation = True
+        if end.exit_preempted:
+            log.warning("stop requested (%s): saving step %d and exiting with %d%s", watcher.reason(), loop.step,
+                        EXIT_PREEMPTED, " (its validation runs first on resume)" if loop.pending_evaluation else "")
+        if end.checkpoint:
+            checkpoint()
+        timer["paused"] += time.perf_counter() - paused
+        return end.exit_preempted
+
+    if loop.pending_evaluation:  # the stop request came on a step whose validation was due
+        validate()
         checkpoint()
 
     # ----------------------------------------------------------------------------- train loop
     progress = tqdm(total=total_steps, initial=loop.step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
-    window = {"loss": 0.0, "micro_batches": 0, "utterances": 0, "audio_seconds": 0.0, "padded_seconds": 0.0}
-    window_started = time.perf_counter()
     grad_norm = None
     model.train()
-    while loop.stop_reason is None and loop.epoch < cfg.train.max_epochs:
+    while loop.stop_reason is None:
         stream.set_epoch(loop.epoch)  # a no-op when resuming inside this epoch
+        step_sizes = stream.step_utterances()  # utterances per step, all ranks: the loss's denominator
+        if len(step_sizes) == 0:
+            # Only the rest of an epoch resumed on more ranks can be too small for one step on each
+            # (a fresh epoch with no step is a config error, above): it ends at the step it was
+            # stopped at, and its few utterances are counted as dropped.
+            log.warning("epoch %d: the %d utterance(s) left cannot fill a step on %d rank(s): the epoch ends here",
+                        loop.epoch, sum(plan.dropped for plan in stream.plans()), world_size)
+            loop.epoch += 1
+            stream.set_epoch(loop.epoch)
+            if end_step(epoch_ended=True, stop_requested=False, may_log=False):
+                break  # (never: no stop request)
+            continue
         batches = iter(stream)
-        while True:
-            micro_batches = list(islice(batches, accumulation))
-            if not all_ranks_true(len(micro_batches) == accumulation, accelerator):
-                break  # some rank ran out: the epoch ends everywhere (leftover micro-batches are dropped)
-
-            # One optimizer step. A non-finite loss on any rank skips the whole step on all ranks.
-            skip_step = False
-            for batch in micro_batches:
+        for k in range(stream.steps_done, len(step_sizes)):
+            # One optimizer step: `accumulation` micro-batches, gradients synchronised on the last.
+            step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            step_valid = 0
+            for micro in range(accumulation):
+                batch = next(batches)
                 with accelerator.accumulate(model):
-                    loss = model(**model_inputs(batch, accelerator.device),
-                                 labels=batch["labels"].to(accelerator.device)).loss
-                    if not all_ranks_true(bool(torch.isfinite(loss.detach()).item()), accelerator):
-                        skip_step = True
-                    if not skip_step:
-                        accelerator.backward(loss)
-                        window["loss"] += loss.detach().float().item()
-                        window["micro_batches"] += 1
-                    if accelerator.sync_gradients and not skip_step:
-                        max_norm = cfg.train.max_grad_norm or float("inf")
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                        optimizer.step()
-                        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped it
-                            scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)  # acts only at the end of an accumulation
+                    if accelerator.sync_gradients != (micro == accumulation - 1):
+                        raise RuntimeError("Accelerate's accumulation boundary drifted from the step's micro-batches")
+                    logits = model(**model_inputs(batch, accelerator.device)).logits  # [B, C]
+                    losses = utterance_losses(logits, batch["labels"], valid=batch["valid"],
+                                              class_weights=class_weights,
+                                              label_smoothing=cfg.train.label_smoothing)  # [B]
+                    accelerator.backward(micro_batch_loss(losses, int(step_sizes[k]), world_size=world_size,
+                                                          accumulation=accumulation))
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                                cfg.train.max_grad_norm or float("inf"))
+                        applied = finish_optimizer_step(accelerator, optimizer, scheduler, grad_norm)
+                step_loss += losses.detach().sum()
+                step_valid += int(batch["valid"].sum())
                 window["utterances"] += len(batch["ids"])
                 window["audio_seconds"] += batch["audio_seconds"]
                 window["padded_seconds"] += batch["padded_audio_seconds"]
-            if skip_step:
+            loop.step += 1  # skipped steps count too: the step number is a position in the data
+            progress.update(1)
+            if applied:  # the logged loss is that of the updates made
+                window["loss"] += step_loss
+                window["valid"] += step_valid
+                loop.consecutive_nonfinite = 0
+            else:
                 loop.consecutive_nonfinite += 1
                 loop.nonfinite_steps += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", loop.step + 1,
-                            loop.consecutive_nonfinite)
+                log.warning("step %d: non-finite gradients (norm %s), step skipped (%d in a row)",
+                            loop.step, float(grad_norm) if grad_norm is not None else "?", loop.consecutive_nonfinite)
                 if loop.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
-                    raise TooManyNonFiniteLosses(
-                        f"{loop.consecutive_nonfinite} non-finite losses in a row at step {loop.step + 1}: "
+                    raise TooManyNonFiniteSteps(
+                        f"{loop.consecutive_nonfinite} steps in a row with non-finite gradients at step {loop.step}: "
                         "lower train.lr / head_lr, use bf16 instead of fp16, or check the data"
                     )
-                continue
-            loop.consecutive_nonfinite = 0
-            loop.step += 1
-            progress.update(1)
 
-            if loop.step % cfg.logging.log_every_steps == 0:
-                totals = dict(zip(window, sum_over_ranks(list(window.values()), accelerator)))
-                elapsed = time.perf_counter() - window_started
-                values = {
-                    "train/loss": totals["loss"] / max(1, totals["micro_batches"]),
-                    "train/epoch": loop.epoch,
-                    "train/utterances_per_second": totals["utterances"] / elapsed,
-                    "train/audio_seconds_per_second": totals["audio_seconds"] / elapsed,
-                    "train/padding_efficiency": totals["audio_seconds"] / max(totals["padded_seconds"], 1e-9),
-                    "train/nonfinite_steps": loop.nonfinite_steps,
-                    "train/skipped_examples": len(stream.skipped),
-                }
-                if grad_norm is not None:
-                    values["train/grad_norm"] = float(grad_norm)
-                for name, lr in zip(group_names, scheduler.get_last_lr()):
-                    values[f"train/lr_{name}"] = lr
-                tracking.log(accelerator, values, loop.step)
-                progress.set_postfix(loss=f"{values['train/loss']:.3f}",
-                                     utt_s=f"{values['train/utterances_per_second']:.1f}")
-                log.info("step %d epoch %d loss %.4f | %.1f utt/s, %.1f audio s/s, padding efficiency %.2f",
-                         loop.step, loop.epoch, values["train/loss"], values["train/utterances_per_second"],
-                         values["train/audio_seconds_per_second"], values["train/padding_efficiency"])
-                window = dict.fromkeys(window, 0.0)
-                window_started = time.perf_counter()
-
-            if cfg.train.max_steps and loop.step >= cfg.train.max_steps:
-                loop.stop_reason = "max_steps"
-                validate()
-                break
+            epoch_ended = k == len(step_sizes) - 1
+            if epoch_ended:  # the stream moves on before the checkpoint, which resumes the next epoch
+                if next(batches, None) is not None:
+                    raise RuntimeError(f"epoch {loop.epoch}: the stream holds more batches than its plan")
+                loop.epoch += 1
+                stream.set_epoch(loop.epoch)
             if watcher.requested():
                 accelerator.set_trigger()
-            if accelerator.check_trigger():  # a collective: every rank reaches it at every step
-                log.warning("stop requested (%s): saving step %d and exiting with %d",
-                            watcher.reason(), loop.step, EXIT_PREEMPTED)
-                checkpoint()
+            stop_requested = accelerator.check_trigger()  # a collective: every rank, every step
+            if end_step(epoch_ended=epoch_ended, stop_requested=stop_requested, grad_norm=grad_norm):
                 progress.close()
+                watcher.uninstall()
                 accelerator.end_training()
                 return EXIT_PREEMPTED
-            if cfg.train.eval_every_steps and loop.step % cfg.train.eval_every_steps == 0:
-                validate()  # may decide on early stopping
-                if loop.stop_reason is not None:
-                    break
-            elif cfg.train.checkpoint_every_steps and loop.step % cfg.train.checkpoint_every_steps == 0:
-                checkpoint()
-        if loop.stop_reason is not None:
-            break  # stopped inside the epoch, validated and saved already
-        # Epoch end: the stream moves to the next epoch before the checkpoint is taken.
-        loop.epoch += 1
-        stream.set_epoch(loop.epoch)
-        if stream.skipped:
-            log.warning("%d training utterances could not be decoded so far and were skipped: %s",
-                        len(stream.skipped), ", ".join(stream.skipped[:20]))
-        validate()
-    if loop.stop_reason is None:
-        loop.stop_reason = "max_epochs"
+            if loop.stop_reason is not None:
+                break
     progress.close()
     log.info("training stopped: %s after %d steps (best validation UA %.4f at step %s)",
              loop.stop_reason, loop.step, loop.best_ua, loop.best_step)
 
     # ------------------------------------------------------------------- best model and test
     # Every rank loads the best checkpoint: this restores the best weights under any strategy (ZeRO-3 too).
-    load_checkpoint(accelerator, checkpoints_dir / checkpoint_name(loop.best_step))
+    # It is this run's, or the run it was started from (train.resume=<another run's checkpoint>).
+    best_name = checkpoint_name(loop.best_step)
+    best_folder = next((folder for folder in (checkpoints_dir / best_name,
+                                              resume_from.parent / best_name if resume_from else None)
+                        if folder is not None and (folder / COMPLETE).is_file()), None)
+    if best_folder is None:
+        raise ResumeError(f"the best checkpoint (step {loop.best_step}) is no longer in {checkpoints_dir}")
+    load_checkpoint(accelerator, best_folder)
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3 (gathers the partitions)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(
             output_dir / "best", processors=(feature_extractor, tokenizer), state_dict=state_dict)
         save_config(cfg, output_dir / "best" / "config.yaml")
+    skipped_total = int(summed_over_ranks([len(stream.skipped)])[0])
     results = {"validation": loop.best_validation, "best_step": loop.best_step,
                "stop_reason": loop.stop_reason, "steps": loop.step,
-               "nonfinite_steps": loop.nonfinite_steps, "skipped_training_utterances": len(stream.skipped)}
+               "nonfinite_steps": loop.nonfinite_steps, "skipped_training_utterances": skipped_total}
     if test_loader is not None:
         results["test"] = evaluate(accelerator, model, test_loader)
         tracking.log(accelerator, {f"test/{k}": results["test"][k] for k in ("wa", "ua", "macro_f1")}, loop.step)
@@ -326,4 +426,3 @@ def format_results(results: dict) -> str:
         )
         lines.append(f"{split:<11}{m['n']:>6}{m['wa']:>8.3f}{m['ua']:>8.3f}{m['macro_f1']:>8.3f}{recalls}")
     return "\n".join(lines) + "\n(recall per class on the right)"
-

@@ -122,7 +122,8 @@ class _TqdmConsoleHandler(logging.StreamHandler):
 
 
 def setup_logging(output_dir: str | Path, is_main_process: bool) -> logging.Logger:
-    """`emotrain` logs to the console and `output_dir/train.log` on rank 0; other ranks warn only."""
+    """`emotrain` logs to the console and `output_dir/train.log` on rank 0; other ranks report only
+    their own data problems (`emotrain.data` warnings) and errors."""
     logger = logging.getLogger("emotrain")
     logger.handlers.clear()
     logger.propagate = False
@@ -134,7 +135,10 @@ def setup_logging(output_dir: str | Path, is_main_process: bool) -> logging.Logg
             handler.setFormatter(formatter)
             logger.addHandler(handler)
     else:
-        logger.setLevel(logging.WARNING)
+        # The recipe's own messages are the same on every rank: rank 0 says them. What only this
+        # rank knows (an utterance it could not decode, a shard it could not read) it says itself.
+        logger.setLevel(logging.ERROR)
+        logging.getLogger("emotrain.data").setLevel(logging.WARNING)
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s [rank %(process)d] %(message)s"))
         logger.addHandler(handler)

@@ -27,12 +27,31 @@ def synthetic_corpus(tmp_path_factory) -> Path:
     return root / "prepared"
 
 
+@pytest.fixture(scope="session")
+def fold1_sizes(synthetic_corpus) -> dict:
+    """{"num_train", "num_validation", "num_test"} of fold 1 of the fixture corpus, as the runs of
+    `tiny_overrides` split it (what every run must train on once per epoch and evaluate once)."""
+    from emotrain.config import load_config
+    from emotrain.data.folds import split_from_config
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(synthetic_corpus, Path("unused")))
+    summary = split_from_config(cfg.data, seed=cfg.train.seed).summary()
+    return {key: summary[key] for key in ("num_train", "num_validation", "num_test")}
+
+
 def tiny_overrides(corpus: Path, output_dir: Path, *extra: str) -> list[str]:
-    """configs/smoke.yaml shrunk to tiny random encoders (both sides) that train in seconds."""
+    """configs/smoke.yaml shrunk to tiny random encoders (both sides) that train in seconds.
+
+    The random conv feature encoder is frozen here, unlike the default for a `tiny` encoder (trained
+    whole): its backward over raw audio makes a CPU step ~2.5x slower, and what these runs test (the
+    loop's mechanics) does not depend on it. The learning test passes `model.freeze_feature_encoder=null`
+    (the default) to train it whole, as the smoke configuration does.
+    """
     return [
         f"data.path={corpus}",
         f"output_dir={output_dir}",
         "model.text_encoder=tiny",
+        "model.freeze_feature_encoder=true",
         "model.hidden_size=32",
         "model.classifier_hidden_size=32",
         "train.lr=2e-3",  # the encoders are random: they learn at the head's pace
@@ -71,3 +90,42 @@ def run_train(overrides: list[str], *, env: dict | None = None, timeout: int = 6
         [*EMOTRAIN, "train", str(REPO / "configs" / "smoke.yaml"), *overrides],
         cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout,
     )
+
+
+PROBE = REPO / "tests" / "integration" / "scripts" / "train_probe.py"
+"""`emotrain` with test probes (see its docstring): record batches, inject faults, stop at a step."""
+
+
+def run_probe(overrides: list[str], *, timeout: int = 600, **probe_env: str) -> subprocess.CompletedProcess:
+    """`train_probe.py train configs/smoke.yaml ...` in one process; `probe_env` sets EMOTRAIN_PROBE_*."""
+    return subprocess.run(
+        [sys.executable, str(PROBE), "train", str(REPO / "configs" / "smoke.yaml"), *overrides],
+        cwd=REPO, env=subprocess_env(**probe_env), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_probe(folder: Path) -> dict[int, list[dict]]:
+    """{rank: [batch records in the order trained]} from a probe folder (several runs append)."""
+    import json
+
+    return {
+        int(path.stem[len("rank"):]): [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(folder.glob("rank*.jsonl")) if not path.name.endswith(".loss.jsonl")
+    }
+
+
+def read_probe_losses(folder: Path) -> dict[int, list[dict]]:
+    """{rank: [what the recipe passed to its loss, per micro-batch]} from a probe folder."""
+    import json
+
+    return {
+        int(path.name.split(".")[0][len("rank"):]): [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(folder.glob("rank*.loss.jsonl"))
+    }
+
+
+def validations(log_text: str) -> list[tuple[int, float]]:
+    """(step, UA) of every validation the log reports, in order."""
+    import re
+
+    return [(int(s), float(ua)) for s, ua in re.findall(r"INFO step (\d+) validation: WA [\d.]+ UA ([\d.]+)", log_text)]

@@ -1,43 +1,61 @@
-"""The recipe under `accelerate launch` with 2 CPU processes: DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3, and a
-stop + resume under DDP that ends exactly where an uninterrupted run ends.
+"""The recipe under `accelerate launch` with 2 CPU processes: DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3,
+each with gradient accumulation 2 and a bad micro-batch injected on one rank in the middle of an
+accumulation; exact stop + resume under DDP; resuming on another number of processes.
 
-Every run is the tiny setup of `tiny_overrides` for EPOCHS epochs (fold 1: 175 training utterances,
-13 optimizer steps per epoch with 2 ranks, 17 validation and 48 test utterances) and takes 15-30 s on
-2 cores. The first DeepSpeed run on a machine also JIT-compiles DeepSpeed's CPU shared-memory comm op
-(`deepspeed_shm_comm`, ~1 min, built whatever the optimizer) into TORCH_EXTENSIONS_DIR, which is kept
-under ~/.cache so later sessions reuse it.
+Every run is the tiny setup of `tiny_overrides` for EPOCHS epochs (fold 1 of the fixture corpus:
+about 170 training, 20 validation and 48 test utterances) and takes 15-30 s on 2 cores. The first DeepSpeed run on a
+machine also JIT-compiles DeepSpeed's CPU shared-memory comm op (`deepspeed_shm_comm`, ~1 min) into
+TORCH_EXTENSIONS_DIR, which is kept under ~/.cache so later sessions reuse it.
 
 Every launch asserts 2 processes from the log and per-rank files: `--cpu --num_processes 2`, a
 MULTI_CPU config, `ACCELERATE_USE_CPU=true` with DeepSpeed, or DeepSpeed without the gloo process
 group all start a single (or world-size-1) run without any error, and would pass otherwise.
+What each rank trained on is recorded by the test probe (tests/integration/scripts/train_probe.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.conftest import ACCELERATE, REPO, free_port, subprocess_env, tiny_overrides
+from emotrain.config import load_config
+from emotrain.data.folds import split_from_config
+from emotrain.data.plan import StreamSettings, plan_epoch
+from tests.integration.conftest import (
+    ACCELERATE,
+    PROBE,
+    REPO,
+    free_port,
+    read_probe,
+    read_probe_losses,
+    run_probe,
+    subprocess_env,
+    tiny_overrides,
+)
+from tests.wandb_offline import run_history
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 EPOCHS = 3
-STEPS_PER_EPOCH = 13  # 175 utterances, batch budget of tiny_overrides, 2 ranks: min over ranks of batches
-TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
+ACCUMULATION = 2
 TIMEOUT = 420  # one launch; ~15-30 s normally, + ~60 s for the first DeepSpeed JIT build, on busy cores
 EXIT_PREEMPTED = 75
 
-# Identical for every run, so the interrupted + resumed run can be compared with the reference run.
-COMMON = (f"train.max_epochs={EPOCHS}", "train.early_stopping_patience=0", "logging.log_every_steps=1")
+# Identical for every run, so interrupted + resumed runs can be compared with the reference run.
+COMMON = (f"train.max_epochs={EPOCHS}", f"train.gradient_accumulation_steps={ACCUMULATION}",
+          "train.early_stopping_patience=0", "logging.log_every_steps=1")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -55,11 +73,11 @@ def _env(*, deepspeed: bool, **extra: str) -> dict[str, str]:
     return env
 
 
-def _command(config_file: str, corpus: Path, out: Path, *extra: str) -> list[str]:
+def _command(config_file: str, corpus: Path, out: Path, *extra: str, processes: int = 2) -> list[str]:
     return [
         ACCELERATE, "launch", "--config_file", str(REPO / "launch" / config_file),
-        "--main_process_port", str(free_port()),
-        "-m", "emotrain.cli", "train", str(REPO / "configs" / "smoke.yaml"),
+        "--num_processes", str(processes), "--main_process_port", str(free_port()),
+        str(PROBE), "train", str(REPO / "configs" / "smoke.yaml"),
         *tiny_overrides(corpus, out, *COMMON, *extra),
     ]
 
@@ -85,10 +103,12 @@ def _tail(console: Path, chars: int = 6000) -> str:
     return text[-chars:]
 
 
-def _launch(config_file: str, corpus: Path, out: Path, *extra: str, deepspeed: bool) -> tuple[int, str]:
+def _launch(config_file: str, corpus: Path, out: Path, *extra: str, deepspeed: bool, processes: int = 2,
+            **probe_env: str) -> tuple[int, str]:
     """Run one launch to the end; returns (exit code, its console output)."""
     console = out.parent / f"{out.name}.console.txt"
-    proc = _start(_command(config_file, corpus, out, *extra), _env(deepspeed=deepspeed), console)
+    proc = _start(_command(config_file, corpus, out, *extra, processes=processes),
+                  _env(deepspeed=deepspeed, **probe_env), console)
     try:
         rc = _wait(proc)
     except subprocess.TimeoutExpired:
@@ -96,11 +116,33 @@ def _launch(config_file: str, corpus: Path, out: Path, *extra: str, deepspeed: b
     return rc, console.read_text(errors="replace")
 
 
+def _config(corpus: Path):
+    return load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(corpus, Path("unused"), *COMMON))
+
+
+def _fault_target(corpus: Path) -> tuple[str, int]:
+    """An utterance that rank 1 trains on in epoch 0 as the FIRST micro-batch of a step (past step 2),
+    so a fault injected on its batch sits in the middle of an accumulation, on one rank only.
+    Returns (utterance id, position of its batch)."""
+    cfg = _config(corpus)
+    split = split_from_config(cfg.data, seed=cfg.train.seed)
+    settings = StreamSettings.from_config(cfg.data, cfg.train.batch_size, cfg.train.seed)
+    rank1 = plan_epoch(split, settings, 2, cfg.data.num_workers, 0, ACCUMULATION)[1]
+    position = 2 * ACCUMULATION
+    return str(split.meta.id[rank1.batch(position)[0]]), position
+
+
 def _split_sizes(log: str) -> dict:
     """The fold summary the recipe logs: {"num_validation": ..., "num_test": ..., ...}."""
     match = re.search(r"INFO fold \d+: (\{.*\})", log)
     assert match, "no fold summary in the log"
     return json.loads(match.group(1))
+
+
+def _total_steps(log: str) -> int:
+    match = re.search(r"INFO (\d+) optimizer steps \(", log)
+    assert match, "no step count in the log"
+    return int(match.group(1))
 
 
 def _losses(log: str) -> dict[int, float]:
@@ -111,6 +153,10 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*"))
 
 
+def _epoch_ids(records: dict[int, list[dict]], epoch: int) -> Counter:
+    return Counter(i for rank in records.values() for r in rank if r["epoch"] == epoch for i in r["ids"])
+
+
 def _assert_complete_two_rank_checkpoint(folder: Path) -> None:
     names = {p.name for p in folder.iterdir()}
     for needed in ("COMPLETE", "loop_state.json", "config.yaml", "stream-rank0.json", "stream-rank1.json",
@@ -119,49 +165,93 @@ def _assert_complete_two_rank_checkpoint(folder: Path) -> None:
     assert "stream-rank2.json" not in names
 
 
-def _assert_finished_two_process_run(rc: int, log: str, out: Path, distributed_type: str) -> dict:
+def _assert_finished_two_process_run(rc: int, log: str, out: Path, distributed_type: str, probe: Path,
+                                     sizes: dict, nonfinite: int = 0) -> dict:
     """What every completed 2-process run must show; returns metrics.json."""
     assert rc == 0, log[-6000:]
     # From rank 0. A silent single-process run logs "1 process(es)" and fails here.
     assert f"INFO 2 process(es), DistributedType.{distributed_type}," in log, log[-6000:]
-    assert f"INFO {TOTAL_STEPS} optimizer steps ({STEPS_PER_EPOCH} per epoch" in log, log[-6000:]
-    assert f"training stopped: max_epochs after {TOTAL_STEPS} steps" in log, log[-6000:]
+    total = _total_steps(log)
+    assert f"training stopped: max_epochs after {total} steps" in log, log[-6000:]
     # No exit-time abort of a gloo process (they were seen before end_training()).
     assert "terminate called" not in log and "SIGABRT" not in log, log[-6000:]
 
     metrics = json.loads((out / "metrics.json").read_text())
-    sizes = _split_sizes(log)
+    assert _split_sizes(log)["num_train"] == sizes["num_train"]
     # Every validation / test utterance exactly once across the 2 ranks (no padding duplicates, no loss).
     for split, size in (("validation", sizes["num_validation"]), ("test", sizes["num_test"])):
         assert metrics[split]["n"] == size, (split, metrics[split]["n"], size)
         assert sum(map(sum, metrics[split]["confusion"])) == size, split
-    assert (sizes["num_validation"], sizes["num_test"]) == (17, 48)  # the fixture corpus, fold 1
-    assert metrics["steps"] == TOTAL_STEPS and metrics["stop_reason"] == "max_epochs"
-    assert metrics["nonfinite_steps"] == 0 and metrics["skipped_training_utterances"] == 0
+    assert metrics["steps"] == total and metrics["stop_reason"] == "max_epochs"
+    assert metrics["nonfinite_steps"] == nonfinite and metrics["skipped_training_utterances"] == 0
+
+    # What the ranks really trained on: the same number of micro-batches on both, ACCUMULATION per
+    # step, and in every epoch each training utterance exactly once over the two ranks.
+    records = read_probe(probe)
+    assert sorted(records) == [0, 1]
+    assert len(records[0]) == len(records[1]) == ACCUMULATION * total
+    for epoch in range(EPOCHS):
+        counts = _epoch_ids(records, epoch)
+        assert len(counts) == sizes["num_train"] and set(counts.values()) == {1}, epoch
+    _assert_loss_denominators(probe)
 
     # One checkpoint per epoch end (kept: the last 2 and the best), each with both ranks' state.
     found = _checkpoints(out)
-    assert found and found[-1].name == f"step-{TOTAL_STEPS:06d}", found
+    assert found and found[-1].name == f"step-{total:06d}", found
     assert f"step-{metrics['best_step']:06d}" in {p.name for p in found}
     for folder in found:
         _assert_complete_two_rank_checkpoint(folder)
     assert not list((out / "checkpoints").glob(".partial-*"))
 
     # It learned: chance is 0.25 on both counts; the loss of the last epoch is below the first's.
+    # (A skipped step's window has no loss: its line says "loss -".)
     losses = _losses(log)
-    assert sorted(losses) == list(range(1, TOTAL_STEPS + 1)), sorted(losses)
-    first = [losses[s] for s in range(1, STEPS_PER_EPOCH + 1)]
-    last = [losses[s] for s in range(TOTAL_STEPS - STEPS_PER_EPOCH + 1, TOTAL_STEPS + 1)]
+    skipped = {int(m) for m in re.findall(r"INFO step (\d+) epoch \d+ loss - \|", log)}
+    assert len(skipped) == nonfinite and sorted(losses) == sorted(set(range(1, total + 1)) - skipped), sorted(losses)
+    per_epoch = total // EPOCHS
+    first = [losses[s] for s in range(1, per_epoch + 1) if s in losses]
+    last = [losses[s] for s in range(total - per_epoch + 1, total + 1) if s in losses]
     assert sum(last) / len(last) < 0.95 * sum(first) / len(first), losses
     assert metrics["validation"]["ua"] >= 0.45, metrics["validation"]
     return metrics
 
 
+def _assert_loss_denominators(probe: Path) -> None:
+    """Every micro-batch's loss was divided by its step's utterances over both ranks and both
+    micro-batches, which every rank knew from the plan without asking the other."""
+    records, losses = read_probe(probe), read_probe_losses(probe)
+    batch_size = {(rank, r["epoch"], r["position"]): len(r["ids"]) for rank, rows in records.items() for r in rows}
+    assert sorted(losses) == sorted(records) and all(len(losses[r]) == len(records[r]) for r in records)
+    for rank, rows in losses.items():
+        for row in rows:
+            first = row["position"] - row["position"] % ACCUMULATION
+            expected = sum(batch_size[(other, row["epoch"], p)] for other in records
+                           for p in range(first, first + ACCUMULATION))
+            assert row["step_utterances"] == expected, (rank, row, expected)
+
+
+def _assert_the_bad_step_left_nothing(probe: Path, log: str, position: int) -> None:
+    """The step whose first micro-batch (at `position`, on rank 1) was poisoned was skipped on both
+    ranks: the weights at the start of the next step equal those at the start of the bad one, and
+    every later step trains on finite weights (a leak of NaN gradients would poison them)."""
+    step = position // ACCUMULATION + 1
+    assert re.search(rf"step {step}: non-finite gradients .* step skipped \(1 in a row\)", log), log[-6000:]
+    assert log.count("step skipped") == 1
+    records = read_probe(probe)
+    for rank in (0, 1):
+        epoch0 = {r["position"]: r for r in records[rank] if r["epoch"] == 0}
+        before, after = epoch0[position]["param_sum"], epoch0[position + ACCUMULATION]["param_sum"]
+        if before is None:  # ZeRO-3: no rank holds the whole model
+            continue
+        assert before == after, (rank, before, after)
+        sums = [r["param_sum"] for r in records[rank] if r["param_sum"] is not None]
+        assert all(math.isfinite(s) for s in sums)
+        assert len(set(sums)) == len(sums) - 1  # every other step changed the weights
+
+
 def _rescore(best: Path, dtype: torch.dtype = torch.float32) -> dict:
     """Score `best/` on the test session in this (single) process, as a user would after training."""
-    from emotrain.config import load_config
     from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets
-    from emotrain.data.folds import split_from_config
     from emotrain.metrics import compute_metrics
     from emotrain.model.emotion_model import EmotionModel
     from emotrain.train.evaluation import model_inputs
@@ -196,7 +286,8 @@ def _deepspeed_states(folder: Path) -> dict:
 
 
 def _assert_deepspeed_run(out: Path, metrics: dict, *, stage: int, bf16: bool) -> None:
-    """The checkpoints are DeepSpeed's (per-rank optimizer partitions), with the "auto" values filled."""
+    """The checkpoints are DeepSpeed's (per-rank optimizer partitions), with the "auto" values filled,
+    and DeepSpeed's engine itself took every step but one and skipped exactly the poisoned one."""
     for folder in _checkpoints(out):
         ds = folder / "pytorch_model"
         assert (folder / "latest").is_file() and ds.is_dir(), sorted(p.name for p in folder.iterdir())
@@ -209,36 +300,44 @@ def _assert_deepspeed_run(out: Path, metrics: dict, *, stage: int, bf16: bool) -
     final = _deepspeed_states(_checkpoints(out)[-1])
     config = final["ds_config"]
     # "auto" values filled from the experiment config by emotrain/train/deepspeed_config.py
-    assert config["train_micro_batch_size_per_gpu"] == 8  # train.batch_size in tiny_overrides
-    assert config["gradient_accumulation_steps"] == 1
+    assert config["gradient_accumulation_steps"] == ACCUMULATION
     assert config["gradient_clipping"] == 1.0  # train.max_grad_norm
     assert config["bf16"]["enabled"] is bf16 and config["fp16"]["enabled"] is False
     assert config["zero_optimization"]["stage"] == stage
-    # The engine took every step, on 2 data-parallel ranks: global batch = 8 x 1 x 2.
     assert final["dp_world_size"] == 2
-    assert final["global_steps"] == TOTAL_STEPS
-    assert final["global_samples"] == TOTAL_STEPS * 8 * 2
-    assert metrics["steps"] == TOTAL_STEPS
+    # The engine's own counts: one engine step per optimizer step, the poisoned one skipped by it.
+    assert final["global_steps"] == metrics["steps"]
+    assert final["skipped_steps"] == 1
 
 
 # ------------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
-def ddp_reference(synthetic_corpus, tmp_path_factory):
-    """One uninterrupted 2-process DDP run: checked by test_ddp, compared with by the resume test."""
-    out = tmp_path_factory.mktemp("ddp") / "run"
+def fault(synthetic_corpus):
+    return _fault_target(synthetic_corpus)
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(synthetic_corpus, tmp_path_factory, fault):
+    """One uninterrupted 2-process DDP run, with NaN gradients (finite loss) injected on rank 1 in
+    the first micro-batch of a step: checked by test_ddp, compared with by the resume and ZeRO-3 tests."""
+    root = tmp_path_factory.mktemp("ddp")
+    out = root / "run"
     started = time.perf_counter()
-    rc, log = _launch("cpu_ddp.yaml", synthetic_corpus, out, deepspeed=False)
-    return out, rc, log, time.perf_counter() - started
+    rc, log = _launch("cpu_ddp.yaml", synthetic_corpus, out, deepspeed=False, EMOTRAIN_PROBE_DIR=str(root / "probe"),
+                      EMOTRAIN_PROBE_FAULT=f"{fault[0]}@0:grad")
+    return out, rc, log, time.perf_counter() - started, root / "probe"
 
 
 # ------------------------------------------------------------------------------------------ tests
 
 
-def test_ddp_two_processes(ddp_reference):
-    out, rc, log, seconds = ddp_reference
-    metrics = _assert_finished_two_process_run(rc, log, out, "MULTI_CPU")
+def test_ddp_two_processes(ddp_reference, fault, fold1_sizes):
+    out, rc, log, seconds, probe = ddp_reference
+    metrics = _assert_finished_two_process_run(rc, log, out, "MULTI_CPU", probe, fold1_sizes, nonfinite=1)
+    _assert_the_bad_step_left_nothing(probe, log, fault[1])
+    assert "probe: grad fault on rank 1" in log and "probe: grad fault on rank 0" not in log
     # DDP checkpoints are Accelerate's plain ones.
     for folder in _checkpoints(out):
         assert (folder / "model.safetensors").is_file() and (folder / "optimizer.bin").is_file()
@@ -251,11 +350,21 @@ def test_ddp_two_processes(ddp_reference):
     print(f"DDP run: {seconds:.0f} s")
 
 
-def test_deepspeed_zero2_bf16(synthetic_corpus, tmp_path):
-    out = tmp_path / "run"
-    rc, log = _launch("cpu_zero2.yaml", synthetic_corpus, out, "train.mixed_precision=bf16", deepspeed=True)
+@pytest.fixture(scope="module")
+def zero2_run(synthetic_corpus, tmp_path_factory, fault):
+    root = tmp_path_factory.mktemp("zero2")
+    out = root / "run"
+    rc, log = _launch("cpu_zero2.yaml", synthetic_corpus, out, "train.mixed_precision=bf16", deepspeed=True,
+                      EMOTRAIN_PROBE_DIR=str(root / "probe"), EMOTRAIN_PROBE_FAULT=f"{fault[0]}@0:loss")
+    return out, rc, log, root / "probe"
+
+
+def test_deepspeed_zero2_bf16(zero2_run, fault, fold1_sizes):
+    """A NaN loss on one rank in the middle of an accumulation: nothing of it reaches the weights."""
+    out, rc, log, probe = zero2_run
     assert "mixed precision bf16" in log, log[-6000:]
-    metrics = _assert_finished_two_process_run(rc, log, out, "DEEPSPEED")
+    metrics = _assert_finished_two_process_run(rc, log, out, "DEEPSPEED", probe, fold1_sizes, nonfinite=1)
+    _assert_the_bad_step_left_nothing(probe, log, fault[1])
     _assert_deepspeed_run(out, metrics, stage=2, bf16=True)
     # best/ holds the best checkpoint's weights exactly (bf16: DeepSpeed's bf16 module is what it exports).
     best = load_file(out / "best" / "model.safetensors")
@@ -264,37 +373,56 @@ def test_deepspeed_zero2_bf16(synthetic_corpus, tmp_path):
     assert set(best) <= set(module)
     # ... and scores like the run's own evaluation when run in bf16 as DeepSpeed ran it (same batches;
     # identical in trials, but bf16 near-ties may flip with another thread count: allow 2 utterances).
-    # In fp32 the same bf16 weights give quite different predictions on this tiny random model.
     rescored = _rescore(out / "best", torch.bfloat16)
     moved = sum(abs(a - b) for ra, rb in zip(rescored["confusion"], metrics["test"]["confusion"])
                 for a, b in zip(ra, rb))
     assert moved <= 4, (rescored["confusion"], metrics["test"]["confusion"])
 
 
-def test_deepspeed_zero3(synthetic_corpus, tmp_path, ddp_reference):
-    out = tmp_path / "run"
-    rc, log = _launch("cpu_zero3.yaml", synthetic_corpus, out, deepspeed=True)
-    metrics = _assert_finished_two_process_run(rc, log, out, "DEEPSPEED")
+def test_a_deepspeed_checkpoint_resumed_on_another_world_size_is_a_clear_error(synthetic_corpus, zero2_run):
+    out, rc, log, _ = zero2_run
+    assert rc == 0, log[-6000:]
+    # The same ZeRO-2 run's folder, now on one process: refused before anything loads, in one line.
+    rc, log = _launch("cpu_zero2.yaml", synthetic_corpus, out, "train.mixed_precision=bf16", deepspeed=True,
+                      processes=1)
+    assert rc != 0
+    assert ("the checkpoint was written by 2 DeepSpeed ZeRO-2 processes and this run has 1 (ZeRO-2): ZeRO "
+            "partitions the optimizer state") in log, log[-6000:]
+    # One line from the run; the only traceback is the launcher's own report of a failed worker.
+    assert not re.search(r'File ".*/emotrain/(train|data|model)/', log), log[-6000:]
+
+
+def test_deepspeed_zero3(synthetic_corpus, tmp_path, ddp_reference, fault, fold1_sizes):
+    """fp32 ZeRO-3 with the same fault as the DDP reference computes what DDP computes."""
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    rc, log = _launch("cpu_zero3.yaml", synthetic_corpus, out, deepspeed=True, EMOTRAIN_PROBE_DIR=str(probe),
+                      EMOTRAIN_PROBE_FAULT=f"{fault[0]}@0:grad")
+    metrics = _assert_finished_two_process_run(rc, log, out, "DEEPSPEED", probe, fold1_sizes, nonfinite=1)
+    _assert_the_bad_step_left_nothing(probe, log, fault[1])
     _assert_deepspeed_run(out, metrics, stage=3, bf16=False)
     # best/ is the gathered full model (stage3_gather_16bit_weights_on_model_save), not empty partitions:
-    # fp32 ZeRO-3 computes what DDP computes, up to the order of float reductions.
+    # fp32 ZeRO-3 computes what DDP computes, up to the order of float reductions, skip included.
     best = load_file(out / "best" / "model.safetensors")
     assert all(t.numel() > 0 for t in best.values())
-    reference_out = ddp_reference[0]
-    if ddp_reference[1] == 0:
-        _assert_same_weights(best, load_file(reference_out / "best" / "model.safetensors"), atol=1e-3)
+    reference_out, reference_rc, reference_log = ddp_reference[:3]
+    assert reference_rc == 0, reference_log[-6000:]
+    assert json.loads((reference_out / "metrics.json").read_text())["best_step"] == metrics["best_step"]
+    _assert_same_weights(best, load_file(reference_out / "best" / "model.safetensors"), atol=1e-3)
     rescored = _rescore(out / "best")
     assert rescored["confusion"] == metrics["test"]["confusion"], (rescored, metrics["test"])
 
 
-def test_ddp_stop_and_resume_is_exact(synthetic_corpus, tmp_path, ddp_reference):
+def test_ddp_stop_and_resume_is_exact(synthetic_corpus, tmp_path, ddp_reference, fault, fold1_sizes):
     """Stopped by the flag file partway through epoch 2, then rerun: same result as never stopping."""
-    out = tmp_path / "run"
+    out, probe = tmp_path / "run", tmp_path / "probe"
     cmd = _command("cpu_ddp.yaml", synthetic_corpus, out)
-    env = _env(deepspeed=False)
+    env = _env(deepspeed=False, EMOTRAIN_PROBE_DIR=str(probe), EMOTRAIN_PROBE_FAULT=f"{fault[0]}@0:grad")
+    ref_out, ref_rc, ref_log, _, ref_probe = ddp_reference
+    assert ref_rc == 0, ref_log[-6000:]
+    steps_epoch0 = len([r for r in read_probe(ref_probe)[0] if r["epoch"] == 0]) // ACCUMULATION
     console = tmp_path / "first.console.txt"
     proc = _start(cmd, env, console)
-    stop_after = STEPS_PER_EPOCH + 3  # inside the second epoch: the stream must resume mid-epoch
+    stop_after = steps_epoch0 + 3  # inside the second epoch: the stream must resume mid-epoch
     deadline = time.monotonic() + TIMEOUT
     seen = 0
     while proc.poll() is None and time.monotonic() < deadline:
@@ -320,13 +448,13 @@ def test_ddp_stop_and_resume_is_exact(synthetic_corpus, tmp_path, ddp_reference)
     assert "training stopped" not in first and not (out / "metrics.json").exists()
     stopped = _checkpoints(out)[-1]
     step = json.loads((stopped / "loop_state.json").read_text())["step"]
-    assert stopped.name == f"step-{step:06d}" and stop_after <= step < TOTAL_STEPS, (stopped, step)
-    assert step % STEPS_PER_EPOCH != 0, "stopped on an epoch end: the test wants a mid-epoch stop"
+    assert stopped.name == f"step-{step:06d}" and stop_after <= step, (stopped, step)
+    assert step != steps_epoch0, "stopped on an epoch end: the test wants a mid-epoch stop"
     _assert_complete_two_rank_checkpoint(stopped)
-    for rank in (0, 1):  # each rank's own stream position, mid-epoch (1 micro-batch per optimizer step)
+    for rank in (0, 1):  # each rank's own stream position, mid-epoch (2 micro-batches per optimizer step)
         position = json.loads((stopped / f"stream-rank{rank}.json").read_text())
         assert (position["rank"], position["world_size"]) == (rank, 2), position
-        assert (position["epoch"], position["position"]) == (1, step - STEPS_PER_EPOCH), position
+        assert (position["epoch"], position["position"]) == (1, ACCUMULATION * (step - steps_epoch0)), position
 
     # The same command again: it resumes from that checkpoint (the stale STOP file is removed) and finishes.
     console = tmp_path / "second.console.txt"
@@ -337,16 +465,82 @@ def test_ddp_stop_and_resume_is_exact(synthetic_corpus, tmp_path, ddp_reference)
         pytest.fail(f"the rerun did not exit within {TIMEOUT} s\n{_tail(console)}")
     second = console.read_text(errors="replace")
     assert f"resumed from {stopped} (epoch 1, step {step})" in second, second[-6000:]
-    metrics = _assert_finished_two_process_run(rc, first + second, out, "MULTI_CPU")
+    metrics = _assert_finished_two_process_run(rc, first + second, out, "MULTI_CPU", probe, fold1_sizes, nonfinite=1)
     assert not (out / "STOP").exists()
 
     # Exact resume: every logged loss after the stop, the metrics and the weights equal the uninterrupted run.
-    ref_out, ref_rc, ref_log, _ = ddp_reference
-    assert ref_rc == 0, ref_log[-6000:]
     reference_losses, resumed_losses = _losses(ref_log), _losses(second)
-    assert sorted(resumed_losses) == list(range(step + 1, TOTAL_STEPS + 1))
+    assert sorted(resumed_losses) == list(range(step + 1, _total_steps(ref_log) + 1))
     assert resumed_losses == {s: reference_losses[s] for s in resumed_losses}
-    reference = json.loads((ref_out / "metrics.json").read_text())
-    assert metrics == reference
+    assert metrics == json.loads((ref_out / "metrics.json").read_text())
     _assert_same_weights(load_file(out / "best" / "model.safetensors"),
                          load_file(ref_out / "best" / "model.safetensors"))
+    assert read_probe(probe) == {r: [{**x, "param_sum": x["param_sum"]} for x in v] for r, v in read_probe(ref_probe).items()}
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_resume_on_another_number_of_processes_sees_each_utterance_of_the_epoch_once(
+    synthetic_corpus, tmp_path, before, after, fold1_sizes
+):
+    """A requeued job may come back on fewer or more GPUs: stopped mid-epoch on `before` processes,
+    resumed on `after`; the union of what was trained in that epoch is the epoch's set, exactly once,
+    the run finishes, and the later epochs are the new world size's."""
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    stop_at = 3  # inside epoch 0
+    probe_env = dict(EMOTRAIN_PROBE_DIR=str(probe / "before"), EMOTRAIN_PROBE_STOP_AT_STEP=str(stop_at))
+
+    def run(processes: int, **env: str) -> tuple[int, str]:
+        if processes == 2:
+            return _launch("cpu_ddp.yaml", synthetic_corpus, out, "logging.report_to=[wandb]", deepspeed=False, **env)
+        proc = run_probe(tiny_overrides(synthetic_corpus, out, *COMMON, "logging.report_to=[wandb]"), **env)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    rc, log = run(before, **probe_env)
+    assert rc == (1 if before == 2 else EXIT_PREEMPTED), log[-6000:]  # the launcher turns 75 into 1
+    assert f"saving step {stop_at} and exiting with 75" in log
+    rc, log = run(after, EMOTRAIN_PROBE_DIR=str(probe / "after"))
+    assert rc == 0, log[-6000:]
+    assert f"resumed from {out / 'checkpoints' / f'step-{stop_at:06d}'} (epoch 0, step {stop_at})" in log
+    assert f"INFO {after} process(es)" in log
+
+    first, second = read_probe(probe / "before"), read_probe(probe / "after")
+    assert sorted(first) == list(range(before)) and sorted(second) == list(range(after))
+    assert all(len(r) == ACCUMULATION * stop_at for r in first.values())
+    epoch0 = _epoch_ids(first, 0) + _epoch_ids(second, 0)
+    assert len(epoch0) == fold1_sizes["num_train"] and set(epoch0.values()) == {1}, epoch0.most_common(3)
+    # Later epochs follow the new world size: the plan for `after` ranks, each utterance once.
+    cfg = _config(synthetic_corpus)
+    split = split_from_config(cfg.data, seed=cfg.train.seed)
+    settings = StreamSettings.from_config(cfg.data, cfg.train.batch_size, cfg.train.seed)
+    for epoch in range(1, EPOCHS):
+        plans = plan_epoch(split, settings, after, cfg.data.num_workers, epoch, ACCUMULATION)
+        for rank in range(after):
+            trained = [r["ids"] for r in second[rank] if r["epoch"] == epoch]
+            assert trained == [[str(i) for i in split.meta.id[plans[rank].batch(p)]] for p in range(len(plans[rank]))]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stop_reason"] == "max_epochs"
+    # One W&B run across both jobs, every step logged once, the best step among the validations.
+    histories = [run_history(run) for run in sorted((out / "wandb").glob("offline-run-*"))]
+    assert len(histories) == 2 and len({run_id for run_id, _ in histories}) == 1
+    logged = [row["train/step"] for _, rows in histories for row in rows if "train/loss" in row]
+    assert sorted(logged) == list(range(1, metrics["steps"] + 1))
+    validated = {row["train/step"]: row["validation/ua"] for _, rows in histories for row in rows
+                 if "validation/ua" in row}
+    assert validated[metrics["best_step"]] == max(validated.values()) == metrics["validation"]["ua"]
+    assert (metrics["validation"]["n"], metrics["test"]["n"]) == (fold1_sizes["num_validation"], fold1_sizes["num_test"])
+
+
+def test_two_process_ddp_gradient_equals_one_process_accumulating_the_same_micro_batches(tmp_path):
+    """Rank 0 holds 3 utterances and rank 1 holds 7 (accumulation 1): the DDP gradient equals one
+    process accumulating the same two micro-batches, and the mean over the 10 as one batch."""
+    script = REPO / "tests" / "integration" / "scripts" / "loss_ddp.py"
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(deepspeed=False), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world"] == 2
+    assert result["max_diff_ddp_vs_accumulation"] < 1e-6 and result["max_diff_ddp_vs_one_batch"] < 1e-6, result
+    assert result["max_diff_naive_vs_one_batch"] > 1e-3, result  # the batch-mean loss would differ
+    assert sys.executable  # (the script ran under the same interpreter as the tests)

@@ -15,7 +15,17 @@ from safetensors.torch import load_file
 
 from emotrain.train.checkpoint import complete_checkpoints
 from emotrain.train.preemption import EXIT_PREEMPTED
-from tests.integration.conftest import EMOTRAIN, REPO, run_train, subprocess_env, tiny_overrides
+from tests.integration.conftest import (
+    EMOTRAIN,
+    REPO,
+    read_probe,
+    read_probe_losses,
+    run_probe,
+    run_train,
+    subprocess_env,
+    tiny_overrides,
+    validations,
+)
 from tests.wandb_offline import run_history
 
 pytestmark = pytest.mark.slow
@@ -99,8 +109,170 @@ def test_sigterm_mid_epoch_then_rerun_matches_an_uninterrupted_run(synthetic_cor
     assert len(runs) == 2, runs
     histories = [run_history(run) for run in runs]
     assert len({run_id for run_id, _ in histories}) == 1
-    logged = {row["train/step"] for _, rows in histories for row in rows if "train/loss" in row}
-    assert logged == set(range(5, total_steps + 1, 5)), sorted(logged)
+    logged = {row["train/step"]: row["train/loss"] for _, rows in histories for row in rows if "train/loss" in row}
+    assert set(logged) == set(range(5, total_steps + 1, 5)), sorted(logged)
+    # ... with the same values: the log window the stop cut through was carried over.
+    (reference_run,) = sorted((tmp_path / "reference" / "wandb").glob("offline-run-*"))
+    expected = {row["train/step"]: row["train/loss"] for row in run_history(reference_run)[1] if "train/loss" in row}
+    assert logged == expected
     validation_steps = {row["train/step"] for _, rows in histories for row in rows if "validation/ua" in row}
     assert metrics["best_step"] in validation_steps
     assert any("test/ua" in row for _, rows in histories for row in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume at every kind of step: accumulation 2, 2 data workers, evaluation every 3 steps,
+# early stopping active. A stop request arrives exactly at a chosen step (the probe), the same
+# command is run again, and everything must equal the uninterrupted run.
+
+BUSY = (
+    "train.max_epochs=3",
+    "train.gradient_accumulation_steps=2",
+    "data.num_workers=2",
+    "train.eval_every_steps=3",
+    "train.early_stopping_patience=5",
+    "train.checkpoint_every_steps=0",
+    "train.keep_last_checkpoints=1",
+    "logging.log_every_steps=4",  # the stops below fall inside a log window: it must survive them
+    "logging.report_to=[wandb]",
+)
+TIMING_KEYS = ("train/utterances_per_second", "train/audio_seconds_per_second")
+
+
+def _history(out) -> dict[tuple[int, str], object]:
+    """{(train/step, key): value} over every offline W&B run of `out`, timing figures left out."""
+    merged: dict[tuple[int, str], object] = {}
+    for run in sorted((out / "wandb").glob("offline-run-*")):
+        for row in run_history(run)[1]:
+            for key, value in row.items():
+                if key in TIMING_KEYS or key == "train/step" or key.startswith("_"):
+                    continue
+                if "/confusion/" in key:  # a table: its file names and ids are the process's own
+                    key, value = key.split("/confusion/")[0] + "/confusion", "table"
+                assert (row["train/step"], key) not in merged or merged[(row["train/step"], key)] == value
+                merged[(row["train/step"], key)] = value
+    return merged
+
+
+def _trained(probe_dir) -> list[tuple[int, int, tuple[str, ...]]]:
+    (records,) = read_probe(probe_dir).values()  # one process
+    return [(r["epoch"], r["position"], tuple(r["ids"])) for r in records]
+
+
+@pytest.fixture(scope="module")
+def busy_reference(synthetic_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("busy")
+    out = root / "reference"
+    proc = run_probe(tiny_overrides(synthetic_corpus, out, *BUSY), EMOTRAIN_PROBE_DIR=str(root / "probe"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps_in_epoch0 = int(re.search(r"optimizer steps \((\d+) in this epoch", proc.stderr).group(1))
+    return out, root / "probe", proc.stderr, steps_in_epoch0
+
+
+def test_busy_reference_run_accumulates_evaluates_once_per_step_and_stops_early_by_its_rule(busy_reference,
+                                                                                          fold1_sizes):
+    out, probe, log, steps_in_epoch0 = busy_reference
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = _trained(probe)
+    # Accumulation 2: two micro-batches per step, the epoch an exact number of steps.
+    epoch0 = [t for t in trained if t[0] == 0]
+    assert len(epoch0) == 2 * steps_in_epoch0 and steps_in_epoch0 >= 9
+    # Each utterance once per epoch (the plan evens ranks out; nothing is dropped at the epoch end).
+    for epoch in {t[0] for t in trained}:
+        ids = [i for t in trained if t[0] == epoch for i in t[2]]
+        if epoch < max(t[0] for t in trained) or metrics["stop_reason"] == "max_epochs":
+            assert len(ids) == len(set(ids)) == fold1_sizes["num_train"]
+    # Validation every 3 steps and at every epoch end, each step at most once.
+    steps = [s for s, _ in validations(log)]
+    assert len(steps) == len(set(steps)), steps
+    assert {3, 6, steps_in_epoch0} <= set(steps)
+    # Early stopping by its rule, replayed from the full-precision validation UAs in W&B.
+    history = _history(out)
+    uas = sorted((s, v) for (s, k), v in history.items() if k == "validation/ua")
+    best, waited, expected = -1.0, 0, ("max_epochs", max(s for s, _ in uas))
+    for step, ua in uas:
+        if ua > best:
+            best, waited = ua, 0
+        else:
+            waited += 1
+        if waited >= 5:
+            expected = ("early_stopping", step)
+            break
+    assert (metrics["stop_reason"], metrics["steps"]) == expected, (metrics["stop_reason"], metrics["steps"], uas)
+    top = max(ua for _, ua in uas)
+    assert metrics["best_step"] == min(s for s, ua in uas if ua == top)  # the first to reach the best UA
+    assert metrics["steps"] > steps_in_epoch0 + 1, "the stops below must happen before training ends"
+
+
+@pytest.mark.parametrize("where", ["evaluation step", "epoch end"])
+def test_stop_at_an_evaluation_step_or_an_epoch_end_then_rerun_equals_the_uninterrupted_run(
+    synthetic_corpus, tmp_path, busy_reference, where
+):
+    ref_out, ref_probe, ref_log, steps_in_epoch0 = busy_reference
+    stop_at = 6 if where == "evaluation step" else steps_in_epoch0
+    assert stop_at != steps_in_epoch0 or where == "epoch end"
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    overrides = tiny_overrides(synthetic_corpus, out, *BUSY)
+
+    first = run_probe(overrides, EMOTRAIN_PROBE_DIR=str(probe), EMOTRAIN_PROBE_STOP_AT_STEP=str(stop_at))
+    assert first.returncode == EXIT_PREEMPTED, first.stderr[-4000:]
+    assert f"saving step {stop_at} and exiting with 75 (its validation runs first on resume)" in first.stderr
+    assert stop_at not in [s for s, _ in validations(first.stderr)]  # saved before validating
+    saved = json.loads((out / "checkpoints" / f"step-{stop_at:06d}" / "loop_state.json").read_text())
+    assert saved["pending_evaluation"] is True and saved["epoch"] == (1 if where == "epoch end" else 0)
+
+    rerun = run_probe(overrides, EMOTRAIN_PROBE_DIR=str(probe))
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert [s for s, _ in validations(rerun.stderr)][0] == stop_at  # the deferred validation, first
+
+    # Everything equals the uninterrupted run: metrics (best step included), weights, W&B history,
+    # and the exact batches trained, each once.
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((ref_out / "metrics.json").read_text())
+    expected, got = _weights(ref_out / "best"), _weights(out / "best")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert _history(out) == _history(ref_out)
+    assert _trained(probe) == _trained(ref_probe)
+    assert validations(first.stderr + rerun.stderr) == validations(ref_log)
+
+
+def test_max_steps_with_class_weights_and_label_smoothing(synthetic_corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = run_probe(tiny_overrides(synthetic_corpus, out, "train.max_steps=5", "train.max_epochs=3",
+                                    "train.class_weights=balanced", "train.label_smoothing=0.1",
+                                    "train.checkpoint_every_steps=0", "logging.log_every_steps=1"),
+                     EMOTRAIN_PROBE_DIR=str(tmp_path / "probe"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # The loss got the balanced weights of the training split's classes, and the smoothing.
+    counts = json.loads(re.search(r"INFO fold \d+: (\{.*\})", proc.stderr).group(1))["train_label_counts"]
+    n = sum(counts.values())
+    expected = [n / (len(counts) * c) for c in counts.values()]
+    (rows,) = read_probe_losses(tmp_path / "probe").values()
+    assert len(rows) == 5  # one micro-batch per step
+    for row in rows:
+        assert row["label_smoothing"] == 0.1
+        assert row["class_weights"] == pytest.approx(expected, rel=1e-6), (row["class_weights"], counts)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["stop_reason"], metrics["steps"], metrics["best_step"]) == ("max_steps", 5, 5)
+    assert validations(proc.stderr) and [s for s, _ in validations(proc.stderr)] == [5]
+    assert [s for s, _ in complete_checkpoints(out / "checkpoints")] == [5]
+    assert "5 optimizer steps" in proc.stderr
+
+
+def test_an_epoch_end_on_an_evaluation_step_is_evaluated_once(synthetic_corpus, tmp_path):
+    """eval_every_steps = the epoch's step count: its end is an evaluation step. One validation there
+    (a second one, of the same weights, would burn early-stopping patience: patience 1 would stop)."""
+    from emotrain.config import load_config
+    from emotrain.data.folds import split_from_config
+    from emotrain.data.plan import StreamSettings, plan_epoch
+
+    overrides = tiny_overrides(synthetic_corpus, tmp_path / "run", "train.max_epochs=1",
+                               "train.early_stopping_patience=1", "train.checkpoint_every_steps=0")
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    settings = StreamSettings.from_config(cfg.data, cfg.train.batch_size, cfg.train.seed)
+    (plan,) = plan_epoch(split_from_config(cfg.data, seed=cfg.train.seed), settings, 1, 0, 0)
+    steps = len(plan)
+    proc = run_probe([*overrides, f"train.eval_every_steps={steps}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [s for s, _ in validations(proc.stderr)] == [steps]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["stop_reason"], metrics["steps"], metrics["best_step"]) == ("max_epochs", steps, steps)

@@ -4,21 +4,40 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import run_train, subprocess_env, tiny_overrides
+from tests.integration.conftest import REPO, read_probe, run_probe, run_train, subprocess_env, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
-def test_diverging_run_stops_with_a_clear_message(synthetic_corpus, tmp_path):
+def test_diverging_run_stops_with_a_clear_message_and_never_applies_a_bad_step(synthetic_corpus, tmp_path):
     # An absurd learning rate: after the first update every loss is NaN; each such step is skipped
-    # (never applied) and counted, and the run stops after 3 in a row instead of training on NaN.
-    proc = run_train(tiny_overrides(synthetic_corpus, tmp_path / "run", "train.lr=1e30", "train.head_lr=1e30",
+    # and counted, and the run stops after 3 in a row instead of training on NaN.
+    proc = run_probe(tiny_overrides(synthetic_corpus, tmp_path / "run", "train.lr=1e30", "train.head_lr=1e30",
                                     "train.warmup_ratio=0", "train.max_consecutive_nonfinite=3",
-                                    "train.max_epochs=1"))
+                                    "train.max_epochs=1"), EMOTRAIN_PROBE_DIR=str(tmp_path / "probe"))
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "3 non-finite losses in a row" in proc.stderr
-    assert proc.stderr.count("non-finite loss, step skipped") == 3
+    assert "3 steps in a row with non-finite gradients at step 4" in proc.stderr
+    assert proc.stderr.count("step skipped") == 3
     assert "Traceback" not in proc.stderr
+    # Never applied: the weights at the start of steps 2, 3 and 4 (and after them) are the ones step 1 left.
+    (records,) = read_probe(tmp_path / "probe").values()
+    sums = [r["param_sum"] for r in records]
+    assert len(sums) == 4 and sums[0] != sums[1], sums
+    assert sums[1] == sums[2] == sums[3], sums
+
+
+def test_a_run_folder_with_another_config_is_refused(synthetic_corpus, tmp_path):
+    from emotrain.config import load_config, save_config
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(synthetic_corpus, out)
+    save_config(load_config(REPO / "configs" / "smoke.yaml", overrides), out / "config.yaml")  # an earlier run,
+    (out / "metrics.json").write_text("{}")  # ... which got as far as results
+    proc = run_train([*overrides, "train.lr=1e-4", "logging.log_every_steps=3"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "output_dir: " in proc.stderr and "train.lr: 0.002 there, 0.0001 now" in proc.stderr
+    assert "logging.log_every_steps" not in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.json"]  # nothing written
 
 
 def test_secrets_stay_out_of_outputs_and_tensorboard_logs(synthetic_corpus, tmp_path):

@@ -3,7 +3,7 @@ training, preemption by Slurm's warning signal with a requeue of the same job th
 `scancel` ending a job for good, and a cross-validation array task training its fold.
 
 The jobs train the tiny setup of `tiny_overrides` for EPOCHS epochs on the synthetic corpus, one
-process per node (2 nodes: 13 optimizer steps per epoch), through the script as a user submits it,
+process per node (2 nodes: about 13 optimizer steps per epoch), through the script as a user submits it,
 with only what a CPU-only cluster must change: `--gpus-per-node=0 --cpus-per-task=2` on the command
 line, LAUNCH_CONFIG=launch/cpu_ddp.yaml, PROCESSES_PER_NODE=1 and ACCELERATE_USE_CPU=true exported.
 Each run takes 10-30 s; the cluster starts in ~3 s; a requeued job starts again ~10 s after its requeue
@@ -33,8 +33,6 @@ from tests.slurm.conftest import (
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
 EPOCHS = 2
-STEPS_PER_EPOCH = 13  # 2 ranks (one per node), as in tests/integration/test_train_distributed.py
-TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 JOB_TIMEOUT = 420  # one run: 15-30 s normally; generous for busy cores
 COMMON = (f"train.max_epochs={EPOCHS}", "train.early_stopping_patience=0", "logging.log_every_steps=1")
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -55,6 +53,13 @@ def _submit(cluster: SlurmCluster, corpus: Path, out: Path, *, nodes: int) -> tu
         "slurm/train.sbatch", "configs/smoke.yaml", *tiny_overrides(corpus, out, *COMMON), env=env,
     )
     return job_id, output
+
+
+def _steps(log: str) -> tuple[int, int]:
+    """(optimizer steps of the whole run, of its first epoch) as the run logs them at its start."""
+    match = re.search(r"INFO (\d+) optimizer steps \((\d+) in this epoch", log)
+    assert match, "no step count in the log"
+    return int(match.group(1)), int(match.group(2))
 
 
 def _state(record: str) -> str:
@@ -117,10 +122,11 @@ def test_two_node_ddp_job(slurm_cluster, two_node_run):
     log = (out / "train.log").read_text()
     # One accelerate launch per node made one 2-process DDP world (a silent 1-process run fails here).
     assert "INFO 2 process(es), DistributedType.MULTI_CPU," in log, why
-    assert f"training stopped: max_epochs after {TOTAL_STEPS} steps" in log, why
+    total, _ = _steps(log)
+    assert f"training stopped: max_epochs after {total} steps" in log, why
     assert "terminate called" not in output.read_text(errors="replace"), why
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == TOTAL_STEPS and metrics["stop_reason"] == "max_epochs", metrics
+    assert metrics["steps"] == total and metrics["stop_reason"] == "max_epochs", metrics
     # Both nodes ran a task of the job's step (one accelerate launch each), and every rank saved its stream.
     for node in ("n1", "n2"):
         slurmd_log = (slurm_cluster.logs / f"slurmd-{node}.log").read_text(errors="replace")
@@ -134,10 +140,13 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, synthetic_
     """Slurm's warning signal (`--signal=B:USR1@300`, sent here with scancel) → the run saves and exits →
     the script requeues the same job → it resumes from that checkpoint and ends like an uninterrupted run."""
     out = tmp_path / "run"
+    reference_out = two_node_run[2]
+    assert (reference_out / "metrics.json").exists(), "the reference job failed: see test_two_node_ddp_job"
+    total, steps_epoch0 = _steps((reference_out / "train.log").read_text())
     started = time.monotonic()
     job_id, output = _submit(slurm_cluster, synthetic_corpus, out, nodes=2)
     files = (output, out / "train.log")
-    stop_after = STEPS_PER_EPOCH + 2  # inside the second epoch: the data stream resumes mid-epoch
+    stop_after = steps_epoch0 + 2  # inside the second epoch: the data stream resumes mid-epoch
     _wait_for_step(slurm_cluster, job_id, out, output, stop_after)
     # What Slurm does 300 s before the time limit: USR1 to the batch shell only (not to the job steps).
     slurm_cluster.command("scancel", "--signal=USR1", "--batch", str(job_id))
@@ -156,19 +165,17 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, synthetic_
     stop = re.search(rf"stop requested \(flag file {re.escape(str(flag))}\): saving step (\d+) and exiting with 75", text)
     assert stop, why
     step = int(stop.group(1))
-    assert stop_after <= step < TOTAL_STEPS and step % STEPS_PER_EPOCH != 0, (step, why)
+    assert stop_after <= step < total, (step, why)
     requeue = text.find(f"requeueing job {job_id}")
     resumed = text.find(f"resumed from {out / 'checkpoints' / f'step-{step:06d}'} (epoch 1, step {step})")
     assert stop.start() < requeue < resumed, f"stop at {stop.start()}, requeue at {requeue}, resume at {resumed}\n{why}"
     assert text.count("requeueing job") == 1, why
     log = (out / "train.log").read_text()
     assert log.count("INFO 2 process(es), DistributedType.MULTI_CPU,") == 2, why  # both attempts: 2 ranks
-    assert f"training stopped: max_epochs after {TOTAL_STEPS} steps" in log, why
+    assert f"training stopped: max_epochs after {total} steps" in log, why
     assert not flag.exists(), f"{flag} left behind"
 
     # Exactly the uninterrupted run's result.
-    reference_out = two_node_run[2]
-    assert (reference_out / "metrics.json").exists(), "the reference job failed: see test_two_node_ddp_job"
     reference = json.loads((reference_out / "metrics.json").read_text())
     assert json.loads((out / "metrics.json").read_text()) == reference
     expected, got = _weights(reference_out / "best"), _weights(out / "best")
@@ -207,7 +214,7 @@ def test_cv_array_task_trains_its_fold(slurm_cluster, synthetic_corpus, tmp_path
     env = job_environment(slurm_cluster, LAUNCH_CONFIG="launch/cpu_ddp.yaml", PROCESSES_PER_NODE="1")
     job_id = slurm_cluster.sbatch(
         "--array=2", f"--cpus-per-task={CPUS_PER_NODE}", "--gpus-per-node=0", f"--output={tmp_path}/cv-%A_%a.out",
-        # output_dir after cv.sbatch's own runs/<config>/fold<k>: the later override wins
+        # output_dir given explicitly (cv.sbatch leaves the default runs/<experiment>/fold<k>)
         "slurm/cv.sbatch", "configs/smoke.yaml", *tiny_overrides(synthetic_corpus, out, "train.max_epochs=1"),
         env=env,
     )
