@@ -23,9 +23,22 @@ Every `end - start` equals the wav's duration exactly (sample counts are multipl
 0.1 ms tick, so the 4-decimal times are exact).
 
 What makes it learnable, and only jointly:
-- arousal lives ONLY in the audio: high-arousal classes (angry, happy/excited) are louder, higher
-  and more variable in pitch, faster and brighter; neutral and sad are quieter, lower, flatter and
-  slower. Angry and happy audio are drawn from the same distribution, as are neutral and sad.
+- arousal lives ONLY in the audio, and there ONLY in the prosody, as in speech: relative to the
+  speaker's own calm voice, high-arousal classes (angry, happy/excited) are higher in pitch (about
+  8 semitones; female voices sit about 11 above male ones, so a high-arousal man is often lower
+  than a calm woman), with wider pitch accents and glides, faster (about 5 vs 3.2 syllables/s),
+  with fewer and shorter silences between syllables and phrases, more uneven syllable loudness
+  and sharper attacks; neutral and sad are lower, flatter, slower and more broken up. Every cue
+  varies from utterance to utterance and shows in only a few syllables, so each alone overlaps
+  between the classes (pitch the least, once the speaker's own level is known). Angry and happy
+  audio are drawn from the same distribution, as are neutral and sad.
+- the carrier is speech-like and its spectrum is NOT a cue: syllables are glottal pulse trains
+  through a formant-filtered vocal tract with a random vowel each (often after a noise
+  consonant), the vocal tract length and voice brightness vary by speaker, and the background
+  level varies by utterance, all independently of the class. Loudness, brightness (a global
+  spectral tilt) and signal-to-noise ratio do not differ between arousal levels; a random, frozen
+  convolutional front end sees the syllable/pause rhythm but hardly the pitch, which it has to
+  learn.
 - valence lives ONLY in the words: happy and neutral draw from the same pleasant word lists, angry
   and sad from the same unpleasant ones; templates, punctuation, fillers and markers are shared.
 - durations follow IEMOCAP's skewed (lognormal) shape and are the same for every class.
@@ -218,82 +231,231 @@ def _sentence(rng: np.random.Generator, valence: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Audio: arousal only
+# Audio: arousal only, and only in the prosody
 # ---------------------------------------------------------------------------------------------
+
+# Vowel formants F1-F3 (Hz) of an adult male voice (Hillenbrand et al. 1995, rounded); a
+# speaker's vocal tract scales them. Every syllable draws its vowel, whatever the class.
+_VOWELS = np.array(
+    [
+        (342, 2322, 3000), (427, 2034, 2684), (476, 2089, 2691), (580, 1799, 2605),
+        (588, 1952, 2601), (768, 1333, 2522), (652, 997, 2538), (497, 910, 2459),
+        (469, 1122, 2434), (378, 997, 2343), (623, 1200, 2550), (474, 1379, 1710),
+    ],
+    dtype=float,
+)  # fmt: skip
+_F4 = 3500.0
+_BANDWIDTHS = (80.0, 100.0, 150.0, 220.0)
+_N_FFT = 1024
+"""Length of a vocal-tract impulse response (64 ms: the narrowest resonance has decayed by then)."""
+# Onset/coda consonants: (kind, centre Hz, bandwidth Hz). Noise bands like s, sh, f, h, and a burst.
+_CONSONANTS = (
+    ("fric", 6000.0, 3000.0), ("fric", 3200.0, 1400.0), ("fric", 4500.0, 7000.0),
+    ("aspir", 0.0, 0.0), ("burst", 2500.0, 4000.0), ("burst", 1500.0, 2500.0),
+)  # fmt: skip
+_ONSET_PROB = 0.6
+"""Share of syllables that start with a noise consonant (a coda takes some of the others)."""
+_CODA_PROB = 0.15
+_SNR_DB = (28.0, 40.0)
+"""Speech-to-background level (dB), the same range for every class."""
+_LEAD_S = (0.02, 0.08)
+"""Silence before the first and after the last syllable (seconds)."""
 
 
 @dataclass(frozen=True)
 class _Voice:
-    """A speaker's traits: base pitch per arousal level, loudness and tempo factors."""
+    """A speaker's traits, none of which depends on arousal: the pitch (Hz) the speaker's calm speech
+    sits at, vocal-tract length (a formant scale), tempo, glottal brightness and breathiness.
+    Female voices sit ~11 semitones above male ones, more than arousal moves a voice (~8)."""
 
-    f0: tuple[float, float]
-    gain: float
+    f0: float
+    formant_scale: float
     rate: float
+    brightness: float
+    breathiness: float
+
+
+_VOICE_F0 = {"F": 210.0, "M": 112.0}
+"""Median calm pitch (Hz) of female and male speakers; each speaker varies around it."""
+_VOICE_FORMANT_SCALE = {"F": 1.16, "M": 1.0}
 
 
 def _voice(seed: int, session: int, gender: str) -> _Voice:
     rng = np.random.default_rng([seed, session, 0 if gender == "F" else 1, 7919])
-    low, high = (150.0, 280.0) if gender == "F" else (108.0, 225.0)
-    k = float(np.exp(rng.normal(0.0, 0.07)))
     return _Voice(
-        f0=(low * k, high * k),
-        gain=float(np.exp(rng.normal(0.0, 0.15))),
+        f0=_VOICE_F0[gender] * float(np.exp(rng.normal(0.0, 0.08))),
+        formant_scale=_VOICE_FORMANT_SCALE[gender] * float(np.exp(rng.normal(0.0, 0.04))),
         rate=float(np.exp(rng.normal(0.0, 0.08))),
+        brightness=float(rng.uniform(0.0, 1.0)),
+        breathiness=float(rng.uniform(0.02, 0.12)),
     )
 
 
-_N_HARMONICS = 6
+@dataclass(frozen=True)
+class _Prosody:
+    """How a voice is used in one utterance: the only place arousal enters the audio.
+
+    pitch_key: semitones above the speaker's calm pitch; pitch_range: size of pitch accents and
+    glides (semitones); rate: syllables per second; gap: share of each syllable's slot left
+    silent before the next; pause_prob / pause_s: phrase breaks after a syllable (probability,
+    seconds); prominence: spread of syllable loudness (dB); attack_s: how fast a syllable reaches
+    its peak. (The tiny Wav2Vec2 layer-normalises every 20 ms frame, which leaves it little of the
+    loudness cues; they are there for real encoders.)
+    """
+
+    pitch_key: float
+    pitch_range: float
+    rate: float
+    gap: float
+    pause_prob: float
+    pause_s: float
+    prominence: float
+    attack_s: float
+
+
+# Per arousal level: (class median, utterance-to-utterance spread) of each prosodic trait; spreads
+# are standard deviations (semitones for pitch_key, of the log elsewhere).
+_AROUSAL_PROSODY = {
+    0: {"pitch_key": (0.0, 1.0), "pitch_range": (1.2, 0.3), "rate": (3.2, 0.08), "gap": (0.36, 0.12),
+        "pause_prob": (0.18, 0.4), "pause_s": (0.3, 0.3), "prominence": (2.5, 0.3), "attack_s": (0.04, 0.4)},
+    1: {"pitch_key": (8.0, 1.0), "pitch_range": (3.0, 0.3), "rate": (5.0, 0.08), "gap": (0.04, 0.12),
+        "pause_prob": (0.03, 0.4), "pause_s": (0.18, 0.3), "prominence": (5.0, 0.3), "attack_s": (0.012, 0.4)},
+}  # fmt: skip
+
+
+def _prosody(rng: np.random.Generator, arousal: int, voice: _Voice) -> _Prosody:
+    """One utterance's prosody: each trait drawn around its class median (a speaker's tempo scales
+    the rate). What a listener gets is a few syllables' worth of each, which is where the overlap
+    between the classes comes from."""
+    traits = {}
+    for name, (median, spread) in _AROUSAL_PROSODY[arousal].items():
+        z = float(rng.normal(0.0, spread))
+        traits[name] = median + z if name == "pitch_key" else median * math.exp(z)
+    traits["rate"] *= voice.rate
+    return _Prosody(**traits)
+
+
+def _band(freqs: np.ndarray, centre: float, width: float) -> np.ndarray:
+    return np.exp(-0.5 * ((freqs - centre) / (0.5 * width)) ** 2)
+
+
+def _vocal_tract(formants: np.ndarray, sr: int, brightness: float) -> np.ndarray:
+    """Impulse response of an all-pole formant cascade times a glottal spectral tilt (causal)."""
+    freqs = np.fft.rfftfreq(_N_FFT, 1.0 / sr)
+    z1 = np.exp(-2j * np.pi * freqs / sr)
+    h = np.ones_like(z1)
+    for f, bw in zip(formants, _BANDWIDTHS):
+        if f >= 0.45 * sr:
+            continue
+        r = math.exp(-math.pi * bw / sr)
+        c = 2.0 * r * math.cos(2.0 * math.pi * f / sr)
+        h /= (1.0 - c * z1 + r * r * z1 * z1) / (1.0 - c + r * r)  # unit gain at 0 Hz
+    corner = 300.0 + 900.0 * brightness  # glottal roll-off: -12 dB/octave above the corner
+    h /= 1.0 + (freqs / corner) ** 2
+    h *= np.minimum(freqs / 150.0, 1.0)  # radiation: no DC
+    ir = np.fft.irfft(h, _N_FFT)
+    return ir / (np.abs(ir).max() + 1e-12)
+
+
+def _convolve(x: np.ndarray, ir: np.ndarray) -> np.ndarray:
+    m = len(x) + len(ir) - 1
+    size = 1 << (m - 1).bit_length()
+    return np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(ir, size), size)[:m]
+
+
+def _consonant(rng: np.random.Generator, m: int, sr: int, ir: np.ndarray) -> np.ndarray:
+    """`m` samples of a noise consonant: a fricative band, aspiration (noise through the next
+    vowel's tract) or a plosive burst. Drawn the same way for every class."""
+    kind, centre, width = _CONSONANTS[int(rng.integers(len(_CONSONANTS)))]
+    noise = rng.standard_normal(m)
+    if kind == "aspir":
+        out = _convolve(noise, ir)[:m]
+        out *= 0.5 / (np.abs(out).max() + 1e-12)
+    else:
+        size = 1 << (m - 1).bit_length()
+        spec = np.fft.rfft(noise, size)
+        spec *= _band(np.fft.rfftfreq(size, 1.0 / sr), centre * float(np.exp(rng.normal(0.0, 0.1))), width)
+        out = np.fft.irfft(spec, size)[:m]
+        out *= float(rng.uniform(0.25, 0.6)) / (np.abs(out).max() + 1e-12)
+    t = np.arange(m) / m
+    if kind == "burst":
+        shape = np.exp(-t * 6.0)
+        shape[: max(1, m // 20)] *= np.linspace(0.0, 1.0, max(1, m // 20))
+    else:
+        shape = np.sin(np.pi * t) ** 0.7
+    return out * shape
 
 
 def _synth_audio(rng: np.random.Generator, n: int, sr: int, arousal: int, voice: _Voice) -> np.ndarray:
-    """`n` samples of voiced, speech-like sound: syllables (harmonic tones with a pitch contour and
-    an envelope) separated by pauses, over background noise. Depends on arousal, never valence."""
-    hi = arousal == 1
-    f0_center = voice.f0[arousal] * float(np.exp(rng.normal(0.0, 0.09)))
-    depth = (0.15 if hi else 0.05) * float(np.exp(rng.normal(0.0, 0.25)))
-    rate = (5.0 if hi else 3.3) * voice.rate * float(np.exp(rng.normal(0.0, 0.12)))
-    amp = (0.24 if hi else 0.09) * voice.gain * float(np.exp(rng.normal(0.0, 0.25)))
-    tilt = (1.0 if hi else 1.7) + rng.normal(0.0, 0.15)
-
-    f0 = f0_center * np.linspace(1.05, 0.95, n)  # declination over the utterance
-    env = np.zeros(n)
-    lead = min(int(rng.uniform(0.02, 0.12) * sr), n // 6)
-    tail = min(int(rng.uniform(0.02, 0.10) * sr), n // 6)
-    pos, end = lead, n - tail
-    min_len = int(0.04 * sr)
-    while True:
-        syl = int(sr / rate * rng.uniform(0.55, 0.85))
-        stop = min(pos + syl, end)
-        if stop - pos < min_len and pos != lead:
-            break
-        m = max(stop - pos, 2)
-        stop = pos + m
-        # raised-cosine attack (~20%) and release (~35%), flat in between
-        shape = np.ones(m)
-        a, r = max(int(0.2 * m), 1), max(int(0.35 * m), 1)
-        shape[:a] = 0.5 - 0.5 * np.cos(np.pi * np.arange(a) / a)
-        shape[m - r :] = 0.5 + 0.5 * np.cos(np.pi * np.arange(r) / r)
-        env[pos:stop] = shape * rng.uniform(0.6, 1.0)
-        offset = float(np.clip(rng.normal(0.0, 1.0), -2.5, 2.5)) * depth
-        slope = float(rng.normal(0.0, 1.0)) * depth
-        f0[pos:stop] *= 1.0 + offset + slope * np.linspace(-0.5, 0.5, m)
-        gap = sr / rate * rng.uniform(0.15, 0.45)
-        if rng.random() < 0.1:
-            gap += rng.uniform(0.15, 0.4) * sr  # phrase break
-        pos = stop + int(gap)
-        if pos >= end - min_len:
-            break
-    f0 = np.clip(f0, 60.0, 480.0)
-    phase = 2.0 * np.pi * np.cumsum(f0) / sr
-    harmonics = np.arange(1, _N_HARMONICS + 1) ** -tilt
-    harmonics /= harmonics.sum()
-    phis = rng.uniform(0.0, 2.0 * np.pi, _N_HARMONICS)
-    voiced = np.zeros(n)
-    for h in range(_N_HARMONICS):
-        voiced += harmonics[h] * np.sin((h + 1) * phase + phis[h])
-    noise_level = float(np.exp(rng.uniform(np.log(0.002), np.log(0.012))))
-    x = amp * env * voiced + noise_level * rng.standard_normal(n)
-    return np.clip(x, -1.0, 1.0)
+    """`n` samples of speech-like sound from the voice: syllables (glottal pulses through a
+    formant-filtered vocal tract, a random vowel each, often after a noise consonant) separated by
+    short gaps and phrase pauses, over faint background noise. Arousal sets the prosody only (pitch
+    key and range, rate, pauses, loudness spread, attacks); the spectrum's shape comes from the
+    speaker, the vowels and consonants. Depends on arousal, never valence."""
+    rng = np.random.default_rng(int(rng.integers(2**63)))  # one draw of the caller's stream
+    p = _prosody(rng, arousal, voice)
+    x = np.zeros(n)
+    lead = min(int(rng.uniform(*_LEAD_S) * sr), n // 6)
+    end = n - min(int(rng.uniform(*_LEAD_S) * sr), n // 6)
+    syllable = sr / p.rate
+    min_len = int(0.06 * sr)
+    pos = lead
+    t_total = max(end - lead, 1)
+    while pos < end - min_len:
+        stressed = rng.random() < 0.35
+        slot = int(syllable * float(np.exp(rng.normal(0.0, 0.25))) * (1.3 if stressed else 1.0))
+        if end - pos - slot < min_len:  # the last syllable takes what is left: no silent tail
+            slot = end - pos
+        vowel = _VOWELS[int(rng.integers(len(_VOWELS)))] * voice.formant_scale
+        formants = np.append(vowel * np.exp(rng.normal(0.0, 0.05, 3)), _F4 * voice.formant_scale)
+        ir = _vocal_tract(formants, sr, voice.brightness)
+        cons = int(slot * rng.uniform(0.15, 0.35)) if rng.random() < _ONSET_PROB else 0
+        gap = int(slot * min(0.6, p.gap * float(np.exp(rng.normal(0.0, 0.3)))))
+        m = slot - cons - gap
+        if cons:
+            x[pos : pos + cons] += _consonant(rng, cons, sr, ir)
+        start = pos + cons
+        # pitch (semitones over the speaker's calm pitch): key, declination, accent, glide
+        here = (start - lead) / t_total
+        accent = abs(rng.normal(0.0, 1.0)) * p.pitch_range * (1.0 if stressed else 0.3)
+        glide = rng.normal(0.0, 0.6) * p.pitch_range
+        st = p.pitch_key - 2.0 * here + accent + glide * np.linspace(-0.5, 0.5, m)
+        f0 = np.clip(voice.f0 * 2.0 ** (st / 12.0), 60.0, 500.0)
+        f0 *= 1.0 + 0.01 * rng.standard_normal(m).cumsum() / np.sqrt(np.arange(1, m + 1))  # jitter
+        # glottal pulses where the phase wraps, plus aspiration noise
+        phase = np.cumsum(f0) / sr + rng.uniform(0.0, 1.0)
+        source = np.zeros(m)
+        source[1:][np.diff(np.floor(phase)) > 0] = 1.0
+        source += voice.breathiness * 0.3 * rng.standard_normal(m)
+        # loudness: stress and a random prominence (dB); raised-cosine attack, decaying release
+        gain_db = (4.0 if stressed else 0.0) + rng.normal(0.0, 1.0) * p.prominence
+        env = np.ones(m) * 10.0 ** (gain_db / 20.0)
+        a = max(2, min(int(p.attack_s * sr), int(0.45 * m)))
+        r = max(2, int(0.35 * m))
+        env[:a] *= 0.5 - 0.5 * np.cos(np.pi * np.arange(a) / a)
+        env[m - r :] *= 0.5 + 0.5 * np.cos(np.pi * np.arange(r) / r)
+        env *= np.linspace(1.0, 0.7, m)
+        voiced = _convolve(source * env, ir)[: end - start]
+        x[start : start + len(voiced)] += voiced
+        if rng.random() < _CODA_PROB and cons == 0 and gap > 16:  # a coda consonant in the gap
+            x[start + m : start + m + gap] += 0.5 * _consonant(rng, gap, sr, ir)
+        pos += slot
+        if rng.random() < p.pause_prob:  # a phrase break, unless too near the end to speak again
+            pause = int(p.pause_s * float(np.exp(rng.normal(0.0, 0.3))) * sr)
+            if pos + pause < end - 2 * min_len:
+                pos += pause
+    speech = x[np.abs(x) > 0]
+    rms = float(np.sqrt(np.mean(speech**2))) if speech.size else 1.0
+    level = float(np.exp(rng.uniform(np.log(0.05), np.log(0.12))))
+    x *= level / (rms + 1e-12)
+    # background: brownish noise at a random level below the speech (independent of the class)
+    size = 1 << (n - 1).bit_length()  # a power of two: FFTs of arbitrary lengths can be slow
+    spec = np.fft.rfft(rng.standard_normal(size))
+    spec /= np.maximum(np.fft.rfftfreq(size, 1.0 / sr), 50.0) ** 0.5
+    noise = np.fft.irfft(spec, size)[:n]
+    snr_db = float(rng.uniform(*_SNR_DB))
+    noise *= level * 10.0 ** (-snr_db / 20.0) / (noise.std() + 1e-12)
+    return np.clip(x + noise, -1.0, 1.0)
 
 
 def _to_pcm16(x: np.ndarray) -> np.ndarray:
