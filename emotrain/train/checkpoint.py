@@ -22,6 +22,10 @@ higher sequences, so:
     never the abandoned one;
   - `rotate` keeps the `keep_last` most recently *written* checkpoints (so never the one just
     written) and the best step(s), and deletes the rest, the abandoned branch included.
+Until the new branch has saved once, its sequence numbers cannot say which branch is current: so
+choosing `resume=never` or an explicit older checkpoint marks every checkpoint written after it
+`ABANDONED` at once (`abandon_after`), and neither `resume=auto` nor `rotate`'s recency count
+them; `rotate` deletes them.
 
 Replacing a step that exists already (a rerun that saves the same step) is journaled, so a crash
 never loses that step: rename the old folder aside to `.replaced-step-NNNNNN`, rename the partial
@@ -49,6 +53,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 COMPLETE = "COMPLETE"
+ABANDONED = "ABANDONED"
+"""In a checkpoint of a branch given up (a run restarted from an older checkpoint, or afresh)."""
 LOOP_STATE = "loop_state.json"
 CONFIG = "config.yaml"
 _PARTIAL_PREFIX = ".partial-"
@@ -256,14 +262,52 @@ def saved_checkpoints(checkpoints_dir: str | Path) -> list[Saved]:
     return sorted(found)
 
 
+def is_abandoned(folder: str | Path) -> bool:
+    return (Path(folder) / ABANDONED).is_file()
+
+
+def current_checkpoints(checkpoints_dir: str | Path) -> list[Saved]:
+    """The complete checkpoints of the current branch (not abandoned), in the order written."""
+    return [saved for saved in saved_checkpoints(checkpoints_dir) if not is_abandoned(saved.folder)]
+
+
+def abandon_after(checkpoints_dir: str | Path, chosen: str | Path | None, reason: str) -> list[Path]:
+    """Mark `ABANDONED` every current checkpoint written after `chosen` (all of them when `chosen` is
+    None or in another folder): a run that starts over from `chosen` never continues them."""
+    found = current_checkpoints(checkpoints_dir)
+    chosen = Path(chosen).resolve() if chosen is not None else None
+    after = -1
+    for saved in found:
+        if chosen is not None and saved.folder.resolve() == chosen:
+            after = saved.sequence
+    marked = []
+    for saved in found:
+        if saved.sequence > after and (chosen is None or saved.folder.resolve() != chosen):
+            (saved.folder / ABANDONED).write_text(reason + "\n")
+            marked.append(saved.folder)
+    if marked:
+        log.warning("checkpoints %s belong to an abandoned branch (%s): never resumed, deleted at the next save",
+                    ", ".join(f.name for f in marked), reason)
+    return marked
+
+
+def holds_checkpoint_state(checkpoints_dir: str | Path) -> bool:
+    """Whether there is any complete checkpoint here, published or still a partial or aside folder
+    that `recover` would publish."""
+    folder = Path(checkpoints_dir)
+    if not folder.is_dir():
+        return False
+    return any(_ANY_NAME.match(child.name) and _is_complete(child) for child in folder.iterdir())
+
+
 def complete_checkpoints(checkpoints_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint, lowest step first."""
     return sorted((saved.step, saved.folder) for saved in saved_checkpoints(checkpoints_dir))
 
 
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
-    """The checkpoint written last (highest sequence, then step), or None."""
-    found = saved_checkpoints(checkpoints_dir)
+    """The current checkpoint written last (highest sequence, then step), or None."""
+    found = current_checkpoints(checkpoints_dir)
     return found[-1].folder if found else None
 
 
@@ -272,12 +316,14 @@ def resolve_resume(resume: str, checkpoints_dir: str | Path) -> Path | None:
     `recover` first, whatever `resume` says, so the folder is consistent before anything is saved."""
     recover(checkpoints_dir)
     if resume == "never":
+        abandon_after(checkpoints_dir, None, "a run started afresh here (train.resume=never)")
         return None
     if resume == "auto":
         return latest_checkpoint(checkpoints_dir)
     folder = Path(resume)
     if not (folder / COMPLETE).is_file():
         raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint folder (no {COMPLETE} marker)")
+    abandon_after(checkpoints_dir, folder, f"a run restarted from {folder}")
     return folder
 
 
@@ -287,8 +333,9 @@ def rotate(checkpoints_dir: str | Path, keep_last: int, keep_steps: set[int] = f
     best), and incomplete partial folders of crashed saves. Complete partial folders are `recover`'s.
     Main process only. Returns what was removed."""
     found = saved_checkpoints(checkpoints_dir)
-    keep = {saved.folder for saved in found[-max(keep_last, 1):]}
-    keep |= {saved.folder for saved in found if saved.step in keep_steps}
+    current = [saved for saved in found if not is_abandoned(saved.folder)]
+    keep = {saved.folder for saved in current[-max(keep_last, 1):]}
+    keep |= {saved.folder for saved in current if saved.step in keep_steps}
     removed = []
     for saved in found:
         if saved.folder not in keep:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from emotrain.config import Config
+from emotrain.config import Config, ConfigError
 
 
 def fill_deepspeed_auto(ds_config: dict, cfg: Config) -> dict:
@@ -30,6 +30,25 @@ def fill_deepspeed_auto(ds_config: dict, cfg: Config) -> dict:
             section["enabled"] = cfg.train.mixed_precision == precision
     # train_batch_size = micro x accumulation x world: left to Accelerate, which knows the world size.
     return ds_config
+
+
+def check_skips_nonfinite_steps(ds_config: dict) -> None:
+    """Refuse a DeepSpeed config that would apply a step whose gradients are not finite.
+
+    Under DeepSpeed the engine steps inside `backward`, so emotrain cannot hold a bad step back: it
+    relies on the ZeRO optimizer's own check, which skips the step and clears the gradient partitions
+    when the global norm is inf/NaN. That check exists at ZeRO stages 1-3 (fp16 always, fp32 through
+    the norm, bf16 unless `bf16.check_grad_overflow` is false); stage 0 has none.
+    """
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0) or 0)
+    if stage == 0:
+        raise ConfigError("deepspeed_config.zero_optimization.stage", (
+            "is 0: DeepSpeed without ZeRO never skips a step with non-finite gradients, so one NaN would "
+            "reach the weights. Use stage 1, 2 or 3 (launch/zero2.yaml), or DDP (launch/ddp.yaml)"))
+    bf16 = ds_config.get("bf16") or {}
+    if bf16.get("enabled") is True and bf16.get("check_grad_overflow") is False:
+        raise ConfigError("deepspeed_config.bf16.check_grad_overflow", (
+            "is false: DeepSpeed would then apply a bf16 step with non-finite gradients. Remove it (default true)"))
 
 
 @contextmanager

@@ -57,7 +57,12 @@ from emotrain.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from emotrain.train.deepspeed_config import fill_deepspeed_auto, model_construction, zero_stage
+from emotrain.train.deepspeed_config import (
+    check_skips_nonfinite_steps,
+    fill_deepspeed_auto,
+    model_construction,
+    zero_stage,
+)
 from emotrain.train.evaluation import evaluate, model_inputs
 from emotrain.train.loss import balanced_class_weights, micro_batch_loss, utterance_losses
 from emotrain.train.optim import build_optimizer_and_scheduler
@@ -88,6 +93,9 @@ def train(cfg: Config) -> int:
     )
     output_dir = Path(cfg.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
+    if accelerator.state.deepspeed_plugin is not None:  # the launch config's JSON: "auto" values, and a safety check
+        fill_deepspeed_auto(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
+        check_skips_nonfinite_steps(accelerator.state.deepspeed_plugin.deepspeed_config)
     world_size, accumulation = accelerator.num_processes, cfg.train.gradient_accumulation_steps
 
     def decided_by_main(decide):
@@ -178,8 +186,6 @@ def train(cfg: Config) -> int:
     check_data_fits_model(cfg.data, model, feature_extractor, tokenizer)
     model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.train, cfg.model, total_steps)
-    if accelerator.state.deepspeed_plugin is not None:
-        fill_deepspeed_auto(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
     # The training stream is NOT prepared: it is sharded across ranks already (see data/stream.py).
     model, optimizer, scheduler, validation_loader = accelerator.prepare(model, optimizer, scheduler, validation_loader)
     if test_loader is not None:

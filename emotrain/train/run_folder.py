@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from emotrain.config import Config, ConfigError
-from emotrain.train.checkpoint import saved_checkpoints
+from emotrain.train.checkpoint import holds_checkpoint_state
 
 CONFIG_FILE = "config.yaml"
 """What the recipe saves the resolved config as, in output_dir."""
@@ -94,7 +94,8 @@ def holds_results(output_dir: str | Path) -> bool:
     folder = Path(output_dir)
     return (
         (folder / "metrics.json").is_file() or (folder / "best").is_dir()
-        or bool(saved_checkpoints(folder / "checkpoints"))
+        # Partial and aside folders too: crash recovery would publish them before resume=auto picks one.
+        or holds_checkpoint_state(folder / "checkpoints")
     )
 
 

@@ -129,3 +129,17 @@ def validations(log_text: str) -> list[tuple[int, float]]:
     import re
 
     return [(int(s), float(ua)) for s, ua in re.findall(r"INFO step (\d+) validation: WA [\d.]+ UA ([\d.]+)", log_text)]
+
+
+def assert_loss_denominators(probe: Path, accumulation: int) -> None:
+    """Every micro-batch's loss was divided by its step's utterances over every rank and every
+    micro-batch of the step, which each rank knew from the plan without asking the others."""
+    records, losses = read_probe(probe), read_probe_losses(probe)
+    batch_size = {(rank, r["epoch"], r["position"]): len(r["ids"]) for rank, rows in records.items() for r in rows}
+    assert sorted(losses) == sorted(records) and all(len(losses[r]) == len(records[r]) for r in records)
+    for rank, rows in losses.items():
+        for row in rows:
+            first = row["position"] - row["position"] % accumulation
+            expected = sum(batch_size[(other, row["epoch"], p)] for other in records
+                           for p in range(first, first + accumulation))
+            assert row["step_utterances"] == expected, (rank, row, expected)

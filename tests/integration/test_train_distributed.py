@@ -37,9 +37,9 @@ from tests.integration.conftest import (
     ACCELERATE,
     PROBE,
     REPO,
+    assert_loss_denominators,
     free_port,
     read_probe,
-    read_probe_losses,
     run_probe,
     subprocess_env,
     tiny_overrides,
@@ -193,7 +193,7 @@ def _assert_finished_two_process_run(rc: int, log: str, out: Path, distributed_t
     for epoch in range(EPOCHS):
         counts = _epoch_ids(records, epoch)
         assert len(counts) == sizes["num_train"] and set(counts.values()) == {1}, epoch
-    _assert_loss_denominators(probe)
+    assert_loss_denominators(probe, ACCUMULATION)
 
     # One checkpoint per epoch end (kept: the last 2 and the best), each with both ranks' state.
     found = _checkpoints(out)
@@ -214,20 +214,6 @@ def _assert_finished_two_process_run(rc: int, log: str, out: Path, distributed_t
     assert sum(last) / len(last) < 0.95 * sum(first) / len(first), losses
     assert metrics["validation"]["ua"] >= 0.45, metrics["validation"]
     return metrics
-
-
-def _assert_loss_denominators(probe: Path) -> None:
-    """Every micro-batch's loss was divided by its step's utterances over both ranks and both
-    micro-batches, which every rank knew from the plan without asking the other."""
-    records, losses = read_probe(probe), read_probe_losses(probe)
-    batch_size = {(rank, r["epoch"], r["position"]): len(r["ids"]) for rank, rows in records.items() for r in rows}
-    assert sorted(losses) == sorted(records) and all(len(losses[r]) == len(records[r]) for r in records)
-    for rank, rows in losses.items():
-        for row in rows:
-            first = row["position"] - row["position"] % ACCUMULATION
-            expected = sum(batch_size[(other, row["epoch"], p)] for other in records
-                           for p in range(first, first + ACCUMULATION))
-            assert row["step_utterances"] == expected, (rank, row, expected)
 
 
 def _assert_the_bad_step_left_nothing(probe: Path, log: str, position: int) -> None:

@@ -18,6 +18,7 @@ from emotrain.train.preemption import EXIT_PREEMPTED
 from tests.integration.conftest import (
     EMOTRAIN,
     REPO,
+    assert_loss_denominators,
     read_probe,
     read_probe_losses,
     run_probe,
@@ -177,6 +178,8 @@ def test_busy_reference_run_accumulates_evaluates_once_per_step_and_stops_early_
     # Accumulation 2: two micro-batches per step, the epoch an exact number of steps.
     epoch0 = [t for t in trained if t[0] == 0]
     assert len(epoch0) == 2 * steps_in_epoch0 and steps_in_epoch0 >= 9
+    # Each micro-batch's loss was scaled by its step's utterance count (both micro-batches, from the plan).
+    assert_loss_denominators(probe, accumulation=2)
     # Each utterance once per epoch (the plan evens ranks out; nothing is dropped at the epoch end).
     for epoch in {t[0] for t in trained}:
         ids = [i for t in trained if t[0] == epoch for i in t[2]]

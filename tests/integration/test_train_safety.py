@@ -64,3 +64,19 @@ def test_wandb_disabled_mode_trains_and_writes_no_run(synthetic_corpus, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "metrics.json").is_file()
     assert not (out / "wandb").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.sampling_rate=8000", "data.sampling_rate: is 8000 Hz but the audio encoder 'tiny' takes 16000 Hz audio"),
+    ("data.max_text_tokens=600", "data.max_text_tokens: is 600 but the text encoder 'tiny' takes at most 512 tokens"),
+])
+def test_data_the_encoders_cannot_take_is_refused_before_any_step(synthetic_corpus, tmp_path, override, message):
+    """Checked at model build inside the recipe (the config alone cannot know the encoders' limits),
+    typed as a new user would (`mixed_precision=no`, `report_to=none` on the command line)."""
+    out = tmp_path / "run"
+    proc = run_train(tiny_overrides(synthetic_corpus, out, override, "train.mixed_precision=no", "logging.report_to=none"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"emotrain: config error: {message}: set {override.split('=')[0]}"), lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "checkpoints").exists() and not (out / "metrics.json").exists()  # no step was taken

@@ -342,6 +342,9 @@ def test_a_resume_state_names_what_changed(root, meta, processors, tmp_path):
     other_split = make_fold_split(root, 2, seed=5, meta=meta)
     with pytest.raises(ValueError, match="split"):
         _stream(other_split, processors).load_state_dicts(states)
+    reordered = [{**state, "layout": {**state["layout"], "rows": "fedcba9876543210"}} for state in states]
+    with pytest.raises(ValueError, match=r"the same files hold other rows \(or rows in another order\)"):
+        stream.load_state_dicts(reordered)  # re-prepared into the same shard names, rows shuffled
     retimed = [{**state, "layout": {**state["layout"], "durations": "0123456789abcdef"}} for state in states]
     with pytest.raises(ValueError, match="other durations"):  # the plan buckets by duration
         stream.load_state_dicts(retimed)

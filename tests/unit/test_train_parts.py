@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,8 @@ from emotrain.config import TrainConfig
 from emotrain.train import checkpoint as ckpt
 from emotrain.train.optim import lr_factor, parameter_groups
 from emotrain.train.preemption import STOP_SIGNALS, PreemptionWatcher
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _save(root, step, weights=b"weights"):
@@ -111,6 +114,70 @@ def test_a_fresh_run_in_an_old_folder_never_resumes_the_old_run(tmp_path):
     ckpt.rotate(root, keep_last=1)
     assert [(s, _weights(f)) for s, f in ckpt.complete_checkpoints(root)] == [(50, b"new run")]
     assert ckpt.resolve_resume("auto", root) == root / "step-000050"
+
+
+@pytest.mark.parametrize("restart", ["older checkpoint", "never"])
+def test_a_restart_that_crashes_before_its_first_save_never_resumes_the_abandoned_branch(tmp_path, restart):
+    root = tmp_path / "checkpoints"
+    for step in (100, 200, 300):
+        _save(root, step, b"abandoned branch" if step > 100 else b"kept")
+    chosen = str(root / "step-000100") if restart == "older checkpoint" else "never"
+    expected = root / "step-000100" if restart == "older checkpoint" else None
+    assert ckpt.resolve_resume(chosen, root) == expected
+    # The restarted run dies before it saves anything: the same command with resume=auto now must
+    # start where the restart did, not continue the branch it gave up.
+    assert ckpt.resolve_resume("auto", root) == expected
+    assert sorted(ckpt.is_abandoned(root / f"step-{s:06d}") for s in (200, 300)) == [True, True]
+    # Its first save replaces an abandoned step folder and rotation deletes the rest of that branch.
+    _save(root, 200, b"new branch")
+    ckpt.rotate(root, keep_last=2)
+    kept = [(s, _weights(f)) for s, f in ckpt.complete_checkpoints(root)]
+    assert kept == ([(100, b"kept"), (200, b"new branch")] if restart == "older checkpoint" else [(200, b"new branch")])
+    assert ckpt.resolve_resume("auto", root) == root / "step-000200"
+
+
+def test_a_complete_partial_or_aside_folder_counts_as_a_run_s_results(tmp_path):
+    """Crash recovery publishes such a folder before resume=auto picks one: the run-folder check must see it."""
+    from emotrain.config import load_config, save_config
+    from emotrain.train.run_folder import RunFolderConflict, check_run_folder
+
+    out = tmp_path / "run"
+    save_config(load_config(None, ["train.lr=2e-3"]), out / "config.yaml")
+    _complete_partial(out / "checkpoints", 10, b"old run")
+    with pytest.raises(RunFolderConflict, match=r"train.lr: 0.002 there, 0.0001 now"):
+        check_run_folder(out, load_config(None, ["train.lr=1e-4"]))
+    check_run_folder(out, load_config(None, ["train.lr=2e-3"]))  # the same config resumes it
+
+
+def test_check_resumable_refuses_what_cannot_be_restored():
+    ddp = ckpt.LoopState(distributed_type="MULTI_GPU", world_size=2, zero_stage=0)
+    ckpt.check_resumable(ddp, "MULTI_GPU", 4, 0)  # DDP onto another world size: the stream re-plans
+    ckpt.check_resumable(ddp, "NO", 1, 0)
+    zero2 = ckpt.LoopState(distributed_type="DEEPSPEED", world_size=2, zero_stage=2)
+    ckpt.check_resumable(zero2, "DEEPSPEED", 2, 2)
+    with pytest.raises(ckpt.ResumeError, match="DeepSpeed and DDP checkpoints hold different files"):
+        ckpt.check_resumable(zero2, "MULTI_GPU", 2, 0)
+    with pytest.raises(ckpt.ResumeError, match="DeepSpeed and DDP checkpoints hold different files"):
+        ckpt.check_resumable(ddp, "DEEPSPEED", 2, 2)
+    with pytest.raises(ckpt.ResumeError, match=r"written by 2 DeepSpeed ZeRO-2 processes and this run has 4 \(ZeRO-2\)"):
+        ckpt.check_resumable(zero2, "DEEPSPEED", 4, 2)
+    with pytest.raises(ckpt.ResumeError, match=r"this run has 2 \(ZeRO-3\)"):
+        ckpt.check_resumable(zero2, "DEEPSPEED", 2, 3)
+
+
+def test_a_deepspeed_config_that_would_apply_non_finite_steps_is_refused():
+    from emotrain.config import ConfigError
+    from emotrain.train.deepspeed_config import check_skips_nonfinite_steps
+
+    for stage in (1, 2, 3):
+        check_skips_nonfinite_steps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}})
+    check_skips_nonfinite_steps(json.loads((REPO / "launch" / "ds_zero2.json").read_text()) | {"bf16": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage: is 0: DeepSpeed without ZeRO never skips"):
+        check_skips_nonfinite_steps({"zero_optimization": {"stage": 0}})
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        check_skips_nonfinite_steps({"bf16": {"enabled": True}})  # no ZeRO section: stage 0
+    with pytest.raises(ConfigError, match=r"bf16.check_grad_overflow: is false"):
+        check_skips_nonfinite_steps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True, "check_grad_overflow": False}})
 
 
 def _complete_partial(root, step, weights):
