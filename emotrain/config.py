@@ -527,14 +527,20 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             node = child
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML experiment config (or the defaults when path is None), apply overrides, validate."""
+def load_config_data(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The plain data of a YAML config with the overrides applied, before it is built and resolved
+    (`output_dir` still the template it was written as)."""
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_yaml_file(Path(path))
     for override in overrides:
         apply_override(data, override)
-    return config_from_dict(data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML experiment config (or the defaults when path is None), apply overrides, validate."""
+    return config_from_dict(load_config_data(path, overrides))
 
 
 def _read_yaml_file(path: Path) -> dict[str, Any]:
@@ -551,7 +557,10 @@ def _read_yaml_file(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), _describe_yaml_error(err)) from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(str(path), f"must hold a mapping of keys, got {type(loaded).__name__}")
-    return loaded or {}
+    loaded = loaded or {}
+    # A run folder's config.yaml also records how it was produced: not configuration.
+    loaded.pop(PROVENANCE_KEY, None)
+    return loaded
 
 
 def _describe_yaml_error(err: yaml.YAMLError) -> str:
@@ -570,10 +579,28 @@ def _describe_yaml_error(err: yaml.YAMLError) -> str:
     return " ".join(f"{where}{problem}{context}: fix the YAML syntax".split())
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (plain data; reloadable with load_config)."""
+PROVENANCE_KEY = "provenance"
+"""The section of a run folder's config.yaml that says what produced the run (git commit, package
+versions, processes): written at training time, read by `emotrain report`, ignored by `load_config`."""
+
+
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The `provenance` section of a saved config.yaml (None when absent or unreadable)."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return loaded.get(PROVENANCE_KEY) if isinstance(loaded, dict) else None
+
+
+def save_config(cfg: Config, path: str | Path, provenance: dict[str, Any] | None = None) -> None:
+    """Write the resolved config as YAML (plain data; reloadable with load_config), followed by a
+    `provenance` section when given."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(cfg.to_yaml())
+    text = cfg.to_yaml()
+    if provenance:
+        text += yaml.safe_dump({PROVENANCE_KEY: provenance}, sort_keys=False)
+    Path(path).write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from emotrain.config import LABEL_NAMES, Config, ConfigError, save_config
+from emotrain import provenance
+from emotrain.config import LABEL_NAMES, Config, ConfigError, read_provenance, save_config
 from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets
 from emotrain.data.folds import split_from_config
 from emotrain.data.stream import build_train_stream
@@ -83,10 +84,11 @@ def train(cfg: Config) -> int:
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Several CPU processes (the tests): gloo. Without it DeepSpeed's processes each train alone.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    history = tracking.HistoryTracker(cfg.output_dir)  # the run folder's own curves, whatever report_to says
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        log_with=list(cfg.logging.report_to) or None,
+        log_with=[*cfg.logging.report_to, history],
         project_dir=cfg.output_dir,
         step_scheduler_with_optimizer=False,  # we step it once per applied optimizer step
         kwargs_handlers=handlers,
@@ -122,7 +124,11 @@ def train(cfg: Config) -> int:
 
     log = tracking.setup_logging(output_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
-        save_config(cfg, output_dir / "config.yaml")
+        run_provenance = provenance.merge_with_earlier(
+            provenance.collect(world_size=world_size, distributed_type=accelerator.distributed_type.value,
+                               mixed_precision=accelerator.mixed_precision),
+            read_provenance(output_dir / "config.yaml"))
+        save_config(cfg, output_dir / "config.yaml", provenance=run_provenance)
         log.info("resolved config:\n%s", cfg.to_yaml().rstrip())
         log.info("%d process(es), %s, mixed precision %s", world_size, accelerator.distributed_type,
                  accelerator.mixed_precision)
@@ -198,6 +204,7 @@ def train(cfg: Config) -> int:
         log.info("resumed from %s (epoch %d, step %d)", resume_from, loop.epoch, loop.step)
     else:
         log.info("starting fresh in %s", output_dir)
+    history.keep_until(loop.step if resume_from is not None else None)
     tracking.start(accelerator, cfg, loop.run_id)
 
     def summed_over_ranks(values: list[float]) -> list[float]:
@@ -395,9 +402,12 @@ def train(cfg: Config) -> int:
     load_checkpoint(accelerator, best_folder)
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3 (gathers the partitions)
     if accelerator.is_main_process:
+        accelerator.unwrap_model(model).preprocessing.update(
+            sampling_rate=cfg.data.sampling_rate, max_text_tokens=cfg.data.max_text_tokens,
+            max_audio_seconds=cfg.data.max_audio_seconds)
         accelerator.unwrap_model(model).save_pretrained(
             output_dir / "best", processors=(feature_extractor, tokenizer), state_dict=state_dict)
-        save_config(cfg, output_dir / "best" / "config.yaml")
+        save_config(cfg, output_dir / "best" / "config.yaml", provenance=run_provenance)
     skipped_total = int(summed_over_ranks([len(stream.skipped)])[0])
     results = {"validation": loop.best_validation, "best_step": loop.best_step,
                "stop_reason": loop.stop_reason, "steps": loop.step,

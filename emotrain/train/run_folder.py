@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from emotrain.config import Config, ConfigError
+from emotrain.config import PROVENANCE_KEY, Config, ConfigError
 from emotrain.train.checkpoint import holds_checkpoint_state
 
 CONFIG_FILE = "config.yaml"
@@ -116,6 +116,7 @@ def check_run_folder(output_dir: str | Path, cfg: Config) -> None:
         raise RunFolderConflict(f"cannot read the run's config {path} ({reason}): {todo}") from None
     if not isinstance(saved, dict):
         raise RunFolderConflict(f"{path} does not hold a config: {todo}")
+    saved.pop(PROVENANCE_KEY, None)  # how the run was produced, not what it is
     differences = config_differences(saved, cfg.to_dict())
     if differences:
         if any(key == "train.seed" for key, _, _ in differences):

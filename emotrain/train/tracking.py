@@ -8,17 +8,22 @@ happens after resuming from a checkpoint older than the last logged point).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sys
 import uuid
 from pathlib import Path
 
+from accelerate.tracking import GeneralTracker
 from tqdm.auto import tqdm
 
 from emotrain.config import Config
 
 STEP_METRIC = "train/step"
+HISTORY_FILE = "history.jsonl"
+"""Every logged scalar of a run, one JSON object per `accelerator.log` call (`emotrain report`'s curves)."""
 
 
 def new_run_id() -> str:
@@ -71,8 +76,6 @@ def init_kwargs(cfg: Config, run_id: str) -> dict:
 
 def start(accelerator, cfg: Config, run_id: str) -> None:
     """Open the trackers on every rank (Accelerate itself restricts them to the main process)."""
-    if not cfg.logging.report_to:
-        return
     if "wandb" in cfg.logging.report_to:
         # The service's own console chatter would interleave with our log on every rank.
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -85,6 +88,84 @@ def start(accelerator, cfg: Config, run_id: str) -> None:
         run = accelerator.get_tracker("wandb", unwrap=True)
         run.define_metric(STEP_METRIC)
         run.define_metric("*", step_metric=STEP_METRIC)
+
+
+class HistoryTracker(GeneralTracker):
+    """An Accelerate tracker that appends every logged dict to `output_dir/history.jsonl` (rank 0).
+
+    Always on, whatever `logging.report_to` says: the run folder keeps its own curves for `emotrain
+    report`. Resumed at step s (`keep_until(s)` before `init_trackers`), it first drops what the
+    interrupted run logged after s — those steps are trained again — so the file ends equal to an
+    uninterrupted run's, like the W&B history.
+    """
+
+    name = "emotrain-history"
+    requires_logging_directory = False
+
+    def __init__(self, output_dir: str | Path):
+        super().__init__()
+        self.path = Path(output_dir) / HISTORY_FILE
+        self.resumed_step: int | None = None
+        self._handle = None
+
+    def keep_until(self, step: int | None) -> None:
+        """Keep what was logged up to `step` (a resumed run's step; None: a fresh run keeps nothing)."""
+        self.resumed_step = step
+
+    @property
+    def tracker(self):
+        return self._handle
+
+    def start(self) -> None:
+        kept = [] if self.resumed_step is None else [
+            line for line in _history_lines(self.path) if json.loads(line).get(STEP_METRIC, 0) <= self.resumed_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        os.replace(partial, self.path)  # a kill here leaves the old file or the new one, never half of one
+        self._handle = open(self.path, "a", buffering=1)
+
+    def store_init_configuration(self, values: dict) -> None:
+        pass  # the run folder's config.yaml holds it
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        record = {key: _plain(value) for key, value in values.items()}
+        self._handle.write(json.dumps(record) + "\n")
+
+    def finish(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN
+    return value
+
+
+def _history_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            break  # a line cut by a kill mid-write ends what can be trusted
+        lines.append(line)
+    return lines
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """The records of a history file merged per step (a later value of a key wins), by step."""
+    merged: dict[int, dict] = {}
+    for line in _history_lines(Path(path)):
+        record = json.loads(line)
+        merged.setdefault(int(record.get(STEP_METRIC, 0)), {}).update(record)
+    return [merged[step] for step in sorted(merged)]
 
 
 def log(accelerator, values: dict, step: int) -> None:

@@ -155,6 +155,13 @@ def _history(out) -> dict[tuple[int, str], object]:
     return merged
 
 
+def _local_history(out) -> list[dict]:
+    """The run folder's history.jsonl merged per step (what `emotrain report` plots), timing left out."""
+    from emotrain.train.tracking import HISTORY_FILE, read_history
+
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_history(out / HISTORY_FILE)]
+
+
 def _trained(probe_dir) -> list[tuple[int, int, tuple[str, ...]]]:
     (records,) = read_probe(probe_dir).values()  # one process
     return [(r["epoch"], r["position"], tuple(r["ids"])) for r in records]
@@ -234,6 +241,7 @@ def test_stop_at_an_evaluation_step_or_an_epoch_end_then_rerun_equals_the_uninte
     expected, got = _weights(ref_out / "best"), _weights(out / "best")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert _history(out) == _history(ref_out)
+    assert _local_history(out) == _local_history(ref_out)  # the run folder's own history.jsonl too
     assert _trained(probe) == _trained(ref_probe)
     assert validations(first.stderr + rerun.stderr) == validations(ref_log)
 
