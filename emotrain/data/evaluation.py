@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from emotrain.config import DataConfig
 from emotrain.data.audio import AudioDecodeError, decode_audio
 from emotrain.data.batching import Collator
-from emotrain.data.folds import FoldSplit
+from emotrain.data.folds import FoldSplit, Metadata
 
 logger = logging.getLogger("emotrain.data")
 
@@ -70,14 +70,14 @@ def _read_rows(url: str, rows: list[int]) -> pa.Table:
 
 
 class EvalDataset(Dataset):
-    """A split's utterances sorted by (duration, id); `__getitem__` decodes one (full length)."""
+    """Utterances `ids` of the prepared rows in `meta`, sorted by (duration, id); `__getitem__`
+    decodes one (full length)."""
 
-    def __init__(self, split: FoldSplit, ids: tuple[str, ...] | list[str], sampling_rate: int = 16000, name: str = "eval"):
+    def __init__(self, meta: Metadata, ids: tuple[str, ...] | list[str], sampling_rate: int = 16000, name: str = "eval"):
         self.name = name
         self.sampling_rate = sampling_rate
         self.skipped: list[str] = []
         """Ids that failed to decode in this process (each stood in as silence, valid=False)."""
-        meta = split.meta
         wanted = set(ids)
         index = np.flatnonzero(np.isin(meta.id, np.array(sorted(wanted), dtype=object)))
         if len(index) != len(wanted):
@@ -121,8 +121,8 @@ class EvalDataset(Dataset):
 
 def build_eval_datasets(split: FoldSplit, sampling_rate: int = 16000) -> tuple[EvalDataset, EvalDataset | None]:
     """(validation, test) datasets of a fold; test is None for fold 0."""
-    validation = EvalDataset(split, split.validation_ids, sampling_rate, name="validation")
-    test = None if split.test_ids is None else EvalDataset(split, split.test_ids, sampling_rate, name="test")
+    validation = EvalDataset(split.meta, split.validation_ids, sampling_rate, name="validation")
+    test = None if split.test_ids is None else EvalDataset(split.meta, split.test_ids, sampling_rate, name="test")
     return validation, test
 
 

@@ -50,6 +50,7 @@ TEXT_ENCODER_DIR = "text_encoder"  # the text encoder's HF config.json
 FEATURE_EXTRACTOR_DIR = "feature_extractor"
 TOKENIZER_DIR = "tokenizer"
 FORMAT = "emotrain.EmotionModel/1"
+DEFAULT_PREPROCESSING = {"sampling_rate": 16000, "max_text_tokens": 64, "max_audio_seconds": 15.0}
 
 
 @dataclass
@@ -80,6 +81,9 @@ class EmotionModel(nn.Module):
         self.uses_audio = config.variant in ("fusion", "audio")
         self.uses_text = config.variant in ("fusion", "text")
         self._processors: tuple[Any, Any] | None = None
+        self.preprocessing = dict(DEFAULT_PREPROCESSING)
+        """How inputs are prepared for this model (saved with it): sampling_rate, max_text_tokens and
+        max_audio_seconds (the crop it trained on), as the run's `data` config had them."""
         d = config.hidden_size
 
         # Pretrained encoders; a unimodal baseline does not even build the other one.
@@ -185,6 +189,11 @@ class EmotionModel(nn.Module):
             loss = F.cross_entropy(logits.float(), labels.to(logits.device))
         return EmotionModelOutput(logits=logits, loss=loss)
 
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The class names of the logits' columns."""
+        return LABEL_NAMES
+
     # -----------------------------------------------------------------------------------------
     # Training switches
 
@@ -243,7 +252,7 @@ class EmotionModel(nn.Module):
     ) -> None:
         """Write a self-contained folder that `from_pretrained` loads offline, without unpickling:
 
-        emotion_model.json       the ModelConfig (JSON)
+        emotion_model.json       the ModelConfig and the preprocessing settings (JSON)
         model.safetensors        the whole state dict (shared tensors deduplicated)
         audio_encoder/config.json, text_encoder/config.json   the encoders' HF configs
         feature_extractor/, tokenizer/                        the processors (`save_pretrained`)
@@ -254,7 +263,7 @@ class EmotionModel(nn.Module):
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "model_config": dataclasses.asdict(self.config)}
+        meta = {"format": FORMAT, "model_config": dataclasses.asdict(self.config), "preprocessing": self.preprocessing}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if self.audio_encoder is not None:
             self.audio_encoder.config.save_pretrained(directory / AUDIO_ENCODER_DIR)
@@ -289,7 +298,23 @@ class EmotionModel(nn.Module):
         model = cls(config, audio_encoder_config=audio_config, text_encoder_config=text_config)
         load_model(model, directory / WEIGHTS_FILE, strict=True)
         model._processors = load_processors(directory)
+        model.preprocessing.update(meta.get("preprocessing") or {})
         return model.to(device)
+
+    @torch.no_grad()
+    def predict(self, audio, text: str | None = None, *, sampling_rate: int | None = None) -> dict:
+        """Class probabilities for one recording: `audio` is a file path (any rate and channel count:
+        resampled and down-mixed) or a float array at `sampling_rate`; `text` its transcript (needed
+        by the fusion and text variants). Returns `{"predicted", "probabilities": {class: p},
+        "transcript", "transcript_source", "audio_info": {...how the audio was handled}}`, as
+        `emotrain predict` prints it.
+
+            model = EmotionModel.from_pretrained("runs/smoke/fold1/best")
+            model.predict("clip.wav", text="I can't believe you did that")["predicted"]
+        """
+        from emotrain.predict import Predictor  # the inference pipeline (decoding, windows, batching)
+
+        return Predictor(self).predict(audio, text=text, sampling_rate=sampling_rate)
 
 
 def load_processors(directory: str | Path) -> tuple[Any, Any]:

@@ -45,7 +45,7 @@ def test_eval_sets_are_sorted_full_length_and_complete(split):
 
 def test_eval_dataloader_yields_each_utterance_once_with_valid_flags(split):
     fe, tok = toy_processors()
-    test = EvalDataset(split, split.test_ids, name="test")
+    test = EvalDataset(split.meta, split.test_ids, name="test")
     loader = build_eval_dataloader(test, DataConfig(eval_batch_size=4), feature_extractor=fe, tokenizer=tok)
     ids, valid = [], []
     for batch in loader:

@@ -1,0 +1,304 @@
+"""A trained model on data: `emotrain evaluate` (prepared data → metrics) and `emotrain predict`.
+
+    emotrain evaluate runs/smoke/fold1/best runs/synthetic/prepared --session 1
+    emotrain predict runs/smoke/fold1/best --audio clip.wav --text "I can't believe it"
+    emotrain predict runs/smoke/fold1/best --batch clips.csv --out predictions.jsonl [--asr MODEL]
+
+    model = EmotionModel.from_pretrained("runs/smoke/fold1/best")
+    model.predict("clip.wav", text="I can't believe it")   # {"predicted": "angry", "probabilities": {...}, ...}
+
+A model folder (`best/` of a run) carries its processors and how its inputs were prepared
+(`sampling_rate`, `max_text_tokens`, the training crop `max_audio_seconds`). Audio files of any
+sampling rate and channel count are decoded with soundfile, down-mixed and resampled with soxr.
+
+Long recordings: validation and test score each utterance at full length (IEMOCAP's reach 34 s), so
+a recording up to `max_full_seconds` (60 s) is scored whole, exactly as `evaluate` scores it. A
+longer one is cut into windows of the training crop (`max_audio_seconds`) with half a window of
+overlap, each window is scored with the whole transcript, and the probabilities are averaged; the
+output's `audio.handling` says which was done.
+
+A model that needs text takes the transcript given, or one from a speech recogniser (`asr`: a hub
+name or a local CTC or sequence-to-sequence model folder, run through transformers' ASR pipeline);
+the transcript used, and where it came from, is part of every prediction.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+from emotrain.data.audio import AudioDecodeError, decode_audio
+from emotrain.data.batching import Collator
+from emotrain.model.emotion_model import EmotionModel
+
+MAX_FULL_SECONDS = 60.0
+"""Longer recordings are scored in windows (see the module docstring)."""
+
+
+class InputError(ValueError):
+    """One input (a row of a batch) that cannot be predicted: the message says why."""
+
+
+@dataclass
+class PreparedInput:
+    """One recording, decoded and ready: the windows to score and the transcript."""
+
+    windows: list[np.ndarray]
+    transcript: str | None
+    transcript_source: str | None
+    audio: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speech recognition for models that need text.
+
+
+class Transcriber:
+    """A speech recogniser through transformers' ASR pipeline (CTC or sequence-to-sequence)."""
+
+    def __init__(self, name_or_path: str, device: str | torch.device = "cpu"):
+        from transformers import pipeline
+
+        self.name = str(name_or_path)
+        try:
+            self.pipeline = pipeline("automatic-speech-recognition", model=self.name, device=torch.device(device))
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot load the speech recogniser {self.name!r}: {' '.join(str(err).split())}") from None
+
+    def __call__(self, samples: np.ndarray, sampling_rate: int) -> str:
+        seconds = len(samples) / sampling_rate
+        kwargs = {"chunk_length_s": 30.0} if seconds > 30.0 else {}  # long audio: chunked, with overlap
+        result = self.pipeline({"raw": samples, "sampling_rate": sampling_rate}, **kwargs)
+        return " ".join(result["text"].split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction.
+
+
+def read_audio(audio: str | Path | np.ndarray, sampling_rate: int | None, target_rate: int) -> tuple[np.ndarray, dict]:
+    """(mono float32 samples at `target_rate`, what the input was). Raises InputError."""
+    if isinstance(audio, (str, Path)):
+        path = Path(audio)
+        if not path.is_file():
+            raise InputError(f"no such audio file: {path}")
+        try:
+            info = sf.info(str(path))
+            samples = decode_audio(path.read_bytes(), target_rate)
+        except (AudioDecodeError, RuntimeError, OSError) as err:
+            raise InputError(f"cannot read audio {path}: {' '.join(str(err).split())}") from None
+        return samples, {"path": str(path), "sampling_rate": int(info.samplerate), "channels": int(info.channels),
+                         "seconds": round(len(samples) / target_rate, 3)}
+    if sampling_rate is None:
+        raise InputError("an audio array needs its sampling_rate")
+    array = np.asarray(audio, dtype=np.float32)
+    channels = 1 if array.ndim == 1 else array.shape[1]
+    mono = array if array.ndim == 1 else array.mean(axis=1)  # [T, channels] → [T]
+    if sampling_rate != target_rate:
+        mono = soxr.resample(mono, sampling_rate, target_rate, quality="HQ")
+    if mono.size == 0 or not np.isfinite(mono).all():
+        raise InputError("the audio is empty or holds non-finite samples")
+    return np.ascontiguousarray(mono, dtype=np.float32), {
+        "sampling_rate": int(sampling_rate), "channels": int(channels), "seconds": round(len(mono) / target_rate, 3)}
+
+
+def windows_of(samples: np.ndarray, window: int, hop: int) -> list[np.ndarray]:
+    """Windows of `window` samples every `hop` samples, the last one ending at the end."""
+    if len(samples) <= window:
+        return [samples]
+    starts = list(range(0, len(samples) - window + 1, hop))
+    if starts[-1] + window < len(samples):
+        starts.append(len(samples) - window)
+    return [samples[s : s + window] for s in starts]
+
+
+class Predictor:
+    """Class probabilities of a model for recordings (and transcripts), one or a batch at a time."""
+
+    def __init__(self, model: EmotionModel, *, asr: Transcriber | None = None,
+                 max_full_seconds: float = MAX_FULL_SECONDS, window_seconds: float | None = None,
+                 batch_size: int = 8):
+        self.model = model.eval()
+        self.asr = asr
+        settings = model.preprocessing
+        self.sampling_rate = int(settings["sampling_rate"])
+        self.max_full_seconds = max_full_seconds
+        self.window_seconds = float(window_seconds or settings["max_audio_seconds"])
+        self.batch_size = batch_size
+        self.label_names = list(model.label_names)
+        feature_extractor, tokenizer = model.processors()
+        self.collator = Collator(feature_extractor, tokenizer, int(settings["max_text_tokens"]), self.sampling_rate)
+        self.device = next(model.parameters()).device
+
+    def prepare(self, audio, text: str | None = None, sampling_rate: int | None = None) -> PreparedInput:
+        """Decode, resample, window and find the transcript of one input. Raises InputError."""
+        samples, info = read_audio(audio, sampling_rate, self.sampling_rate)
+        seconds = len(samples) / self.sampling_rate
+        if seconds <= self.max_full_seconds:
+            windows, info["handling"] = [samples], "full length (as validation and test score it)"
+        else:
+            window = int(self.window_seconds * self.sampling_rate)
+            windows = windows_of(samples, window, max(1, window // 2))
+            info["handling"] = (f"{len(windows)} windows of {self.window_seconds:g} s (the training crop), hop "
+                                f"{self.window_seconds / 2:g} s, probabilities averaged (longer than {self.max_full_seconds:g} s)")
+        transcript = source = None
+        if self.model.uses_text:
+            transcript = " ".join((text or "").split())
+            source = "given"
+            if not transcript and self.asr is not None:
+                transcript, source = self.asr(samples, self.sampling_rate), f"asr:{self.asr.name}"
+                if not transcript:
+                    raise InputError(f"the speech recogniser {self.asr.name} heard no words: this model needs a transcript")
+            if not transcript:
+                raise InputError(f"empty transcript: a {self.model.config.variant} model needs one "
+                                 "(give the text, or a speech recogniser with --asr)")
+        return PreparedInput(windows, transcript, source, info)
+
+    @torch.no_grad()
+    def _probabilities(self, inputs: list[PreparedInput]) -> list[np.ndarray]:
+        """[num_labels] probabilities of each input (the mean over its windows)."""
+        items = [(k, w) for k, prepared in enumerate(inputs) for w in prepared.windows]
+        sums = [np.zeros(len(self.label_names)) for _ in inputs]
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            batch = self.collator([{"id": str(k), "array": w, "text": inputs[k].transcript or "", "label": 0}
+                                   for k, w in chunk])
+            tensors = {key: batch[key].to(self.device) for key in ("input_values", "audio_lengths", "input_ids",
+                                                                   "attention_mask") if key in batch}
+            probabilities = self.model(**tensors).logits.float().softmax(dim=-1).cpu().numpy()
+            for (k, _), p in zip(chunk, probabilities):
+                sums[k] += p
+        return [s / len(prepared.windows) for s, prepared in zip(sums, inputs)]
+
+    def _result(self, prepared: PreparedInput, probabilities: np.ndarray) -> dict[str, Any]:
+        return {
+            "predicted": self.label_names[int(np.argmax(probabilities))],
+            "probabilities": {name: float(p) for name, p in zip(self.label_names, probabilities)},
+            "transcript": prepared.transcript,
+            "transcript_source": prepared.transcript_source,
+            "audio_info": prepared.audio,
+        }
+
+    def predict(self, audio, text: str | None = None, *, sampling_rate: int | None = None) -> dict[str, Any]:
+        """One recording (a path, or an array at `sampling_rate`): see `EmotionModel.predict`."""
+        prepared = self.prepare(audio, text, sampling_rate)
+        return self._result(prepared, self._probabilities([prepared])[0])
+
+    def predict_rows(self, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Predictions for manifest rows (`read_manifest`), in order; a row that cannot be predicted
+        yields its `error` instead, and the others go on."""
+        pending: list[tuple[dict, PreparedInput]] = []
+
+        def flush() -> Iterator[dict[str, Any]]:
+            for (row, prepared), p in zip(pending, self._probabilities([prep for _, prep in pending])):
+                yield {**_row_fields(row), **self._result(prepared, p)}
+            pending.clear()
+
+        for row in rows:
+            if row.get("error"):
+                yield from flush()
+                yield {**_row_fields(row), "error": row["error"]}
+                continue
+            try:
+                pending.append((row, self.prepare(row["audio"], row.get("text"))))
+            except InputError as err:
+                yield from flush()
+                yield {**_row_fields(row), "error": str(err)}
+                continue
+            if sum(len(prep.windows) for _, prep in pending) >= self.batch_size:
+                yield from flush()
+        yield from flush()
+
+
+def _row_fields(row: dict) -> dict:
+    return {key: row[key] for key in ("row", "id", "audio") if row.get(key) is not None}
+
+
+def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV (header with `audio`, optional `text`, `id`) or JSONL manifest: `{"row", "audio",
+    "text", "id"}` with audio paths resolved against the manifest's folder, or `{"row", "error"}` for
+    a malformed row (the rest still come)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such manifest: {path}")
+    text = path.read_text()
+
+    def row_of(number: int, record: Any) -> dict[str, Any]:
+        if not isinstance(record, dict):
+            return {"row": number, "error": f"malformed row: expected an object with `audio`, got {record!r}"}
+        audio = record.get("audio")
+        if not isinstance(audio, str) or not audio.strip():
+            return {"row": number, "id": record.get("id"), "error": "malformed row: no `audio` path"}
+        resolved = Path(audio.strip())
+        if not resolved.is_absolute():
+            resolved = path.parent / resolved
+        transcript = record.get("text")
+        return {"row": number, "id": record.get("id"), "audio": str(resolved),
+                "text": None if transcript is None else str(transcript)}
+
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if "audio" not in (reader.fieldnames or []):
+            raise InputError(f"{path}: a CSV manifest needs an `audio` column (found {reader.fieldnames})")
+        for number, record in enumerate(reader, 1):
+            if None in record or None in record.values():  # more or fewer fields than the header
+                yield {"row": number, "id": record.get("id"), "error": f"malformed row: {len(reader.fieldnames)} columns expected"}
+            else:
+                yield row_of(number, record)
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            yield {"row": number, "error": f"malformed row: not JSON ({err})"}
+            continue
+        yield row_of(number, record)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation on prepared data.
+
+
+def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] | None = None,
+                   batch_size: int = 8, mixed_precision: str | None = None, per_utterance: bool = False) -> dict:
+    """The metrics of a saved model on prepared data, as `metrics.json` has them under `test`."""
+    import yaml
+    from accelerate import Accelerator
+
+    from emotrain.config import DataConfig
+    from emotrain.data.evaluation import EvalDataset, build_eval_dataloader
+    from emotrain.data.folds import SESSIONS, read_metadata
+    from emotrain.train.evaluation import evaluate
+
+    model_dir = Path(model_dir)
+    if mixed_precision is None:  # as the run evaluated: its training precision
+        saved = model_dir / "config.yaml"
+        run_config = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+        mixed_precision = (run_config or {}).get("train", {}).get("mixed_precision", "no")
+    model = EmotionModel.from_pretrained(model_dir)
+    sessions = sessions or list(SESSIONS)
+    meta = read_metadata(data_dir, tuple(sessions))
+    settings = model.preprocessing
+    dataset = EvalDataset(meta, meta.id.tolist(), sampling_rate=int(settings["sampling_rate"]), name="evaluate")
+    data_config = DataConfig(sampling_rate=int(settings["sampling_rate"]), max_text_tokens=int(settings["max_text_tokens"]),
+                             eval_batch_size=batch_size)
+    feature_extractor, tokenizer = model.processors()
+    loader = build_eval_dataloader(dataset, data_config, feature_extractor=feature_extractor, tokenizer=tokenizer,
+                                   num_workers=0)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    model, loader = accelerator.prepare(model, loader)
+    metrics = evaluate(accelerator, model, loader, label_names=accelerator.unwrap_model(model).label_names,
+                       per_utterance=per_utterance)
+    return {"test": metrics, "model": str(model_dir), "data": str(data_dir), "sessions": sessions,
+            "mixed_precision": mixed_precision}
