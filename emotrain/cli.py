@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shlex
 import sys
+from pathlib import Path
 
 from emotrain.config import ConfigError, describe_fields, load_config
 
@@ -81,6 +84,131 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    from emotrain import cv
+    from emotrain.report import ReportError, build_report
+
+    configs = [item for item in args.configs_and_overrides if "=" not in item]
+    overrides = [item for item in args.configs_and_overrides if "=" in item]
+    if not configs:
+        raise SystemExit("emotrain cv: give at least one experiment YAML (configs/...)")
+    runs = cv.plan_runs(configs, overrides, folds=cv.parse_list(args.folds, int, "--folds"),
+                        seeds=cv.parse_list(args.seeds, int, "--seeds"),
+                        variants=cv.parse_list(args.variants, str, "--variants"))
+    experiment_dirs = cv.write_plans(runs)
+    report_out = Path(args.report_dir) if args.report_dir else experiment_dirs[0] / "report"
+    print(f"cross-validation: {len(runs)} run(s) in {', '.join(map(str, experiment_dirs))}", flush=True)
+    if args.slurm:
+        cv.submit_to_slurm(runs, experiment_dirs, report_out, sbatch_args=shlex.split(args.sbatch))
+        return 0
+    from emotrain.data.folds import check_prepared
+
+    for config in dict.fromkeys(run.config for run in runs):
+        check_prepared(load_config(config, overrides).data.path)
+    code, failed = cv.run_sequentially(runs, launcher=shlex.split(args.launcher) if args.launcher else list(cv.DEFAULT_LAUNCHER),
+                                       say=lambda line: print(line, flush=True))
+    if code == cv.EXIT_PREEMPTED:
+        return code
+    try:
+        report = build_report(experiment_dirs, report_out)
+    except ReportError as err:
+        print(f"emotrain cv: no report: {err}", file=sys.stderr)
+        return 1
+    print(f"\n{report['table']}\n")
+    _say_report(report, report_out)
+    return code
+
+
+def _say_report(report: dict, out: Path, wandb: bool | None = None) -> None:
+    for line in report["status"]:
+        print(line)
+    print(f"report: {out / 'report.md'} (+ summary.csv, runs.csv, {len(report['images'])} figures)")
+    if wandb or (wandb is None and report["wandb"]):
+        from emotrain.report import log_to_wandb
+
+        print(f"W&B: the table and figures are in the summary run {log_to_wandb(report)}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from emotrain.report import ReportError, build_report
+
+    out = Path(args.out) if args.out else Path(args.experiment_dirs[0]) / "report"
+    try:
+        report = build_report(args.experiment_dirs, out, plots=not args.no_plots)
+    except ReportError as err:
+        print(f"emotrain report: error: {err}", file=sys.stderr)
+        return 2
+    print(report["table"])
+    _say_report(report, out, args.wandb)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    results_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # standard output is the JSON alone, whatever libraries print
+        from emotrain.predict import evaluate_model
+        from emotrain.train.recipe import format_results
+
+        results = evaluate_model(args.model_dir, args.data_dir, sessions=[args.session] if args.session else None,
+                                 batch_size=args.batch_size, mixed_precision=args.mixed_precision,
+                                 per_utterance=args.per_utterance)
+    text = json.dumps(results, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(format_results(results), file=sys.stderr)
+    print(text, file=results_out)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if (args.audio is None) == (args.batch is None):
+        raise SystemExit("emotrain predict: give --audio FILE or --batch MANIFEST (CSV or JSONL)")
+    results_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # standard output is the JSON alone, whatever libraries print
+        return _predict(args, results_out)
+
+
+def _predict(args: argparse.Namespace, results_out) -> int:
+    import json
+
+    import torch
+
+    from emotrain.model import EmotionModel
+    from emotrain.predict import InputError, Predictor, Transcriber, read_manifest
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = EmotionModel.from_pretrained(args.model_dir, device=device)
+        asr = Transcriber(args.asr, device=device) if args.asr and model.uses_text else None
+        predictor = Predictor(model, asr=asr, max_full_seconds=args.max_full_seconds,
+                              window_seconds=args.window_seconds, batch_size=args.batch_size)
+        if args.audio is not None:
+            print(json.dumps(predictor.predict(args.audio, text=args.text), indent=2), file=results_out)
+            return 0
+        rows = read_manifest(args.batch)
+        out = open(args.out, "w") if args.out else results_out
+        total = failed = 0
+        try:
+            for result in predictor.predict_rows(rows):
+                total += 1
+                if "error" in result:
+                    failed += 1
+                    print(f"emotrain predict: row {result.get('row')}: {result['error']}", file=sys.stderr)
+                out.write(json.dumps(result) + "\n")
+                out.flush()
+        finally:
+            if out is not results_out:
+                out.close()
+        print(f"emotrain predict: {total - failed} of {total} row(s) predicted, {failed} failed"
+              + (f" → {args.out}" if args.out else ""), file=sys.stderr)
+        return 1 if failed else 0
+    except (InputError, FileNotFoundError, ValueError) as err:
+        print(f"emotrain predict: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1 if args.audio is not None else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emotrain", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -109,11 +237,64 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="train (directly or under accelerate launch)")
     _add_config_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("cv", help="leave-one-session-out cross-validation: every fold (and seed, variant), then the report")
+    p.add_argument("configs_and_overrides", nargs="+", metavar="CONFIG_OR_OVERRIDE",
+                   help="one or more experiment YAMLs, then dotted overrides (key=value) for all of them")
+    p.add_argument("--folds", help="comma-separated test sessions (default 1,2,3,4,5)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the config's train.seed, one run per fold)")
+    p.add_argument("--variants", help="comma-separated model variants among fusion,audio,text (each its own experiment)")
+    p.add_argument("--launcher", help="command that runs `emotrain` for each training (default: this Python), e.g. "
+                   "'accelerate launch --config_file launch/ddp.yaml -m emotrain.cli'")
+    p.add_argument("--report-dir", help="where the report goes (default: <first experiment>/report)")
+    p.add_argument("--slurm", action="store_true", help="submit the unfinished runs as a Slurm array job "
+                   "(slurm/cv.sbatch), then the report as a job depending on it")
+    p.add_argument("--sbatch", default="", help="with --slurm: options for sbatch, e.g. '--partition=gpu --gpus-per-node=4'")
+    p.set_defaults(func=cmd_cv)
+
+    p = verbs.add_parser("report", help="the results table (Markdown, CSV) and figures of finished runs")
+    p.add_argument("experiment_dirs", nargs="+", help="experiment folders (runs/<experiment>); the first is the reference")
+    p.add_argument("--out", help="output folder (default: <first experiment>/report)")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                   help="log the table and figures as one W&B summary run (default: when the runs used W&B)")
+    p.set_defaults(func=cmd_report)
+
+    p = verbs.add_parser("evaluate", help="metrics of a saved model on prepared data (metrics.json format)")
+    p.add_argument("model_dir", help="a model folder (a run's best/)")
+    p.add_argument("data_dir", help="prepared data (emotrain prepare)")
+    p.add_argument("--session", type=int, help="only this session (default: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="default: the run's train.mixed_precision")
+    p.add_argument("--per-utterance", action="store_true", help="also list every utterance's prediction and probabilities")
+    p.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = verbs.add_parser("predict", help="emotion of new recordings (JSON), one file or a CSV/JSONL batch")
+    p.add_argument("model_dir", help="a model folder (a run's best/)")
+    p.add_argument("--audio", help="one audio file (any rate, any channel count)")
+    p.add_argument("--text", help="its transcript (models with text)")
+    p.add_argument("--batch", help="a CSV or JSONL manifest: `audio` (paths relative to it), optional `text`, `id`")
+    p.add_argument("--out", help="with --batch: write the JSONL here (default: standard output)")
+    p.add_argument("--asr", help="speech recogniser for rows without a transcript: a hub name or a local CTC / "
+                   "sequence-to-sequence model folder")
+    p.add_argument("--max-full-seconds", type=float, default=60.0,
+                   help="longer recordings are scored in windows of the training crop, probabilities averaged")
+    p.add_argument("--window-seconds", type=float, help="window length (default: the model's training crop)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `emotrain cv CONFIG --folds 1,2 key=value`: overrides may also follow the options.
+        if args.verb != "cv" or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.configs_and_overrides += extra
     try:
         return args.func(args)
     except ConfigError as err:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.conftest import REPO, tiny_overrides
+from tests.integration.conftest import EMOTRAIN, REPO, tiny_overrides
 from tests.slurm.conftest import (
     CPUS_PER_NODE,
     CRED_EXPIRE,
@@ -208,22 +209,37 @@ def test_scancel_ends_the_job_without_a_requeue(slurm_cluster, synthetic_corpus,
     assert not (REPO / f".emotrain-stop-{job_id}").exists()
 
 
-def test_cv_array_task_trains_its_fold(slurm_cluster, synthetic_corpus, tmp_path):
-    """slurm/cv.sbatch as a one-task array (`--array=2`): the task trains fold 2 through train.sbatch."""
-    out = tmp_path / "fold2"
+def test_cv_submits_an_array_and_a_report_that_waits_for_it(slurm_cluster, synthetic_corpus, tmp_path):
+    """`emotrain cv --slurm`: the unfinished runs as one array job (slurm/cv.sbatch, each task through
+    train.sbatch), then slurm/report.sbatch depending on the whole array; a second call submits no
+    training for the finished folds."""
     env = job_environment(slurm_cluster, LAUNCH_CONFIG="launch/cpu_ddp.yaml", PROCESSES_PER_NODE="1")
-    job_id = slurm_cluster.sbatch(
-        "--array=2", f"--cpus-per-task={CPUS_PER_NODE}", "--gpus-per-node=0", f"--output={tmp_path}/cv-%A_%a.out",
-        # output_dir given explicitly (cv.sbatch leaves the default runs/<experiment>/fold<k>)
-        "slurm/cv.sbatch", "configs/smoke.yaml", *tiny_overrides(synthetic_corpus, out, "train.max_epochs=1"),
-        env=env,
-    )
-    output = tmp_path / f"cv-{job_id}_2.out"
-    record = slurm_cluster.wait_for_job(job_id, lambda r: _state(r) in FINISHED, timeout=JOB_TIMEOUT,
-                                        what="the end of the array task", files=(output, out / "train.log"))
-    why = f"{record}\n" + slurm_cluster.diagnostics(output, out / "train.log")
-    assert _state(record) == "COMPLETED" and _field(record, "ExitCode") == "0:0", why
-    assert _field(record, "ArrayTaskId") == "2", why
-    log = (out / "train.log").read_text()
-    assert re.search(r'INFO fold 2: \{"fold": 2, .*"test_session": 2,', log), why
-    assert json.loads((out / "metrics.json").read_text())["stop_reason"] == "max_epochs"
+    overrides = [o for o in tiny_overrides(synthetic_corpus, Path("unused"), "train.max_epochs=1")
+                 if not o.startswith("output_dir=")]
+    command = [*EMOTRAIN, "cv", "configs/smoke.yaml", *overrides, f"output_dir={tmp_path}/{{experiment}}/fold{{fold}}",
+               "--folds", "1,2", "--slurm", "--sbatch",
+               f"--cpus-per-task={CPUS_PER_NODE} --gpus-per-node=0 --output={tmp_path}/slurm-%A_%a.out"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    array_id = int(re.search(r"submitted 2 training run\(s\) as array job (\d+)", proc.stdout).group(1))
+    report_id = int(re.search(r"submitted the report as job (\d+) \(after every task of", proc.stdout).group(1))
+    slurm_cluster.submitted += [array_id, report_id]
+    files = (tmp_path / f"slurm-{array_id}_0.out", tmp_path / f"slurm-{array_id}_1.out")
+    record = slurm_cluster.wait_for_job(report_id, lambda r: _state(r) in FINISHED, timeout=2 * JOB_TIMEOUT,
+                                        what="the end of the report job", files=files)
+    why = f"{record}\n" + slurm_cluster.diagnostics(*files)
+    assert _state(record) == "COMPLETED", why
+    for task, fold in ((0, 1), (1, 2)):
+        task_record = slurm_cluster.job(f"{array_id}_{task}")
+        assert _state(task_record) == "COMPLETED" and _field(task_record, "ExitCode") == "0:0", task_record
+        # The report waited for the whole array (afterany): it started after every task had ended.
+        assert _field(record, "StartTime") >= _field(task_record, "EndTime"), (record, task_record)
+        log = (tmp_path / "smoke" / f"fold{fold}" / "train.log").read_text()
+        assert re.search(rf'INFO fold {fold}: \{{"fold": {fold}, .*"test_session": {fold},', log), why
+    report = (tmp_path / "smoke" / "report" / "report.md").read_text()
+    assert "| smoke | fusion | 2/2 |" in report and "Not counted" not in report, report
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "array job" not in again.stdout and "submitted the report as job" in again.stdout, again.stdout
+    slurm_cluster.submitted.append(int(re.search(r"report as job (\d+)", again.stdout).group(1)))

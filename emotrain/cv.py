@@ -1,0 +1,287 @@
+"""`emotrain cv`: leave-one-session-out cross-validation, every (variant, seed, fold) a normal run.
+
+    emotrain cv configs/smoke.yaml --folds 1,2 --variants fusion,audio,text      # one after another
+    emotrain cv configs/paper.yaml --variants fusion,audio,text \
+        --launcher "accelerate launch --config_file launch/ddp.yaml -m emotrain.cli"      # on all GPUs
+    emotrain cv configs/paper.yaml --variants fusion,audio,text --slurm -- --gpus-per-node=4    # Slurm
+
+Each run is `emotrain train CONFIG ... data.fold=k train.seed=s model.variant=v` in its own
+folder, from the config's `output_dir` template (`runs/{experiment}/fold{fold}`; with `--seeds`,
+`...-seed{seed}` is added unless the template names `{seed}`). A variant other than the config's
+own is its own experiment, `<experiment>-<variant>` (`paper` + `--variants audio` trains
+`paper-audio`, exactly what configs/audio_only.yaml names). Each experiment folder gets `cv.json`
+(the folds and seeds it expects), which `emotrain report` reads.
+
+Rerunning the same command skips finished runs (their `metrics.json` holds test metrics, and their
+saved config is checked against the new one) and resumes an unfinished one from its newest
+checkpoint. Runs are subprocesses: a crash in one does not end the others (the exit code says so).
+A stop request (SIGTERM, SIGINT, SIGUSR1, SIGHUP) is passed on to the running training as SIGTERM:
+it saves and exits with 75, and so does `cv`. If `cv` itself is killed, the training gets SIGTERM
+from the kernel (parent-death signal) and saves the same way; a rerun waits for it to finish saving
+(a lock file in the run folder, held by the training process for its whole life).
+
+With `--slurm` the unfinished runs are submitted as one array job (`slurm/cv.sbatch`, each task
+through `slurm/train.sbatch`: preemption and requeue included) and `slurm/report.sbatch` as a job
+that depends on the whole array (afterany), so the table is written once every task has ended.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from emotrain.config import ConfigError, load_config, load_config_data
+from emotrain.data.folds import SESSIONS
+from emotrain.report import CV_PLAN_FILE
+from emotrain.train.preemption import EXIT_PREEMPTED
+from emotrain.train.run_folder import check_run_folder
+
+LOCK_FILE = ".cv-lock"
+TASKS_FILE = "cv-tasks.json"
+"""With --slurm: the array's tasks (config and overrides of each), read by slurm/cv.sbatch."""
+DEFAULT_LAUNCHER = (sys.executable, "-m", "emotrain.cli")
+VARIANTS = ("fusion", "audio", "text")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of the cross-validation: `emotrain train config *overrides`."""
+
+    config: str
+    overrides: tuple[str, ...]
+    experiment: str
+    variant: str
+    fold: int
+    seed: int
+    output_dir: Path
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.output_dir.parent
+
+    def describe(self) -> str:
+        return f"{self.experiment} fold {self.fold} seed {self.seed}"
+
+
+def parse_list(text: str | None, kind, what: str) -> list | None:
+    """`"1,2,3"` → [1, 2, 3]; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(what, f"expected a comma-separated list, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise ConfigError(what, f"expected distinct values, got {text!r}")
+    return values
+
+
+def plan_runs(
+    configs: list[str],
+    overrides: list[str],
+    *,
+    folds: list[int] | None = None,
+    seeds: list[int] | None = None,
+    variants: list[str] | None = None,
+) -> list[PlannedRun]:
+    """Every run of the cross-validation, validated (a bad key fails here, before any training)."""
+    folds = folds or list(SESSIONS)
+    bad = [f for f in folds if f not in SESSIONS]
+    if bad:
+        raise ConfigError("--folds", f"leave-one-session-out folds are {list(SESSIONS)}, got {bad}")
+    bad = [v for v in variants or () if v not in VARIANTS]
+    if bad:
+        raise ConfigError("--variants", f"must be among {list(VARIANTS)}, got {bad}")
+    runs: list[PlannedRun] = []
+    for config in configs:
+        base = load_config(config, overrides)
+        data = load_config_data(config, overrides)
+        template = data.get("output_dir") or type(base).output_dir
+        if seeds and "{seed}" not in template:
+            template += "-seed{seed}"
+        for variant in variants or [base.model.variant]:
+            experiment = base.experiment if variant == base.model.variant else f"{base.experiment}-{variant}"
+            extra = [f"experiment={experiment}", f"model.variant={variant}"]
+            if variants and len(variants) > 1 and base.logging.group is None:
+                extra.append(f"logging.group={base.experiment}")  # W&B: the comparison in one group
+            for seed in seeds or [base.train.seed]:
+                for fold in folds:
+                    run_overrides = (*overrides, *extra, f"train.seed={seed}", f"data.fold={fold}",
+                                     f"output_dir={template}")
+                    cfg = load_config(config, run_overrides)
+                    runs.append(PlannedRun(config, run_overrides, experiment, variant, fold, seed, Path(cfg.output_dir)))
+    by_experiment: dict[str, set[Path]] = {}
+    for run in runs:
+        by_experiment.setdefault(run.experiment, set()).add(run.experiment_dir)
+    for experiment, dirs in by_experiment.items():
+        if len(dirs) > 1:
+            raise ConfigError("output_dir", f"the runs of {experiment} land in {len(dirs)} folders ({sorted(map(str, dirs))}): "
+                              "cross-validation needs them side by side in one experiment folder (…/{experiment}/fold{fold})")
+    folders = [run.output_dir for run in runs]
+    if len(set(folders)) != len(folders):
+        raise ConfigError("output_dir", "two runs of the cross-validation would share a folder: "
+                          "give each config its own experiment name")
+    return runs
+
+
+def experiments_of(runs: list[PlannedRun]) -> dict[Path, dict]:
+    """{experiment folder: its cv.json content}, in the order of the runs."""
+    plans: dict[Path, dict] = {}
+    for run in runs:
+        plan = plans.setdefault(run.experiment_dir, {"experiment": run.experiment, "variant": run.variant,
+                                                     "config": run.config, "folds": [], "seeds": []})
+        if run.fold not in plan["folds"]:
+            plan["folds"].append(run.fold)
+        if run.seed not in plan["seeds"]:
+            plan["seeds"].append(run.seed)
+    return plans
+
+
+def write_plans(runs: list[PlannedRun]) -> list[Path]:
+    dirs = []
+    for folder, plan in experiments_of(runs).items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CV_PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+        dirs.append(folder)
+    return dirs
+
+
+def is_finished(output_dir: Path) -> bool:
+    """A run that wrote its final metrics (test metrics for folds 1-5)."""
+    try:
+        return "test" in json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the trainings one after another.
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when `cv` dies (even by SIGKILL), so the run saves."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class _Lock:
+    """An exclusive flock on `folder/.cv-lock`, shared with the training subprocess (inherited fd)."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def acquire(self, say) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("an earlier training in this folder is still running (saving after a stop?): waiting for it to end")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        os.close(self.fd)  # closes our copy; the lock ends when the child's copy is gone too
+
+
+def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) -> tuple[int, list[PlannedRun]]:
+    """Train every unfinished run, one after another; returns (exit code, failed runs).
+
+    Exit code: 0, or EXIT_PREEMPTED when a stop request ended the cross-validation early
+    (rerun the same command to continue), or 1 when some runs failed (the others still ran).
+    """
+    stop = {"signal": None}
+    child: dict[str, subprocess.Popen | None] = {"process": None}
+
+    def forward(signum, frame) -> None:
+        stop["signal"] = signum
+        process = child["process"]
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the launcher and its workers save and exit with 75
+
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    failed: list[PlannedRun] = []
+    try:
+        for i, run in enumerate(runs, 1):
+            if stop["signal"] is not None:
+                break
+            lock = _Lock(run.output_dir)
+            try:
+                lock.acquire(say)  # an earlier cv's training may still be saving here: its outcome counts
+                if is_finished(run.output_dir):
+                    # A finished run of another config is no result of this one.
+                    check_run_folder(run.output_dir, load_config(run.config, run.overrides))
+                    say(f"[cv {i}/{len(runs)}] {run.describe()}: finished, skipped ({run.output_dir}/metrics.json)")
+                    continue
+                resuming = (run.output_dir / "checkpoints").is_dir()
+                say(f"[cv {i}/{len(runs)}] {run.describe()}: {'resuming' if resuming else 'training'} in {run.output_dir}")
+                command = [*launcher, "train", run.config, *run.overrides]
+                started = time.perf_counter()
+                process = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent,
+                                           pass_fds=(lock.fd,))
+                child["process"] = process
+                code = process.wait()
+                child["process"] = None
+            finally:
+                lock.release()
+            if code == 0:
+                say(f"[cv {i}/{len(runs)}] {run.describe()}: done in {time.perf_counter() - started:.0f} s")
+            elif code == EXIT_PREEMPTED or stop["signal"] is not None:
+                say(f"[cv {i}/{len(runs)}] {run.describe()}: stopped (exit {code}); rerun the same command to continue")
+                return EXIT_PREEMPTED, failed
+            else:
+                say(f"[cv {i}/{len(runs)}] {run.describe()}: FAILED with exit code {code} (see {run.output_dir}/train.log)")
+                failed.append(run)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop["signal"] is not None:
+        return EXIT_PREEMPTED, failed
+    return (1 if failed else 0), failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm: one array job, then the report.
+
+
+def submit_to_slurm(runs: list[PlannedRun], report_dirs: list[Path], report_out: Path, *,
+                    sbatch_args: list[str], say=print) -> tuple[int | None, int]:
+    """Submit the unfinished runs as an array and the report as a job depending on it.
+
+    Returns (array job id or None when nothing was left to train, report job id).
+    """
+    todo = [run for run in runs if not is_finished(run.output_dir)]
+    for run in runs:
+        if run not in todo:
+            check_run_folder(run.output_dir, load_config(run.config, run.overrides))
+    array_id = None
+    dependency = []
+    if todo:
+        tasks_file = report_dirs[0] / TASKS_FILE
+        tasks_file.write_text(json.dumps({"tasks": [
+            {"config": run.config, "overrides": list(run.overrides), "output_dir": str(run.output_dir)} for run in todo
+        ]}, indent=2) + "\n")
+        array_id = _sbatch([f"--array=0-{len(todo) - 1}", *sbatch_args, "slurm/cv.sbatch", str(tasks_file)])
+        say(f"submitted {len(todo)} training run(s) as array job {array_id} ({len(runs) - len(todo)} already finished)")
+        dependency = [f"--dependency=afterany:{array_id}"]
+    report_args = [arg for arg in sbatch_args if arg.startswith(("--partition", "--account", "--qos", "--output", "-p", "-A"))]
+    report_id = _sbatch([*dependency, *report_args, "slurm/report.sbatch", "--out", str(report_out), *map(str, report_dirs)])
+    say(f"submitted the report as job {report_id}" + (f" (after every task of {array_id})" if array_id else "")
+        + f": {report_out}/report.md")
+    return array_id, report_id
+
+
+def _sbatch(args: list[str]) -> int:
+    command = ["sbatch", "--parsable", *args]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return int(proc.stdout.strip().split(";")[0])

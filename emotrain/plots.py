@@ -1,0 +1,120 @@
+"""The report's pictures (matplotlib, no display needed): confusion matrices, curves, the UA bar chart.
+
+    write_all(experiments, out)   # → [Path, ...] of the PNGs written under `out`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+DPI = 100
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a compute node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_figure(confusion: np.ndarray, labels: list[str], title: str, path: Path) -> Path:
+    """Two panels: counts and row-normalised (each true class sums to 1). Rows = true class."""
+    plt = _pyplot()
+    confusion = np.asarray(confusion, dtype=np.float64)
+    rows = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), dpi=DPI)
+    for ax, matrix, kind, fmt in ((axes[0], confusion, "counts", "{:.0f}"), (axes[1], normalised, "row-normalised", "{:.2f}")):
+        image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(matrix.max(), 1e-9))
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(kind)
+        threshold = matrix.max() / 2
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                ax.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center",
+                        color="white" if matrix[i, j] > threshold else "black", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(series: dict[str, list[tuple[int, float]]], title: str, path: Path) -> Path:
+    """Training loss (left axis) and validation WA/UA (right axis) against the optimizer step."""
+    plt = _pyplot()
+    fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=DPI)
+    if series.get("train/loss"):
+        steps, values = zip(*series["train/loss"])
+        loss_axis.plot(steps, values, color="tab:blue", label="training loss")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
+    metric_axis = loss_axis.twinx()
+    for key, color in (("validation/ua", "tab:red"), ("validation/wa", "tab:orange")):
+        if series.get(key):
+            steps, values = zip(*series[key])
+            metric_axis.plot(steps, values, marker="o", color=color, label=key.replace("/", " ").replace("ua", "UA").replace("wa", "WA"))
+    metric_axis.set_ylim(0, 1)
+    metric_axis.set_ylabel("validation")
+    handles = [h for ax in (loss_axis, metric_axis) for h in ax.get_legend_handles_labels()[0]]
+    labels = [lbl for ax in (loss_axis, metric_axis) for lbl in ax.get_legend_handles_labels()[1]]
+    if handles:
+        loss_axis.legend(handles, labels, loc="best", framealpha=0.8)
+    loss_axis.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def ua_bar_figure(names: list[str], fold_values: list[dict[int, float]], path: Path) -> Path:
+    """Mean test UA per experiment with ± sd error bars over folds, each fold's UA as a dot."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(names) + 2), 4), dpi=DPI)
+    for i, values in enumerate(fold_values):
+        points = np.array(list(values.values()), dtype=np.float64)
+        sd = points.std(ddof=1) if len(points) > 1 else 0.0
+        ax.bar(i, points.mean(), yerr=sd, capsize=6, color=f"C{i}", alpha=0.8)
+        ax.scatter(np.full(len(points), i) + np.linspace(-0.15, 0.15, len(points)), points, color="black", s=14, zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test UA (mean ± sd over folds)")
+    ax.set_title("UA by experiment")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_all(experiments, out: Path) -> list[Path]:
+    """Every figure of the report (see `emotrain.report`)."""
+    from emotrain.report import curves
+
+    written: list[Path] = []
+    for experiment in experiments:
+        folder = out / experiment.name
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = experiment.label_names()
+        pooled = np.zeros((len(labels), len(labels)))
+        for fold in experiment.folds():
+            runs = [run for run in experiment.finished if run.fold == fold]
+            confusion = sum(np.asarray(run.test["confusion"], dtype=np.float64) for run in runs)
+            pooled += confusion
+            seeds = "" if len(runs) == 1 else f", {len(runs)} seeds summed"
+            written.append(confusion_figure(confusion, labels, f"{experiment.name}: fold {fold} (test session {fold}{seeds})",
+                                            folder / f"confusion_fold{fold}.png"))
+            written.append(curves_figure(curves(runs[0]), f"{experiment.name}: fold {fold}, seed {runs[0].seed}",
+                                         folder / f"curves_fold{fold}.png"))
+        written.append(confusion_figure(pooled, labels, f"{experiment.name}: pooled over folds {experiment.folds()}",
+                                        folder / "confusion_pooled.png"))
+    written.append(ua_bar_figure([e.name for e in experiments], [e.fold_values("ua") for e in experiments],
+                                 out / "ua_by_experiment.png"))
+    return written

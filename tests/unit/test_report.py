@@ -1,0 +1,197 @@
+"""`emotrain report` on run folders written by hand: the numbers, the comparison, what is missing;
+the run folder's history file; provenance; `emotrain cv`'s plan."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emotrain.config import ConfigError, load_config, save_config
+from emotrain.report import ReportError, build_report, paired_difference, read_experiment
+from emotrain.train.tracking import HISTORY_FILE, HistoryTracker, read_history
+
+REPO = Path(__file__).resolve().parents[2]
+LABELS = ("neutral", "happy", "sad", "angry")
+
+
+def _run(folder: Path, *, experiment: str, variant: str, fold: int, seed: int, recalls: list[float] | None,
+         n: int = 40) -> None:
+    """A run folder as the recipe leaves it; recalls None: unfinished (config and a checkpoint only)."""
+    cfg = load_config(None, [f"experiment={experiment}", f"model.variant={variant}", f"data.fold={fold}",
+                             f"train.seed={seed}", f"output_dir={folder}", f"data.path={folder.parent}/never-prepared"])
+    save_config(cfg, folder / "config.yaml", provenance={"git_commit": "abc123", "packages": {"torch": "2.13.0"},
+                                                         "world_size": 2})
+    if recalls is None:
+        (folder / "checkpoints" / "step-000010").mkdir(parents=True)
+        return
+    per_class = n // 4
+    confusion = np.zeros((4, 4), dtype=int)
+    for c, r in enumerate(recalls):
+        right = int(round(r * per_class))
+        confusion[c, c] = right
+        confusion[c, (c + 1) % 4] = per_class - right
+    wa = float(np.trace(confusion) / confusion.sum())
+    test = {"wa": wa, "ua": float(np.mean(recalls)), "macro_f1": float(np.mean(recalls)) - 0.01,
+            "per_class_recall": dict(zip(LABELS, recalls)), "confusion": confusion.tolist(), "n": n, "n_skipped": 0}
+    (folder / "metrics.json").write_text(json.dumps({"validation": test, "test": test, "best_step": 7}))
+
+
+def _plan(folder: Path, experiment: str, variant: str, folds, seeds) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cv.json").write_text(json.dumps({"experiment": experiment, "variant": variant, "config": "x.yaml",
+                                                "folds": list(folds), "seeds": list(seeds)}))
+
+
+RECALLS = {  # experiment -> fold -> per-class recalls (multiples of 0.1: exact with 10 per class)
+    "fusion": {1: [0.8, 0.7, 0.9, 0.6], 2: [0.7, 0.7, 0.8, 0.8], 3: [0.9, 0.6, 0.7, 0.8]},
+    "audio": {1: [0.5, 0.4, 0.6, 0.7], 2: [0.8, 0.8, 0.9, 0.9], 3: [0.4, 0.5, 0.6, 0.5]},
+}
+
+
+@pytest.fixture
+def two_experiments(tmp_path):
+    dirs = {}
+    for variant, folds in RECALLS.items():
+        name = "exp" if variant == "fusion" else f"exp-{variant}"
+        dirs[variant] = tmp_path / name
+        _plan(dirs[variant], name, variant, folds=[1, 2, 3], seeds=[42])
+        for fold, recalls in folds.items():
+            _run(dirs[variant] / f"fold{fold}", experiment=name, variant=variant, fold=fold, seed=42, recalls=recalls)
+    return dirs
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_the_summary_is_mean_and_sample_sd_over_folds_with_paired_differences(two_experiments, tmp_path):
+    report = build_report([two_experiments["fusion"], two_experiments["audio"]], tmp_path / "out", plots=False)
+    summary = {row["experiment"]: row for row in _rows(tmp_path / "out" / "summary.csv")}
+    ua = {v: [float(np.mean(r)) for r in folds.values()] for v, folds in RECALLS.items()}
+    for variant, name in (("fusion", "exp"), ("audio", "exp-audio")):
+        assert float(summary[name]["ua_mean"]) == pytest.approx(np.mean(ua[variant]))
+        assert float(summary[name]["ua_sd"]) == pytest.approx(np.std(ua[variant], ddof=1))
+        happy = [recalls[1] for recalls in RECALLS[variant].values()]
+        assert float(summary[name]["recall_happy_mean"]) == pytest.approx(np.mean(happy))
+    differences = np.array(ua["audio"]) - np.array(ua["fusion"])
+    assert float(summary["exp-audio"]["delta_ua_mean"]) == pytest.approx(differences.mean())
+    assert float(summary["exp-audio"]["delta_ua_sd"]) == pytest.approx(differences.std(ddof=1))
+    assert int(summary["exp-audio"]["delta_ua_wins"]) == int((differences > 0).sum()) == 1  # audio wins fold 2
+    assert summary["exp"]["delta_ua_mean"] == ""  # the reference
+    # The Markdown table shows the same, in percent.
+    table = report["table"]
+    fusion_row = next(line for line in table.splitlines() if line.startswith("| exp |"))
+    assert f"{np.mean(ua['fusion']) * 100:.1f} ± {np.std(ua['fusion'], ddof=1) * 100:.1f}" in fusion_row
+    audio_row = next(line for line in table.splitlines() if line.startswith("| exp-audio |"))
+    assert f"| {differences.mean() * 100:+.1f} ± {differences.std(ddof=1) * 100:.1f} | 1/3 |" in audio_row
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| exp-audio | 1 | 42 | abc123 |" in text  # each run's commit
+    assert "no prepare report at" in text  # the data of these hand-made runs was never prepared: said so
+    assert len(_rows(tmp_path / "out" / "runs.csv")) == 6
+
+
+def test_several_seeds_average_within_a_fold_first(tmp_path):
+    folder = tmp_path / "exp"
+    _plan(folder, "exp", "fusion", folds=[1, 2], seeds=[1, 2])
+    recalls = {(1, 1): [0.8] * 4, (1, 2): [0.6] * 4, (2, 1): [0.5] * 4, (2, 2): [0.7] * 4}
+    for (fold, seed), r in recalls.items():
+        _run(folder / f"fold{fold}-seed{seed}", experiment="exp", variant="fusion", fold=fold, seed=seed, recalls=r)
+    experiment = read_experiment(folder)
+    assert experiment.fold_values("ua") == pytest.approx({1: 0.7, 2: 0.6})
+    report = build_report([folder], tmp_path / "out", plots=False)
+    assert f"{65.0:.1f} ± {np.std([0.7, 0.6], ddof=1) * 100:.1f}" in report["table"]
+    assert "| 1 | 1 | 1,2 | 40 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_missing_and_unfinished_runs_are_named_and_not_counted(two_experiments, tmp_path):
+    fusion = two_experiments["fusion"]
+    for path in (fusion / "fold3").iterdir():
+        path.unlink()
+    (fusion / "fold3").rmdir()
+    (fusion / "fold2" / "metrics.json").unlink()
+    (fusion / "fold2" / "checkpoints").mkdir()
+    report = build_report([fusion, two_experiments["audio"]], tmp_path / "out", plots=False)
+    assert report["status"] == ["- exp: fold 3 is missing (no run folder)",
+                                f"- exp: fold 2 is unfinished ({fusion / 'fold2'}: no test metrics yet)"]
+    assert "| exp | fusion | 1/3 |" in report["table"]
+    # The paired difference uses the folds both finished: fold 1 only.
+    delta = paired_difference(read_experiment(two_experiments["audio"]), read_experiment(fusion), "ua")
+    assert delta["folds"] == 1 and delta["sd"] is None
+    assert delta["mean"] == pytest.approx(np.mean(RECALLS["audio"][1]) - np.mean(RECALLS["fusion"][1]))
+
+
+def test_nothing_finished_or_a_wrong_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="no such experiment folder"):
+        build_report([tmp_path / "nope"], tmp_path / "out")
+    _plan(tmp_path / "exp", "exp", "fusion", folds=[1], seeds=[42])
+    with pytest.raises(ReportError, match="nothing finished to report for exp: exp: fold 1 is missing"):
+        build_report([tmp_path / "exp"], tmp_path / "out")
+
+
+def test_history_of_a_resumed_run_drops_what_the_interrupted_run_logged_later(tmp_path):
+    first = HistoryTracker(tmp_path)
+    first.keep_until(None)
+    first.start()
+    for step in (1, 2, 3, 4):
+        first.log({"train/loss": 1.0 / step, "train/step": step})
+    first.log({"validation/ua": 0.5, "train/step": 4})
+    first.finish()
+    with open(tmp_path / HISTORY_FILE, "a") as handle:
+        handle.write('{"train/loss": 0.1, "train/st')  # killed mid-line
+    resumed = HistoryTracker(tmp_path)
+    resumed.keep_until(2)  # the checkpoint it resumed from
+    resumed.start()
+    resumed.log({"train/loss": 0.3, "train/step": 3})
+    resumed.finish()
+    assert [(r["train/step"], r["train/loss"]) for r in read_history(tmp_path / HISTORY_FILE)] == [
+        (1, 1.0), (2, 0.5), (3, 0.3)]
+    fresh = HistoryTracker(tmp_path)
+    fresh.keep_until(None)  # resume=never: a new history
+    fresh.start()
+    fresh.finish()
+    assert read_history(tmp_path / HISTORY_FILE) == []
+
+
+def test_provenance_is_saved_with_the_config_and_ignored_when_loaded(tmp_path):
+    from emotrain import provenance
+
+    current = provenance.collect(world_size=2, distributed_type="MULTI_GPU", mixed_precision="bf16")
+    assert current["packages"]["torch"].startswith("2.") and current["world_size"] == 2
+    assert len(current["git_commit"].split("+")[0]) == 40  # this checkout's commit
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    save_config(cfg, tmp_path / "config.yaml", provenance=current)
+    assert load_config(tmp_path / "config.yaml").to_dict() == cfg.to_dict()  # still a loadable config
+    # A run resumed under other code remembers where it started.
+    later = {**current, "git_commit": "f" * 40}
+    merged = provenance.merge_with_earlier(later, current)
+    assert merged["git_commit"] == "f" * 40 and merged["earlier"][0]["git_commit"] == current["git_commit"]
+    assert "earlier" not in provenance.merge_with_earlier(current, current)
+
+
+def test_cv_plans_one_folder_per_variant_seed_and_fold(tmp_path):
+    from emotrain import cv
+
+    runs = cv.plan_runs([str(REPO / "configs" / "smoke.yaml")], [f"output_dir={tmp_path}/{{experiment}}/fold{{fold}}"],
+                        folds=[1, 3], seeds=[1, 2], variants=["fusion", "text"])
+    assert [(r.experiment, r.seed, r.fold) for r in runs] == [
+        ("smoke", 1, 1), ("smoke", 1, 3), ("smoke", 2, 1), ("smoke", 2, 3),
+        ("smoke-text", 1, 1), ("smoke-text", 1, 3), ("smoke-text", 2, 1), ("smoke-text", 2, 3)]
+    assert runs[5].output_dir == tmp_path / "smoke-text" / "fold3-seed1"
+    cfg = load_config(runs[5].config, runs[5].overrides)
+    assert (cfg.model.variant, cfg.data.fold, cfg.train.seed, cfg.logging.group) == ("text", 3, 1, "smoke")
+    # Without --seeds: the config's seed and the plain folder, as `emotrain train` writes it.
+    (plain,) = cv.plan_runs([str(REPO / "configs" / "paper.yaml")], [], folds=[2])
+    assert plain.output_dir == Path("runs/paper/fold2") and plain.experiment == "paper"
+    with pytest.raises(ConfigError, match="--folds"):
+        cv.plan_runs([str(REPO / "configs" / "smoke.yaml")], [], folds=[0, 6])
+    with pytest.raises(ConfigError, match="--variants"):
+        cv.plan_runs([str(REPO / "configs" / "smoke.yaml")], [], variants=["video"])
+    with pytest.raises(ConfigError, match="train.nope"):  # a bad key fails before any training
+        cv.plan_runs([str(REPO / "configs" / "smoke.yaml")], ["train.nope=1"])
+    with pytest.raises(ConfigError, match="share a folder"):
+        cv.plan_runs([str(REPO / "configs" / "smoke.yaml")] * 2, [])
