@@ -195,3 +195,30 @@ def test_cv_plans_one_folder_per_variant_seed_and_fold(tmp_path):
         cv.plan_runs([str(REPO / "configs" / "smoke.yaml")], ["train.nope=1"])
     with pytest.raises(ConfigError, match="share a folder"):
         cv.plan_runs([str(REPO / "configs" / "smoke.yaml")] * 2, [])
+
+
+def test_with_wandb_the_report_is_one_summary_run_in_the_runs_group(two_experiments, tmp_path, monkeypatch):
+    from emotrain.report import log_to_wandb
+    from tests.wandb_offline import read_records, run_history
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for folder in two_experiments.values():
+        for config in folder.glob("fold*/config.yaml"):
+            text = config.read_text().replace("report_to: []", "report_to:\n  - wandb").replace("group: null", "group: exp")
+            config.write_text(text)
+    report = build_report([two_experiments["fusion"], two_experiments["audio"]], tmp_path / "out")
+    assert report["wandb"] is True
+    run_id = log_to_wandb(report)
+    (run_dir,) = (tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}")
+    _, rows = run_history(run_dir)
+    logged = {key.rsplit("/", 1)[0] for row in rows for key in row if key.endswith("/_type")}  # media: nested keys
+    assert "results" in logged  # the comparison table
+    assert {f"figures/{p.relative_to(tmp_path / 'out').with_suffix('').as_posix()}" for p in report["images"]} <= logged
+    assert len(list((run_dir / "files" / "media" / "images").rglob("*.png"))) == len(report["images"])
+    (table_file,) = (run_dir / "files" / "media" / "table").glob("results_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert [row[0] for row in table["data"]] == ["exp", "exp-audio"]
+    ua_mean = table["columns"].index("ua_mean")
+    assert table["data"][0][ua_mean] == pytest.approx(np.mean([np.mean(r) for r in RECALLS["fusion"].values()]))
+    runs = [r.run for r in read_records(next(run_dir.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run"]
+    assert runs and runs[0].run_group == "exp" and runs[0].job_type == "report"
