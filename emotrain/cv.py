@@ -155,6 +155,14 @@ def write_plans(runs: list[PlannedRun]) -> list[Path]:
     return dirs
 
 
+def check_finished_runs(runs: list[PlannedRun]) -> None:
+    """Raise RunFolderConflict for a finished run whose saved config differs in a result-changing key:
+    it is no result of this cross-validation, and skipping it would mix two experiments in the table."""
+    for run in runs:
+        if is_finished(run.output_dir):
+            check_run_folder(run.output_dir, load_config(run.config, run.overrides))
+
+
 def is_finished(output_dir: Path) -> bool:
     """A run that wrote its final metrics (test metrics for folds 1-5)."""
     try:
@@ -206,6 +214,7 @@ def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) 
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)  # the launcher and its workers save and exit with 75
 
+    check_finished_runs(runs)  # before anything trains: a conflict would otherwise surface hours later
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
     previous = {sig: signal.signal(sig, forward) for sig in forwarded}
     failed: list[PlannedRun] = []
@@ -258,10 +267,8 @@ def submit_to_slurm(runs: list[PlannedRun], report_dirs: list[Path], report_out:
 
     Returns (array job id or None when nothing was left to train, report job id).
     """
+    check_finished_runs(runs)
     todo = [run for run in runs if not is_finished(run.output_dir)]
-    for run in runs:
-        if run not in todo:
-            check_run_folder(run.output_dir, load_config(run.config, run.overrides))
     array_id = None
     dependency = []
     if todo:

@@ -222,3 +222,24 @@ def test_with_wandb_the_report_is_one_summary_run_in_the_runs_group(two_experime
     assert table["data"][0][ua_mean] == pytest.approx(np.mean([np.mean(r) for r in RECALLS["fusion"].values()]))
     runs = [r.run for r in read_records(next(run_dir.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run"]
     assert runs and runs[0].run_group == "exp" and runs[0].job_type == "report"
+
+
+def test_cv_refuses_a_finished_run_of_another_config_before_training_anything(tmp_path):
+    from emotrain import cv
+    from emotrain.train.run_folder import RunFolderConflict
+
+    runs = cv.plan_runs([str(REPO / "configs" / "smoke.yaml")], [f"output_dir={tmp_path}/{{experiment}}/fold{{fold}}"],
+                        folds=[1, 2])
+    finished = runs[1].output_dir  # fold 2 finished earlier, with another learning rate
+    save_config(load_config(runs[1].config, [*runs[1].overrides, "train.lr=1e-3"]), finished / "config.yaml")
+    (finished / "metrics.json").write_text(json.dumps({"test": {"ua": 0.5}}))
+    launched = tmp_path / "launched"
+    with pytest.raises(RunFolderConflict, match="train.lr: 0.001 there, 5e-05 now"):
+        cv.run_sequentially(runs, launcher=["sh", "-c", f"touch {launched}"], say=lambda line: None)
+    assert not launched.exists()  # fold 1 was not trained first
+    # Without the conflict, fold 1 is launched (the stand-in launcher "trains" it) and fold 2 skipped.
+    save_config(load_config(runs[1].config, runs[1].overrides), finished / "config.yaml")
+    said = []
+    code, failed = cv.run_sequentially(runs, launcher=["sh", "-c", f"touch {launched}"], say=said.append)
+    assert launched.exists() and code == 0 and not failed
+    assert said[-1].endswith(f"finished, skipped ({finished}/metrics.json)")
