@@ -99,7 +99,12 @@ def cmd_cv(args: argparse.Namespace) -> int:
     report_out = Path(args.report_dir) if args.report_dir else experiment_dirs[0] / "report"
     print(f"cross-validation: {len(runs)} run(s) in {', '.join(map(str, experiment_dirs))}", flush=True)
     if args.slurm:
-        cv.submit_to_slurm(runs, experiment_dirs, report_out, sbatch_args=shlex.split(args.sbatch))
+        try:
+            cv.submit_to_slurm(runs, experiment_dirs, report_out, sbatch_args=shlex.split(args.sbatch),
+                               report_sbatch_args=shlex.split(args.report_sbatch))
+        except RuntimeError as err:
+            print(f"emotrain cv: error: {err}", file=sys.stderr)
+            return 2
         return 0
     from emotrain.data.folds import check_prepared
 
@@ -148,12 +153,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     results_out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # standard output is the JSON alone, whatever libraries print
-        from emotrain.predict import evaluate_model
+        from emotrain.predict import InputError, evaluate_model
         from emotrain.train.recipe import format_results
 
-        results = evaluate_model(args.model_dir, args.data_dir, sessions=[args.session] if args.session else None,
-                                 batch_size=args.batch_size, mixed_precision=args.mixed_precision,
-                                 per_utterance=args.per_utterance)
+        try:
+            results = evaluate_model(args.model_dir, args.data_dir, sessions=[args.session] if args.session else None,
+                                     batch_size=args.batch_size, mixed_precision=args.mixed_precision,
+                                     per_utterance=args.per_utterance)
+        except InputError as err:
+            print(f"emotrain evaluate: error: {err}", file=sys.stderr)
+            return 2
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -176,10 +185,11 @@ def _predict(args: argparse.Namespace, results_out) -> int:
     import torch
 
     from emotrain.model import EmotionModel
-    from emotrain.predict import InputError, Predictor, Transcriber, read_manifest
+    from emotrain.predict import InputError, Predictor, Transcriber, check_model_folder, read_manifest
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        check_model_folder(args.model_dir)
         model = EmotionModel.from_pretrained(args.model_dir, device=device)
         asr = Transcriber(args.asr, device=device) if args.asr and model.uses_text else None
         predictor = Predictor(model, asr=asr, max_full_seconds=args.max_full_seconds,
@@ -249,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", help="where the report goes (default: <first experiment>/report)")
     p.add_argument("--slurm", action="store_true", help="submit the unfinished runs as a Slurm array job "
                    "(slurm/cv.sbatch), then the report as a job depending on it")
-    p.add_argument("--sbatch", default="", help="with --slurm: options for sbatch, e.g. '--partition=gpu --gpus-per-node=4'")
+    p.add_argument("--sbatch", default="", help="with --slurm: sbatch options for the training array, written "
+                   "with `=`: --sbatch='--partition=gpu --gpus-per-node=4'")
+    p.add_argument("--report-sbatch", default="", help="with --slurm: sbatch options for the report job (one CPU), "
+                   "e.g. --report-sbatch=--partition=cpu")
     p.set_defaults(func=cmd_cv)
 
     p = verbs.add_parser("report", help="the results table (Markdown, CSV) and figures of finished runs")

@@ -3,7 +3,7 @@
     emotrain cv configs/smoke.yaml --folds 1,2 --variants fusion,audio,text      # one after another
     emotrain cv configs/paper.yaml --variants fusion,audio,text \
         --launcher "accelerate launch --config_file launch/ddp.yaml -m emotrain.cli"      # on all GPUs
-    emotrain cv configs/paper.yaml --variants fusion,audio,text --slurm -- --gpus-per-node=4    # Slurm
+    emotrain cv configs/paper.yaml --variants fusion,audio,text --slurm --sbatch=--gpus-per-node=4   # Slurm
 
 Each run is `emotrain train CONFIG ... data.fold=k train.seed=s model.variant=v` in its own
 folder, from the config's `output_dir` template (`runs/{experiment}/fold{fold}`; with `--seeds`,
@@ -18,7 +18,7 @@ checkpoint. Runs are subprocesses: a crash in one does not end the others (the e
 A stop request (SIGTERM, SIGINT, SIGUSR1, SIGHUP) is passed on to the running training as SIGTERM:
 it saves and exits with 75, and so does `cv`. If `cv` itself is killed, the training gets SIGTERM
 from the kernel (parent-death signal) and saves the same way; a rerun waits for it to finish saving
-(a lock file in the run folder, held by the training process for its whole life).
+(every training holds its run folder's lock, `.lock`, for its whole life).
 
 With `--slurm` the unfinished runs are submitted as one array job (`slurm/cv.sbatch`, each task
 through `slurm/train.sbatch`: preemption and requeue included) and `slurm/report.sbatch` as a job
@@ -28,7 +28,6 @@ that depends on the whole array (afterany), so the table is written once every t
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import os
 import shlex
@@ -43,11 +42,11 @@ from emotrain.config import ConfigError, load_config, load_config_data
 from emotrain.data.folds import SESSIONS
 from emotrain.report import CV_PLAN_FILE
 from emotrain.train.preemption import EXIT_PREEMPTED
-from emotrain.train.run_folder import check_run_folder
+from emotrain.train.run_folder import check_run_folder, wait_until_free
 
-LOCK_FILE = ".cv-lock"
 TASKS_FILE = "cv-tasks.json"
-"""With --slurm: the array's tasks (config and overrides of each), read by slurm/cv.sbatch."""
+"""With --slurm: the array's tasks (config and overrides of each), read by slurm/cv.sbatch; one file
+per submission, `cv-tasks-<time>-<pid>.json`."""
 DEFAULT_LAUNCHER = (sys.executable, "-m", "emotrain.cli")
 VARIANTS = ("fusion", "audio", "text")
 
@@ -102,6 +101,9 @@ def plan_runs(
     if bad:
         raise ConfigError("--variants", f"must be among {list(VARIANTS)}, got {bad}")
     runs: list[PlannedRun] = []
+    comparison_group = None  # W&B: a comparison (several variants or configs) in one group
+    if len(configs) * len(variants or [None]) > 1:
+        comparison_group = load_config(configs[0], overrides).experiment
     for config in configs:
         base = load_config(config, overrides)
         data = load_config_data(config, overrides)
@@ -111,8 +113,8 @@ def plan_runs(
         for variant in variants or [base.model.variant]:
             experiment = base.experiment if variant == base.model.variant else f"{base.experiment}-{variant}"
             extra = [f"experiment={experiment}", f"model.variant={variant}"]
-            if variants and len(variants) > 1 and base.logging.group is None:
-                extra.append(f"logging.group={base.experiment}")  # W&B: the comparison in one group
+            if comparison_group is not None and base.logging.group is None:
+                extra.append(f"logging.group={comparison_group}")
             for seed in seeds or [base.train.seed]:
                 for fold in folds:
                     run_overrides = (*overrides, *extra, f"train.seed={seed}", f"data.fold={fold}",
@@ -181,24 +183,6 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class _Lock:
-    """An exclusive flock on `folder/.cv-lock`, shared with the training subprocess (inherited fd)."""
-
-    def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-
-    def acquire(self, say) -> None:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say("an earlier training in this folder is still running (saving after a stop?): waiting for it to end")
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def release(self) -> None:
-        os.close(self.fd)  # closes our copy; the lock ends when the child's copy is gone too
-
-
 def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) -> tuple[int, list[PlannedRun]]:
     """Train every unfinished run, one after another; returns (exit code, failed runs).
 
@@ -222,27 +206,30 @@ def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) 
         for i, run in enumerate(runs, 1):
             if stop["signal"] is not None:
                 break
-            lock = _Lock(run.output_dir)
-            try:
-                lock.acquire(say)  # an earlier cv's training may still be saving here: its outcome counts
-                if is_finished(run.output_dir):
-                    # A finished run of another config is no result of this one.
-                    check_run_folder(run.output_dir, load_config(run.config, run.overrides))
-                    say(f"[cv {i}/{len(runs)}] {run.describe()}: finished, skipped ({run.output_dir}/metrics.json)")
-                    continue
-                resuming = (run.output_dir / "checkpoints").is_dir()
-                say(f"[cv {i}/{len(runs)}] {run.describe()}: {'resuming' if resuming else 'training'} in {run.output_dir}")
-                command = [*launcher, "train", run.config, *run.overrides]
-                started = time.perf_counter()
-                process = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent,
-                                           pass_fds=(lock.fd,))
-                child["process"] = process
-                code = process.wait()
-                child["process"] = None
-            finally:
-                lock.release()
-            if code == 0:
-                say(f"[cv {i}/{len(runs)}] {run.describe()}: done in {time.perf_counter() - started:.0f} s")
+            # An earlier cv's training may still be saving here (cv killed, its training not yet
+            # done): wait, then its outcome counts.
+            wait_until_free(run.output_dir, say)
+            if stop["signal"] is not None:
+                break
+            if is_finished(run.output_dir):
+                check_run_folder(run.output_dir, load_config(run.config, run.overrides))
+                say(f"[cv {i}/{len(runs)}] {run.describe()}: finished, skipped ({run.output_dir}/metrics.json)")
+                continue
+            resuming = (run.output_dir / "checkpoints").is_dir()
+            say(f"[cv {i}/{len(runs)}] {run.describe()}: {'resuming' if resuming else 'training'} in {run.output_dir}")
+            started = time.perf_counter()
+            process = subprocess.Popen([*launcher, "train", run.config, *run.overrides], start_new_session=True,
+                                       preexec_fn=_die_with_parent)
+            child["process"] = process
+            if stop["signal"] is not None:  # a stop request that came while it started
+                os.killpg(process.pid, signal.SIGTERM)
+            code = process.wait()
+            child["process"] = None
+            if code == 0 or (is_finished(run.output_dir) and stop["signal"] is None):
+                # (A non-zero code with the final metrics written: the process failed on its way out,
+                # e.g. a gloo abort at interpreter exit, after the run itself had finished.)
+                note = "" if code == 0 else f" (it exited with {code} after writing its metrics)"
+                say(f"[cv {i}/{len(runs)}] {run.describe()}: done in {time.perf_counter() - started:.0f} s{note}")
             elif code == EXIT_PREEMPTED or stop["signal"] is not None:
                 say(f"[cv {i}/{len(runs)}] {run.describe()}: stopped (exit {code}); rerun the same command to continue")
                 return EXIT_PREEMPTED, failed
@@ -261,26 +248,38 @@ def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) 
 # Slurm: one array job, then the report.
 
 
+def slurm_script(name: str) -> Path:
+    """A script of the source checkout's slurm/ folder (the jobs run from the submit directory)."""
+    path = Path(__file__).resolve().parent.parent / "slurm" / name
+    if not path.is_file():
+        raise RuntimeError(f"{path} not found: --slurm needs emotrain's source checkout (its slurm/ scripts)")
+    return path
+
+
 def submit_to_slurm(runs: list[PlannedRun], report_dirs: list[Path], report_out: Path, *,
-                    sbatch_args: list[str], say=print) -> tuple[int | None, int]:
+                    sbatch_args: list[str], report_sbatch_args: list[str] = (), say=print) -> tuple[int | None, int]:
     """Submit the unfinished runs as an array and the report as a job depending on it.
 
-    Returns (array job id or None when nothing was left to train, report job id).
+    Each submission writes its own tasks file (`cv-tasks-<time>.json`), so tasks still pending from
+    an earlier submission keep reading theirs. A run submitted twice is safe: the second training to
+    start finds the run folder locked and stops at once. The jobs run `emotrain` with this Python
+    and these scripts (EMOTRAIN_PYTHON, EMOTRAIN_SLURM_DIR, exported to them). Returns (array job id or None when nothing was left to
+    train, report job id).
     """
     check_finished_runs(runs)
     todo = [run for run in runs if not is_finished(run.output_dir)]
     array_id = None
     dependency = []
     if todo:
-        tasks_file = report_dirs[0] / TASKS_FILE
+        tasks_file = report_dirs[0] / f"{TASKS_FILE.removesuffix('.json')}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
         tasks_file.write_text(json.dumps({"tasks": [
             {"config": run.config, "overrides": list(run.overrides), "output_dir": str(run.output_dir)} for run in todo
         ]}, indent=2) + "\n")
-        array_id = _sbatch([f"--array=0-{len(todo) - 1}", *sbatch_args, "slurm/cv.sbatch", str(tasks_file)])
+        array_id = _sbatch([f"--array=0-{len(todo) - 1}", *sbatch_args, str(slurm_script("cv.sbatch")), str(tasks_file)])
         say(f"submitted {len(todo)} training run(s) as array job {array_id} ({len(runs) - len(todo)} already finished)")
         dependency = [f"--dependency=afterany:{array_id}"]
-    report_args = [arg for arg in sbatch_args if arg.startswith(("--partition", "--account", "--qos", "--output", "-p", "-A"))]
-    report_id = _sbatch([*dependency, *report_args, "slurm/report.sbatch", "--out", str(report_out), *map(str, report_dirs)])
+    report_id = _sbatch([*dependency, *report_sbatch_args, str(slurm_script("report.sbatch")), "--out", str(report_out),
+                         *map(str, report_dirs)])
     say(f"submitted the report as job {report_id}" + (f" (after every task of {array_id})" if array_id else "")
         + f": {report_out}/report.md")
     return array_id, report_id
@@ -288,7 +287,12 @@ def submit_to_slurm(runs: list[PlannedRun], report_dirs: list[Path], report_out:
 
 def _sbatch(args: list[str]) -> int:
     command = ["sbatch", "--parsable", *args]
-    proc = subprocess.run(command, capture_output=True, text=True)
+    # sbatch exports its environment to the job: the jobs find this Python and these scripts.
+    env = {**os.environ, "EMOTRAIN_PYTHON": sys.executable, "EMOTRAIN_SLURM_DIR": str(slurm_script("cv.sbatch").parent)}
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    except FileNotFoundError:
+        raise RuntimeError("sbatch not found: --slurm submits jobs from a Slurm login node") from None
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return int(proc.stdout.strip().split(";")[0])

@@ -71,8 +71,9 @@ class Transcriber:
         self.name = str(name_or_path)
         try:
             self.pipeline = pipeline("automatic-speech-recognition", model=self.name, device=torch.device(device))
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot load the speech recogniser {self.name!r}: {' '.join(str(err).split())}") from None
+        except Exception as err:  # noqa: BLE001 - OSError, ValueError, KeyError (unknown architecture), ImportError...
+            raise InputError(f"cannot load the speech recogniser {self.name!r}: {type(err).__name__}: "
+                             f"{' '.join(str(err).split())}") from None
 
     def __call__(self, samples: np.ndarray, sampling_rate: int) -> str:
         seconds = len(samples) / sampling_rate
@@ -138,10 +139,20 @@ class Predictor:
         feature_extractor, tokenizer = model.processors()
         self.collator = Collator(feature_extractor, tokenizer, int(settings["max_text_tokens"]), self.sampling_rate)
         self.device = next(model.parameters()).device
+        self.min_samples = 1
+        if model.uses_audio:  # the encoder's receptive field: shorter audio gives no frame at all
+            from emotrain.model.masks import audio_frame_lengths
+
+            lengths = torch.arange(1, 2 * self.sampling_rate, dtype=torch.long)
+            enough = torch.nonzero(audio_frame_lengths(model.audio_encoder, lengths) >= 1)
+            self.min_samples = int(lengths[enough[0]]) if len(enough) else 1
 
     def prepare(self, audio, text: str | None = None, sampling_rate: int | None = None) -> PreparedInput:
         """Decode, resample, window and find the transcript of one input. Raises InputError."""
         samples, info = read_audio(audio, sampling_rate, self.sampling_rate)
+        if len(samples) < self.min_samples:
+            raise InputError(f"the audio is {len(samples) / self.sampling_rate * 1000:.1f} ms long, shorter than one "
+                             f"frame of the audio encoder ({self.min_samples / self.sampling_rate * 1000:.1f} ms)")
         seconds = len(samples) / self.sampling_rate
         if seconds <= self.max_full_seconds:
             windows, info["handling"] = [samples], "full length (as validation and test score it)"
@@ -199,7 +210,16 @@ class Predictor:
         pending: list[tuple[dict, PreparedInput]] = []
 
         def flush() -> Iterator[dict[str, Any]]:
-            for (row, prepared), p in zip(pending, self._probabilities([prep for _, prep in pending])):
+            try:
+                results = self._probabilities([prep for _, prep in pending])
+            except (RuntimeError, ValueError):  # e.g. out of memory: each row alone, each its own outcome
+                results = None
+            for k, (row, prepared) in enumerate(pending):
+                try:
+                    p = results[k] if results is not None else self._probabilities([prepared])[0]
+                except (RuntimeError, ValueError) as err:
+                    yield {**_row_fields(row), "error": f"the model failed on this input: {' '.join(str(err).split())}"}
+                    continue
                 yield {**_row_fields(row), **self._result(prepared, p)}
             pending.clear()
 
@@ -213,6 +233,11 @@ class Predictor:
             except InputError as err:
                 yield from flush()
                 yield {**_row_fields(row), "error": str(err)}
+                continue
+            except Exception as err:  # noqa: BLE001 - a recogniser or tokenizer failure is this row's, not the batch's
+                yield from flush()
+                yield {**_row_fields(row), "error": f"cannot prepare this input: {type(err).__name__}: "
+                                                    f"{' '.join(str(err).split())}"}
                 continue
             if sum(len(prep.windows) for _, prep in pending) >= self.batch_size:
                 yield from flush()
@@ -266,6 +291,15 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
         yield row_of(number, record)
 
 
+def check_model_folder(model_dir: str | Path) -> None:
+    """Raise InputError unless `model_dir` is a model folder `EmotionModel.from_pretrained` loads."""
+    from emotrain.model.emotion_model import CONFIG_FILE
+
+    if not (Path(model_dir) / CONFIG_FILE).is_file():
+        raise InputError(f"{model_dir} is not a model folder (no {CONFIG_FILE}): give a run's best/ folder, "
+                         "e.g. runs/smoke/fold1/best")
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation on prepared data.
 
@@ -282,6 +316,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] 
     from emotrain.train.evaluation import evaluate
 
     model_dir = Path(model_dir)
+    check_model_folder(model_dir)
     if mixed_precision is None:  # as the run evaluated: its training precision
         saved = model_dir / "config.yaml"
         run_config = yaml.safe_load(saved.read_text()) if saved.is_file() else {}

@@ -32,6 +32,10 @@ def git_commit(source: Path | None = None) -> str:
     or `unknown (...)` when it is not a git checkout (an installed wheel)."""
     source = source or Path(__file__).resolve().parent.parent
     try:
+        top = subprocess.run(["git", "-C", str(source), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        if Path(top).resolve() != source.resolve():  # an installed emotrain inside some other repository
+            return "unknown (not a git checkout)"
         commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],

@@ -24,6 +24,7 @@ folds (sd: sample standard deviation, n - 1).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ class Experiment:
     expected: list[tuple[int, int | None]]
     """(fold, seed) pairs the experiment should hold; seed None: whatever seed the run has."""
     missing: list[tuple[int, int | None]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    """Run folders not counted, and why (not in the plan, unreadable)."""
 
     @property
     def finished(self) -> list[Run]:
@@ -116,36 +119,52 @@ class ReportError(ValueError):
 
 
 def _is_run_folder(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() and folder.name != "best" and (
-        (folder / "metrics.json").is_file() or (folder / "checkpoints").is_dir() or (folder / "train.log").is_file()
-    )
+    """A folder a training started in (it saves config.yaml first); `best/` holds a copy of it."""
+    return (folder / "config.yaml").is_file() and folder.name != "best"
 
 
 def read_run(folder: Path) -> Run:
-    config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    metrics = None
-    metrics_file = folder / "metrics.json"
-    if metrics_file.is_file():
-        loaded = json.loads(metrics_file.read_text())
-        metrics = loaded if loaded.get("test") else None  # fold 0 (no test) is nothing to report
-    return Run(folder=folder, fold=int(config["data"]["fold"]), seed=int(config["train"]["seed"]),
-               config=config, metrics=metrics)
+    """A run folder's config and, when it finished, its metrics. Raises ReportError when its files
+    cannot be read (say, a metrics.json cut short)."""
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        fold, seed = int(config["data"]["fold"]), int(config["train"]["seed"])
+        metrics = None
+        metrics_file = folder / "metrics.json"
+        if metrics_file.is_file():
+            loaded = json.loads(metrics_file.read_text())
+            metrics = loaded if loaded.get("test") else None  # fold 0 (no test) is nothing to report
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as err:
+        raise ReportError(f"{folder}: unreadable run ({type(err).__name__}: {' '.join(str(err).split())})") from None
+    return Run(folder=folder, fold=fold, seed=seed, config=config, metrics=metrics)
 
 
 def read_experiment(folder: str | Path) -> Experiment:
-    """The run folders under `folder` (one or two levels down), checked against what it expects."""
+    """The run folders under `folder` (one or two levels down), checked against what it expects:
+    its cv.json (folds x seeds), else folds 1-5 with whatever seed each run has. A run the plan does
+    not list, or one that cannot be read, is named in `ignored` and not counted."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ReportError(f"{folder}: no such experiment folder")
     candidates = sorted({p.parent for p in folder.glob("*/config.yaml")} | {p.parent for p in folder.glob("*/*/config.yaml")})
-    runs = [read_run(p) for p in candidates if _is_run_folder(p) and not _is_run_folder(p.parent)]
+    runs, ignored = [], []
+    for candidate in candidates:
+        if _is_run_folder(candidate) and not _is_run_folder(candidate.parent):
+            try:
+                runs.append(read_run(candidate))
+            except ReportError as err:
+                ignored.append(str(err))
     plan_file = folder / CV_PLAN_FILE
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else None
     if plan is None and not runs:
-        raise ReportError(f"{folder}: no run folder (config.yaml with metrics.json or checkpoints) and no {CV_PLAN_FILE}")
+        raise ReportError(f"{folder}: no run folder (with a config.yaml) and no {CV_PLAN_FILE}")
     if plan is not None:
         name, variant = plan["experiment"], plan["variant"]
         expected = [(fold, seed) for seed in plan["seeds"] for fold in plan["folds"]]
+        for run in [run for run in runs if (run.fold, run.seed) not in expected]:
+            runs.remove(run)
+            ignored.append(f"{run.folder}: fold {run.fold} seed {run.seed} is not in {plan_file.name} "
+                           f"(folds {plan['folds']}, seeds {plan['seeds']}): not counted")
     else:
         name = runs[0].config.get("experiment", folder.name)
         variant = runs[0].config.get("model", {}).get("variant", "?")
@@ -153,12 +172,19 @@ def read_experiment(folder: str | Path) -> Experiment:
     names = {run.config.get("experiment") for run in runs} - {name}
     if names:
         raise ReportError(f"{folder} mixes experiments {sorted(names | {name})}: give each its own folder")
+    seen: dict[tuple[int, int], Path] = {}
+    for run in runs:
+        if (run.fold, run.seed) in seen:
+            raise ReportError(f"{folder}: two runs of fold {run.fold} seed {run.seed} ({seen[(run.fold, run.seed)]}, "
+                              f"{run.folder}): keep one")
+        seen[(run.fold, run.seed)] = run.folder
 
     def present(fold: int, seed: int | None) -> bool:
         return any(run.fold == fold and (seed is None or run.seed == seed) for run in runs)
 
     missing = [(fold, seed) for fold, seed in expected if not present(fold, seed)]
-    return Experiment(folder=folder, name=name, variant=variant, runs=runs, expected=expected, missing=missing)
+    return Experiment(folder=folder, name=name, variant=variant, runs=runs, expected=expected, missing=missing,
+                      ignored=ignored)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,20 +239,21 @@ def side_by_side(experiments: list[Experiment]) -> str:
     labels = reference.label_names()
     header = ["experiment", "variant", "folds", "WA", "UA", "macro-F1", *(f"recall {c}" for c in labels)]
     if len(experiments) > 1:
-        header += [f"Δ UA vs {reference.name}", "folds won"]
+        header += [f"Δ UA vs {reference.name}", "folds won", "Δ WA", "folds won"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for experiment in experiments:
         row = summarize(experiment, reference)
         cells = [experiment.name, experiment.variant, f"{row['folds']}/{len({f for f, _ in experiment.expected})}",
                  *(_pm(*row[m]) for m in METRICS), *(_pm(*row.get(f"recall/{c}", (None, None))) for c in labels)]
         if len(experiments) > 1:
-            delta = row.get("delta_ua")
-            if experiment is reference:
-                cells += ["(reference)", ""]
-            elif delta is None:
-                cells += ["–", ""]
-            else:
-                cells += [_pm(delta["mean"], delta["sd"], signed=True), f"{delta['wins']}/{delta['folds']}"]
+            for metric in ("ua", "wa"):
+                delta = row.get(f"delta_{metric}")
+                if experiment is reference:
+                    cells += ["(reference)" if metric == "ua" else "", ""]
+                elif delta is None:
+                    cells += ["–", ""]
+                else:
+                    cells += [_pm(delta["mean"], delta["sd"], signed=True), f"{delta['wins']}/{delta['folds']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -259,6 +286,7 @@ def status_lines(experiment: Experiment) -> list[str]:
     lines = [f"- {experiment.name}: {which(fold, seed)} is missing (no run folder)" for fold, seed in experiment.missing]
     lines += [f"- {experiment.name}: {which(run.fold, run.seed)} is unfinished ({run.folder}: no test metrics yet)"
               for run in experiment.unfinished]
+    lines += [f"- {experiment.name}: {reason}" for reason in experiment.ignored]
     return lines
 
 
@@ -412,8 +440,13 @@ def log_to_wandb(report: dict) -> str:
         delta = row.get("delta_ua")
         cells += [delta["mean"], delta["sd"], delta["wins"]] if delta else [None, None, None]
         rows.append(cells)
+    # One summary run per comparison: the same experiments give the same id, so a rewritten report
+    # (a rerun of cv, another `emotrain report`) updates that run instead of adding one.
+    run_id = "report-" + hashlib.blake2b("\x1f".join([group, *(e.name for e in experiments)]).encode(),
+                                         digest_size=6).hexdigest()
     run = wandb.init(project=logging.get("project", "emotrain"), entity=logging.get("entity"), group=group,
                      job_type="report", name=f"{group}-report", mode=logging.get("wandb_mode", "offline"),
+                     id=run_id, resume="allow",
                      dir=str(report["out"]), config={"experiments": [e.name for e in experiments],
                                                      "folds": {e.name: e.folds() for e in experiments}})
     run.log({"results": wandb.Table(columns=columns, data=rows),
@@ -422,7 +455,6 @@ def log_to_wandb(report: dict) -> str:
     for experiment, cells in zip(experiments, rows):
         run.summary[f"{experiment.name}/ua_mean"] = cells[columns.index("ua_mean")]
         run.summary[f"{experiment.name}/wa_mean"] = cells[columns.index("wa_mean")]
-    run_id = run.id
     run.finish()
     return run_id
 

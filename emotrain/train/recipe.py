@@ -68,7 +68,7 @@ from emotrain.train.evaluation import evaluate, model_inputs
 from emotrain.train.loss import balanced_class_weights, micro_batch_loss, utterance_losses
 from emotrain.train.optim import build_optimizer_and_scheduler
 from emotrain.train.preemption import EXIT_PREEMPTED, PreemptionWatcher, default_flag_file
-from emotrain.train.run_folder import check_run_folder
+from emotrain.train.run_folder import RunFolderLock, check_run_folder
 from emotrain.train.schedule import step_end
 from emotrain.train.step import finish_optimizer_step
 
@@ -119,8 +119,11 @@ def train(cfg: Config) -> int:
             raise ResumeError(value[0])
         return value[0]
 
-    # A folder holding a run whose config would change the result is refused before anything is written.
+    # One training per folder (rank 0 holds the lock for the whole run), and a folder holding a run
+    # whose config would change the result is refused, before anything is written.
     decided_by_main(lambda: check_run_folder(output_dir, cfg))
+    folder_lock = RunFolderLock(output_dir)
+    decided_by_main(folder_lock.acquire)
 
     log = tracking.setup_logging(output_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -383,6 +386,7 @@ def train(cfg: Config) -> int:
                 progress.close()
                 watcher.uninstall()
                 accelerator.end_training()
+                folder_lock.release()
                 return EXIT_PREEMPTED
             if loop.stop_reason is not None:
                 break
@@ -417,7 +421,10 @@ def train(cfg: Config) -> int:
         tracking.log(accelerator, {f"test/{k}": results["test"][k] for k in ("wa", "ua", "macro_f1")}, loop.step)
         tracking.log_confusion(accelerator, cfg, "test", results["test"]["confusion"], LABEL_NAMES, loop.step)
     if accelerator.is_main_process:
-        (output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        # Atomically: a run killed while writing must not leave half a file that says "finished".
+        partial = output_dir / "metrics.json.partial"
+        partial.write_text(json.dumps(results, indent=2))
+        os.replace(partial, output_dir / "metrics.json")
         log.info("results (WA = accuracy, UA = mean per-class recall):\n%s", format_results(results))
     tracking.summarize(accelerator, cfg, {
         "best/validation_ua": loop.best_ua, "best/step": loop.best_step,
@@ -425,6 +432,7 @@ def train(cfg: Config) -> int:
     })
     watcher.uninstall()
     accelerator.end_training()
+    folder_lock.release()
     return 0
 
 

@@ -12,6 +12,8 @@ of data workers) (`RESULT_NEUTRAL_KEYS`) may differ freely.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +122,71 @@ def check_run_folder(output_dir: str | Path, cfg: Config) -> None:
     differences = config_differences(saved, cfg.to_dict())
     if differences:
         if any(key == "train.seed" for key, _, _ in differences):
-            todo += " (another seed in its own folder: output_dir=runs/{experiment}/fold{fold}/seed{seed})"
+            todo += (" (another seed in its own folder: output_dir=runs/{experiment}/fold{fold}-seed{seed}, "
+                     "what `emotrain cv --seeds` writes)")
         listed = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences)
         raise RunFolderConflict(
             f"{output_dir} holds a run with another config ({path}), resuming or overwriting it would mix "
             f"two experiments. Differences: {listed}. To train this config, {todo}; to continue that "
             "run, use its config."
         )
+
+
+LOCK_FILE = ".lock"
+"""Held (flock) by the training process that writes the folder, for its whole life."""
+
+
+class RunFolderBusy(ConfigError):
+    """Another training process holds output_dir: two runs writing one folder would corrupt it."""
+
+    def __init__(self, message: str):
+        super().__init__("output_dir", message)
+
+
+class RunFolderLock:
+    """An exclusive `flock` on `output_dir/.lock` for as long as this object (or its process) lives.
+
+    The lock goes with the process: a killed run releases it, so a requeued job takes it again. On a
+    filesystem without flock (some Lustre/NFS mounts) locking is skipped: `acquire` returns False.
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self, wait: bool = False) -> bool:
+        """Take the lock; raise RunFolderBusy if another process holds it (or wait for it)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = self.path.read_text().strip() or "another process"
+            self.release()
+            raise RunFolderBusy(f"{self.path.parent} is being written by a training still running ({holder}): "
+                                "wait for it to end (a stopped run saves first), or use another output_dir") from None
+        except OSError:  # no flock on this filesystem
+            self.release()
+            return False
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def wait_until_free(output_dir: str | Path, say=print) -> None:
+    """Block while a training process holds the run folder's lock (e.g. one saving after a stop)."""
+    if not (Path(output_dir) / LOCK_FILE).exists():
+        return
+    probe = RunFolderLock(output_dir)
+    try:
+        probe.acquire()
+    except RunFolderBusy:
+        say("an earlier training in this folder is still running (saving after a stop?): waiting for it to end")
+        probe.acquire(wait=True)
+    finally:
+        probe.release()

@@ -243,6 +243,13 @@ def test_a_batch_reports_its_bad_rows_and_predicts_the_rest(killed_and_rerun, cl
     rows = [{"id": utt, "audio": str(folder / f"{utt}.wav"), "text": text} for utt, text in utterances[:2]]
     rows.insert(1, {"id": "gone", "audio": str(tmp_path / "no-such.wav"), "text": "hello"})
     rows.append({"id": "silent", "audio": str(folder / f"{utterances[2][0]}.wav"), "text": "   "})
+    (tmp_path / "noise.wav").write_bytes(b"RIFF not really a wav file")
+    import soundfile as sf
+
+    sf.write(tmp_path / "click.wav", np.zeros(50, dtype=np.float32), 16000)  # 3 ms: shorter than one frame
+    rows += [{"id": "corrupt", "audio": str(tmp_path / "noise.wav"), "text": "hi"},
+             {"id": "click", "audio": str(tmp_path / "click.wav"), "text": "hi"},
+             {"id": "last", "audio": str(folder / f"{utterances[3][0]}.wav"), "text": utterances[3][1]}]
     manifest = tmp_path / "batch.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = _predict(root / "smoke" / "fold1" / "best", "--batch", manifest)
@@ -250,11 +257,12 @@ def test_a_batch_reports_its_bad_rows_and_predicts_the_rest(killed_and_rerun, cl
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r.get("id") for r in results] == [r["id"] for r in rows]
     errors = {r["id"]: r["error"] for r in results if "error" in r}
-    assert set(errors) == {"gone", "silent"}
+    assert set(errors) == {"gone", "silent", "corrupt", "click"}
     assert "no such audio file" in errors["gone"] and "empty transcript" in errors["silent"]
+    assert "cannot read audio" in errors["corrupt"] and "shorter than one frame" in errors["click"]
     assert all(sum(r["probabilities"].values()) == pytest.approx(1.0) for r in results if "error" not in r)
     assert "row 2: no such audio file" in proc.stderr and "row 4: empty transcript" in proc.stderr
-    assert "2 of 4 row(s) predicted, 2 failed" in proc.stderr
+    assert "3 of 7 row(s) predicted, 4 failed" in proc.stderr
 
 
 def test_predict_takes_a_transcript_from_a_local_speech_recogniser(killed_and_rerun, clips, tmp_path):

@@ -218,7 +218,8 @@ def test_cv_submits_an_array_and_a_report_that_waits_for_it(slurm_cluster, synth
                  if not o.startswith("output_dir=")]
     command = [*EMOTRAIN, "cv", "configs/smoke.yaml", *overrides, f"output_dir={tmp_path}/{{experiment}}/fold{{fold}}",
                "--folds", "1,2", "--slurm", "--sbatch",
-               f"--cpus-per-task={CPUS_PER_NODE} --gpus-per-node=0 --output={tmp_path}/slurm-%A_%a.out"]
+               f"--cpus-per-task={CPUS_PER_NODE} --gpus-per-node=0 --output={tmp_path}/slurm-%A_%a.out",
+               f"--report-sbatch=--output={tmp_path}/report-%j.out"]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     array_id = int(re.search(r"submitted 2 training run\(s\) as array job (\d+)", proc.stdout).group(1))

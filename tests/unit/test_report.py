@@ -243,3 +243,23 @@ def test_cv_refuses_a_finished_run_of_another_config_before_training_anything(tm
     code, failed = cv.run_sequentially(runs, launcher=["sh", "-c", f"touch {launched}"], say=said.append)
     assert launched.exists() and code == 0 and not failed
     assert said[-1].endswith(f"finished, skipped ({finished}/metrics.json)")
+
+
+def test_runs_outside_the_plan_or_unreadable_are_named_not_counted(two_experiments, tmp_path):
+    fusion = two_experiments["fusion"]
+    _plan(fusion, "exp", "fusion", folds=[1, 2], seeds=[42])  # a later cv planned folds 1-2 only
+    _run(fusion / "fold1-seed7", experiment="exp", variant="fusion", fold=1, seed=7, recalls=[0.1] * 4)
+    (fusion / "fold2" / "metrics.json").write_text('{"test": {"wa": 0.5, "ua"')  # cut short
+    experiment = read_experiment(fusion)
+    assert sorted((r.fold, r.seed) for r in experiment.finished) == [(1, 42)]
+    assert experiment.fold_values("ua") == pytest.approx({1: np.mean(RECALLS["fusion"][1])})
+    reasons = "\n".join(experiment.ignored)
+    assert "fold 3 seed 42 is not in cv.json (folds [1, 2], seeds [42]): not counted" in reasons
+    assert "fold 1 seed 7 is not in cv.json" in reasons and "fold2: unreadable run (JSONDecodeError" in reasons
+    report = build_report([fusion], tmp_path / "out", plots=False)
+    assert "| exp | fusion | 1/2 |" in report["table"]
+    assert any("not in cv.json" in line for line in report["status"]) and "- exp: fold 2 is missing" in "\n".join(report["status"])
+    # Two finished runs claiming the same fold and seed cannot both be counted.
+    _run(fusion / "again" / "fold1", experiment="exp", variant="fusion", fold=1, seed=42, recalls=[0.2] * 4)
+    with pytest.raises(ReportError, match="two runs of fold 1 seed 42"):
+        read_experiment(fusion)
