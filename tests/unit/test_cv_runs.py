@@ -20,7 +20,12 @@ FAKE = f"{sys.executable} {REPO / 'tests' / 'fake_train.py'}"
 
 
 def _cv(tmp_path: Path, *args: str, env: dict | None = None, wait: bool = True):
-    command = [sys.executable, "-m", "emotrain.cli", "cv", str(REPO / "configs" / "smoke.yaml"),
+    # cv checks that the data is prepared before it starts; the stand-in trainer never reads it.
+    data = tmp_path / "prepared"
+    for session in range(1, 6):
+        (data / f"session{session}").mkdir(parents=True, exist_ok=True)
+        (data / f"session{session}" / "data-00000-of-00001.parquet").touch()
+    command = [sys.executable, "-m", "emotrain.cli", "cv", str(REPO / "configs" / "smoke.yaml"), f"data.path={data}",
                f"output_dir={tmp_path}/{{experiment}}/fold{{fold}}", "--launcher", FAKE, *args]
     environment = {**os.environ, "FAKE_TRAIN_LOG": str(tmp_path / "calls.log"), **(env or {})}
     if wait:
