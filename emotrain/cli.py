@@ -86,56 +86,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_cv(args: argparse.Namespace) -> int:
     from emotrain import cv
-    from emotrain.report import ReportError, build_report
 
     configs = [item for item in args.configs_and_overrides if "=" not in item]
     overrides = [item for item in args.configs_and_overrides if "=" in item]
     if not configs:
         raise SystemExit("emotrain cv: give at least one experiment YAML (configs/...)")
-    runs = cv.plan_runs(configs, overrides, folds=cv.parse_list(args.folds, int, "--folds"),
-                        seeds=cv.parse_list(args.seeds, int, "--seeds"),
-                        variants=cv.parse_list(args.variants, str, "--variants"))
-    experiment_dirs = cv.write_plans(runs)
-    report_out = Path(args.report_dir) if args.report_dir else experiment_dirs[0] / "report"
-    print(f"cross-validation: {len(runs)} run(s) in {', '.join(map(str, experiment_dirs))}", flush=True)
-    if args.slurm:
-        try:
-            cv.submit_to_slurm(runs, experiment_dirs, report_out, sbatch_args=shlex.split(args.sbatch),
-                               report_sbatch_args=shlex.split(args.report_sbatch))
-        except RuntimeError as err:
-            print(f"emotrain cv: error: {err}", file=sys.stderr)
-            return 2
-        return 0
-    from emotrain.data.folds import check_prepared
-
-    for config in dict.fromkeys(run.config for run in runs):
-        check_prepared(load_config(config, overrides).data.path)
-    code, failed = cv.run_sequentially(runs, launcher=shlex.split(args.launcher) if args.launcher else list(cv.DEFAULT_LAUNCHER),
-                                       say=lambda line: print(line, flush=True))
-    if code == cv.EXIT_PREEMPTED:
-        return code
-    try:
-        report = build_report(experiment_dirs, report_out)
-    except ReportError as err:
-        print(f"emotrain cv: no report: {err}", file=sys.stderr)
-        return 1
-    print(f"\n{report['table']}\n")
-    _say_report(report, report_out)
-    return code
-
-
-def _say_report(report: dict, out: Path, wandb: bool | None = None) -> None:
-    for line in report["status"]:
-        print(line)
-    print(f"report: {out / 'report.md'} (+ summary.csv, runs.csv, {len(report['images'])} figures)")
-    if wandb or (wandb is None and report["wandb"]):
-        from emotrain.report import log_to_wandb
-
-        print(f"W&B: the table and figures are in the summary run {log_to_wandb(report)}")
+    return cv.cross_validate(
+        configs, overrides, folds=cv.parse_list(args.folds, int, "--folds"),
+        seeds=cv.parse_list(args.seeds, int, "--seeds"), variants=cv.parse_list(args.variants, str, "--variants"),
+        launcher=shlex.split(args.launcher) if args.launcher else None,
+        report_dir=Path(args.report_dir) if args.report_dir else None, slurm=args.slurm,
+        sbatch_args=shlex.split(args.sbatch), report_sbatch_args=shlex.split(args.report_sbatch),
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from emotrain.report import ReportError, build_report
+    from emotrain.report import ReportError, build_report, say_report
 
     out = Path(args.out) if args.out else Path(args.experiment_dirs[0]) / "report"
     try:
@@ -144,7 +110,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"emotrain report: error: {err}", file=sys.stderr)
         return 2
     print(report["table"])
-    _say_report(report, out, args.wandb)
+    say_report(report, out, args.wandb)
     return 0
 
 
@@ -185,7 +151,7 @@ def _predict(args: argparse.Namespace, results_out) -> int:
     import torch
 
     from emotrain.model import EmotionModel
-    from emotrain.predict import InputError, Predictor, Transcriber, check_model_folder, read_manifest
+    from emotrain.predict import InputError, Predictor, Transcriber, check_model_folder, predict_manifest
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -197,23 +163,7 @@ def _predict(args: argparse.Namespace, results_out) -> int:
         if args.audio is not None:
             print(json.dumps(predictor.predict(args.audio, text=args.text), indent=2), file=results_out)
             return 0
-        rows = read_manifest(args.batch)
-        out = open(args.out, "w") if args.out else results_out
-        total = failed = 0
-        try:
-            for result in predictor.predict_rows(rows):
-                total += 1
-                if "error" in result:
-                    failed += 1
-                    print(f"emotrain predict: row {result.get('row')}: {result['error']}", file=sys.stderr)
-                out.write(json.dumps(result) + "\n")
-                out.flush()
-        finally:
-            if out is not results_out:
-                out.close()
-        print(f"emotrain predict: {total - failed} of {total} row(s) predicted, {failed} failed"
-              + (f" → {args.out}" if args.out else ""), file=sys.stderr)
-        return 1 if failed else 0
+        return predict_manifest(predictor, args.batch, args.out or results_out)
     except (InputError, FileNotFoundError, ValueError) as err:
         print(f"emotrain predict: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1 if args.audio is not None else 2

@@ -71,6 +71,43 @@ class PlannedRun:
         return f"{self.experiment} fold {self.fold} seed {self.seed}"
 
 
+def cross_validate(configs: list[str], overrides: list[str], *, folds: list[int] | None = None,
+                   seeds: list[int] | None = None, variants: list[str] | None = None,
+                   launcher: list[str] | None = None, report_dir: Path | None = None, slurm: bool = False,
+                   sbatch_args: list[str] = (), report_sbatch_args: list[str] = ()) -> int:
+    """`emotrain cv`: plan, train every unfinished run (or submit them to Slurm), print the report.
+    Returns the exit code (0; 1 when a run failed; EXIT_PREEMPTED after a stop request; 2 when the
+    Slurm submission failed)."""
+    from emotrain.data.folds import check_prepared
+    from emotrain.report import ReportError, build_report, say_report
+
+    runs = plan_runs(configs, overrides, folds=folds, seeds=seeds, variants=variants)
+    experiment_dirs = write_plans(runs)
+    report_out = report_dir or experiment_dirs[0] / "report"
+    print(f"cross-validation: {len(runs)} run(s) in {', '.join(map(str, experiment_dirs))}", flush=True)
+    if slurm:
+        try:
+            submit_to_slurm(runs, experiment_dirs, report_out, sbatch_args=list(sbatch_args),
+                            report_sbatch_args=list(report_sbatch_args))
+        except RuntimeError as err:
+            print(f"emotrain cv: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    for config in dict.fromkeys(run.config for run in runs):
+        check_prepared(load_config(config, overrides).data.path)
+    code, _ = run_sequentially(runs, launcher=list(launcher or DEFAULT_LAUNCHER), say=lambda line: print(line, flush=True))
+    if code == EXIT_PREEMPTED:
+        return code
+    try:
+        report = build_report(experiment_dirs, report_out)
+    except ReportError as err:
+        print(f"emotrain cv: no report: {err}", file=sys.stderr)
+        return 1
+    print(f"\n{report['table']}\n")
+    say_report(report, report_out)
+    return code
+
+
 def parse_list(text: str | None, kind, what: str) -> list | None:
     """`"1,2,3"` → [1, 2, 3]; None stays None."""
     if text is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -298,6 +299,27 @@ def check_model_folder(model_dir: str | Path) -> None:
     if not (Path(model_dir) / CONFIG_FILE).is_file():
         raise InputError(f"{model_dir} is not a model folder (no {CONFIG_FILE}): give a run's best/ folder, "
                          "e.g. runs/smoke/fold1/best")
+
+
+def predict_manifest(predictor: Predictor, manifest: str | Path, out) -> int:
+    """Predict every row of a manifest into JSONL (`out`: a path or an open text stream), one line
+    per row in order; each failed row is also said on stderr. Returns 1 if any row failed, else 0."""
+    stream = open(out, "w") if isinstance(out, (str, Path)) else out
+    total = failed = 0
+    try:
+        for result in predictor.predict_rows(read_manifest(manifest)):
+            total += 1
+            if "error" in result:
+                failed += 1
+                print(f"emotrain predict: row {result.get('row')}: {result['error']}", file=sys.stderr)
+            stream.write(json.dumps(result) + "\n")
+            stream.flush()
+    finally:
+        if stream is not out:
+            stream.close()
+    where = f" → {out}" if isinstance(out, (str, Path)) else ""
+    print(f"emotrain predict: {total - failed} of {total} row(s) predicted, {failed} failed{where}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -420,6 +420,15 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
             "wandb": uses_wandb, "files": [out / "report.md", out / "summary.csv", out / "runs.csv", *images]}
 
 
+def say_report(report: dict, out: Path, wandb: bool | None = None) -> None:
+    """Print what was not counted and where the report is; log it to W&B when the runs did (or asked)."""
+    for line in report["status"]:
+        print(line)
+    print(f"report: {out / 'report.md'} (+ summary.csv, runs.csv, {len(report['images'])} figures)")
+    if wandb or (wandb is None and report["wandb"]):
+        print(f"W&B: the table and figures are in the summary run {log_to_wandb(report)}")
+
+
 def log_to_wandb(report: dict) -> str:
     """One W&B summary run holding the comparison table and the figures, in the runs' group
     (job type `report`), with the runs' project, entity and mode. Returns its id."""
