@@ -14,8 +14,9 @@ The batch format, the contract with the model and the recipe:
     ids                  list[str]       utterance ids (bookkeeping, not a tensor)
     audio_seconds        float           sum of the real (cropped) durations in the batch
     padded_audio_seconds float           B x longest, i.e. what the encoder really processes
-    valid                bool    [B]     evaluation batches only: False where the audio failed to
-                                         decode (a short silence stands in; leave it out of metrics)
+    valid                bool    [B]     False where the audio failed to decode (a short silence stands
+                                         in; it weighs nothing in the loss and is left out of metrics)
+    num_valid            int             how many rows are valid (host-side bookkeeping)
 
 `TENSOR_KEYS` lists the tensor entries (move those to the device); `padding_efficiency(batch)` is
 audio_seconds / padded_audio_seconds.
@@ -193,6 +194,8 @@ class Collator:
             )
             batch["input_ids"] = text["input_ids"].to(torch.long)  # [B, L]
             batch["attention_mask"] = text["attention_mask"].to(torch.long)  # [B, L]
+        flags = [bool(ex.get("valid", True)) for ex in examples]
+        batch["num_valid"] = sum(flags)  # a Python int: counted without reading a tensor
         if any("valid" in ex for ex in examples):
-            batch["valid"] = torch.tensor([bool(ex.get("valid", True)) for ex in examples], dtype=torch.bool)
+            batch["valid"] = torch.tensor(flags, dtype=torch.bool)
         return batch

@@ -131,9 +131,9 @@ class EmotionModel(nn.Module):
         # The frame mask comes from the sample lengths, not from the encoder: it is needed for
         # group-norm models too, whose encoder never sees a mask.
         frame_lengths = audio_frame_lengths(encoder, audio_lengths)  # [B]
-        if bool((frame_lengths < 1).any()):
-            too_short = audio_lengths[frame_lengths < 1].tolist()
-            raise ValueError(f"audio of {too_short} samples is shorter than one frame of the encoder")
+        # Checked without reading the tensor on the host (no device sync in the training step); data
+        # preparation and `predict` keep such audio out, so this only guards the invariant.
+        torch._assert_async((frame_lengths >= 1).all(), "audio shorter than one frame of the audio encoder")
         mask = lengths_to_mask(frame_lengths, frames.shape[1])  # [B, T]
         return self.audio_projection(frames), mask
 
@@ -141,10 +141,10 @@ class EmotionModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, L], attention_mask [B, L] → tokens [B, L, d], token mask [B, L]."""
-        tokens = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        tokens = self.text_encoder(input_ids=input_ids, attention_mask=encoder_attention_mask(
+            self.text_encoder, attention_mask)).last_hidden_state
         mask = text_mask(attention_mask)  # [B, L]
-        if not bool(mask.any(dim=1).all()):
-            raise ValueError("every utterance needs at least one token (attention_mask row of zeros)")
+        torch._assert_async(mask.any(dim=1).all(), "every utterance needs at least one token (attention_mask row of zeros)")
         return self.text_projection(tokens), mask  # [B, L, d]
 
     def forward(
@@ -315,6 +315,23 @@ class EmotionModel(nn.Module):
         from emotrain.predict import Predictor  # the inference pipeline (decoding, windows, batching)
 
         return Predictor(self).predict(audio, text=text, sampling_rate=sampling_rate)
+
+
+def encoder_attention_mask(encoder: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask [B, L] (1 = token) as the text encoder's attention takes it, prepared here.
+
+    Given a 2D mask, transformers first asks whether it holds any padding at all (`mask.all()`, to
+    skip the mask when there is none): a host read, so a device sync in every forward. A prepared
+    4D mask is used as given: [B, 1, 1, L] boolean (True = attend) for SDPA, additive (0 / the
+    dtype's minimum) for eager attention. Other implementations (flash attention) take the 2D mask.
+    """
+    implementation = getattr(encoder.config, "_attn_implementation", None)
+    if implementation == "sdpa":
+        return attention_mask[:, None, None, :].bool()
+    if implementation == "eager":
+        dtype = encoder.dtype
+        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return attention_mask
 
 
 def load_processors(directory: str | Path) -> tuple[Any, Any]:

@@ -1,9 +1,10 @@
 """Preemption: a signal or a flag file asks the run to save at the next step boundary and exit.
 
-Handlers only set a flag (no I/O, no collectives inside a signal handler). The recipe polls
-`requested()` once per optimizer step, raises Accelerate's trigger on the rank that saw it
-(`set_trigger`), and every rank calls `check_trigger()` (a collective) at the same point, so all
-ranks save the same step together and exit with `EXIT_PREEMPTED`, which the Slurm scripts requeue.
+Handlers only set a flag (no I/O, no collectives inside a signal handler). The recipe asks
+`requested()` once per optimizer step on every rank and sends the answer in the step's one small
+all-reduce (`emotrain.train.step.finish_optimizer_step`, which also carries the finiteness verdict,
+so a stop costs no collective of its own), so all ranks save the same step together and exit with
+`EXIT_PREEMPTED`, which the Slurm scripts requeue.
 
 SIGTERM is what Slurm and torchrun send; SIGUSR1 is what `#SBATCH --signal=B:USR1@...` sends to the
 batch shell (torchrun does not forward it, so the batch script turns it into the flag file).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -20,15 +22,20 @@ EXIT_PREEMPTED = 75
 """Exit code of a run that saved a checkpoint because it was asked to stop (EX_TEMPFAIL)."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+FLAG_POLL_SECONDS = 2.0
+"""How often the flag file is looked for (a stop reaches the run within this, plus one step)."""
 
 
 class PreemptionWatcher:
     """Remembers a stop request from SIGTERM / SIGUSR1 or from the existence of `flag_file`."""
 
-    def __init__(self, flag_file: str | Path | None = None):
+    def __init__(self, flag_file: str | Path | None = None, poll_seconds: float = FLAG_POLL_SECONDS):
         self.flag_file = Path(flag_file) if flag_file else None
+        self.poll_seconds = poll_seconds
         self.signal_received: int | None = None
         self._previous: dict[int, object] = {}
+        self._flag_seen = False
+        self._next_poll = 0.0
 
     def install(self) -> "PreemptionWatcher":
         for sig in STOP_SIGNALS:
@@ -44,7 +51,14 @@ class PreemptionWatcher:
         self.signal_received = signum
 
     def requested(self) -> bool:
-        return self.signal_received is not None or (self.flag_file is not None and self.flag_file.exists())
+        """A signal came, or the flag file exists (looked for at most every `poll_seconds`: a `stat`
+        per step would be metadata-server traffic on a parallel filesystem)."""
+        if self.signal_received is not None or self._flag_seen:
+            return True
+        if self.flag_file is not None and time.monotonic() >= self._next_poll:
+            self._next_poll = time.monotonic() + self.poll_seconds
+            self._flag_seen = self.flag_file.exists()
+        return self._flag_seen
 
     def reason(self) -> str:
         if self.signal_received is not None:

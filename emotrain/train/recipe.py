@@ -12,7 +12,9 @@ ranks (`emotrain.train.loss`): every utterance of a step weighs the same, whatev
 
 After each step, `emotrain.train.schedule.step_end` decides what happens, always in the same order:
 log → validate → checkpoint → exit on a stop request → finish. A stop request (SIGTERM, SIGUSR1
-or the flag file) is agreed on by all ranks at the step boundary; they save a checkpoint and exit
+or the flag file) is agreed on by all ranks at the step boundary, in the step's one small all-reduce
+(`emotrain.train.step`: outside logging steps a step makes one host read and one collective besides
+DDP's gradient buckets); they save a checkpoint and exit
 with EXIT_PREEMPTED (75), deferring a due validation to the resumed run. Rerunning the same command
 (`train.resume=auto`) continues from the newest checkpoint this run wrote — model, optimizer,
 scheduler, scaler, RNG of every rank, the data stream's exact position on every rank and this
@@ -350,9 +352,11 @@ def train(cfg: Config) -> int:
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(),
                                                                 cfg.train.max_grad_norm or float("inf"))
-                        applied = finish_optimizer_step(accelerator, optimizer, scheduler, grad_norm)
-                step_loss += losses.detach().sum()
-                step_valid += int(batch["valid"].sum())
+                        # The step's one collective and one host read: finite gradients? a stop request?
+                        applied, stop_requested = finish_optimizer_step(
+                            accelerator, optimizer, scheduler, grad_norm, stop_requested=watcher.requested())
+                step_loss += losses.detach().sum()  # on the device until a log step
+                step_valid += batch["num_valid"]
                 window["utterances"] += len(batch["ids"])
                 window["audio_seconds"] += batch["audio_seconds"]
                 window["padded_seconds"] += batch["padded_audio_seconds"]
@@ -379,9 +383,6 @@ def train(cfg: Config) -> int:
                     raise RuntimeError(f"epoch {loop.epoch}: the stream holds more batches than its plan")
                 loop.epoch += 1
                 stream.set_epoch(loop.epoch)
-            if watcher.requested():
-                accelerator.set_trigger()
-            stop_requested = accelerator.check_trigger()  # a collective: every rank, every step
             if end_step(epoch_ended=epoch_ended, stop_requested=stop_requested, grad_norm=grad_norm):
                 progress.close()
                 watcher.uninstall()

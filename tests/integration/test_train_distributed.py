@@ -530,3 +530,32 @@ def test_two_process_ddp_gradient_equals_one_process_accumulating_the_same_micro
     assert result["max_diff_ddp_vs_accumulation"] < 1e-6 and result["max_diff_ddp_vs_one_batch"] < 1e-6, result
     assert result["max_diff_naive_vs_one_batch"] > 1e-3, result  # the batch-mean loss would differ
     assert sys.executable  # (the script ran under the same interpreter as the tests)
+
+
+HF_AUDIO_MASK_SYNCS = tuple(f"at {where}" for where in ("transformers/models/wav2vec2/modeling_wav2vec2.py:720",
+                                                        "transformers/masking_utils.py:369", "accelerate/accelerator.py:2861"))
+"""Syncs inside transformers' Wav2Vec2 when it is given an attention mask (layer-norm models, like the tiny test
+encoder; wav2vec2-base gets none): zeroing padded frames by boolean indexing (forward, and its backward run by
+`loss.backward()` inside accelerate), and the check whether the mask holds any padding. Not emotrain's code."""
+
+
+def test_a_training_step_reads_the_device_once_and_makes_one_small_collective(synthetic_corpus, tmp_path):
+    """Outside logging, validation and checkpoint steps, a 2-process DDP step with accumulation 2 makes
+    exactly one host read of a tensor in emotrain's code (the verdict: finite gradients? a stop request?)
+    and one collective besides DDP's gradient buckets: on a GPU the host never waits for the device."""
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    rc, log = _launch("cpu_ddp.yaml", synthetic_corpus, out, "train.max_steps=9", "logging.log_every_steps=4",
+                      "train.checkpoint_every_steps=0", "train.eval_every_steps=0", deepspeed=False,
+                      EMOTRAIN_PROBE_DIR=str(probe), EMOTRAIN_PROBE_COUNT_SYNCS="1")
+    assert rc == 0, log[-6000:]
+    for rank in (0, 1):
+        steps = [json.loads(line) for line in (probe / f"rank{rank}.syncs.jsonl").read_text().splitlines()]
+        assert len(steps) == 9, steps
+        plain = [s for s in steps if not s["end"]]  # no log line, validation or checkpoint at their end
+        assert len(plain) >= 4, [(s["epoch"], s["step_in_epoch"], s["end"]) for s in steps]
+        for s in plain:
+            ours = [where for where in s["syncs"] if not where.endswith(HF_AUDIO_MASK_SYNCS)]
+            assert len(ours) == 1 and ours[0].startswith("tolist at train/step.py:"), s
+            assert len(s["collectives"]) == 1 and s["collectives"][0].startswith("all_reduce"), s
+        # Logging steps may read more (the loss is summed over ranks for the log line), and do.
+        assert any(len(s["syncs"]) > 1 for s in steps if s["end"].get("log")), steps

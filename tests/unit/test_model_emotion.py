@@ -126,8 +126,11 @@ def test_fusion_needs_both_modalities_and_rejects_too_short_audio(tokenizer):
     with pytest.raises(ValueError, match="input_values"):
         model(**{**batch, "input_values": None})
     short = {**batch, "audio_lengths": torch.tensor([3000, 200, 1200])}
-    with pytest.raises(ValueError, match="shorter than one frame"):
+    with pytest.raises(RuntimeError, match="shorter than one frame"):  # an asynchronous device assert
         model(**short)
+    no_tokens = {**batch, "attention_mask": torch.zeros_like(batch["attention_mask"])}
+    with pytest.raises(RuntimeError, match="at least one token"):
+        model(**no_tokens)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -278,3 +281,23 @@ def test_save_with_an_explicit_state_dict(tokenizer, tmp_path):
     batch = random_batch(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_prepared_text_mask_gives_what_the_2d_mask_gives(tokenizer, implementation):
+    """The text encoder gets a prepared 4D mask (transformers would otherwise read the 2D one on the
+    host to see whether it holds padding: a device sync per forward); the tokens must not change."""
+    from emotrain.model.emotion_model import encoder_attention_mask
+
+    model = tiny_model(variant="text").eval()
+    encoder = model.text_encoder
+    encoder.config._attn_implementation = implementation
+    batch = tokenizer(["a much longer sentence than the other one", "hi"], padding=True, return_tensors="pt")
+    assert batch["attention_mask"].min() == 0  # a padded row
+    prepared = encoder_attention_mask(encoder, batch["attention_mask"])
+    assert prepared.dim() == 4
+    with torch.no_grad():
+        expected = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        got = encoder(input_ids=batch["input_ids"], attention_mask=prepared).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(got[real], expected[real], atol=1e-5)

@@ -147,7 +147,8 @@ def _one_step(accelerator, model, optimizer, scheduler, x, y, poison: bool):
             accelerator.backward(micro_batch_loss(losses, len(y), world_size=1, accumulation=2))
             if accelerator.sync_gradients:
                 norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                applied = finish_optimizer_step(accelerator, optimizer, scheduler, norm)
+                applied, stop = finish_optimizer_step(accelerator, optimizer, scheduler, norm, stop_requested=poison)
+                assert stop is poison  # the stop request travels with the verdict
     return applied
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -365,11 +366,19 @@ def test_preemption_by_signal_and_flag_file(tmp_path):
             os.kill(os.getpid(), signal.SIGUSR1)
             assert watcher.requested() and watcher.reason() == "signal SIGUSR1"
         assert all(signal.getsignal(sig) is previous for sig in STOP_SIGNALS)
-        with PreemptionWatcher(flag) as watcher:
+        with PreemptionWatcher(flag, poll_seconds=0) as watcher:
             assert not watcher.requested()
             flag.write_text("")
             assert watcher.requested() and "flag file" in watcher.reason()
         assert all(signal.getsignal(sig) is previous for sig in STOP_SIGNALS)
+        # The flag file is looked for at most every poll_seconds, not at every step.
+        flag.unlink()
+        with PreemptionWatcher(flag, poll_seconds=0.3) as watcher:
+            assert not watcher.requested()
+            flag.write_text("")
+            assert not watcher.requested()  # within the interval: no stat yet
+            time.sleep(0.35)
+            assert watcher.requested()
     finally:
         for sig, handler in original.items():
             signal.signal(sig, handler)
