@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from transformers import Wav2Vec2FeatureExtractor
 
 TENSOR_KEYS = ("input_values", "audio_lengths", "input_ids", "attention_mask", "labels")
 """Entries of a batch that are tensors for the model (evaluation batches add `valid`)."""
@@ -149,10 +150,10 @@ class Collator:
 
     Each example is a dict with `id` (str), `array` (float32 mono at `sampling_rate`, already
     cropped), `text` (str), `label` (int) and optionally `valid` (bool). The feature extractor
-    (`Wav2Vec2FeatureExtractor`) normalises each utterance over its own samples, then zero pads.
-    It is always called with `return_attention_mask=True`: without a mask it normalises the padded
-    array, padding included (so padding is no longer zero), which is what a group-norm checkpoint's
-    preprocessor config (`return_attention_mask: false`) would otherwise do.
+    (`Wav2Vec2FeatureExtractor`) normalises each utterance over its own samples, then zero pads
+    (`audio_values`: its arithmetic in numpy). Never over the padded array: that would normalise the
+    padding too (so padding would no longer be zero), which is what a group-norm checkpoint's
+    preprocessor config (`return_attention_mask: false`) would otherwise make the extractor do.
     """
 
     def __init__(self, feature_extractor, tokenizer, max_text_tokens: int, sampling_rate: int = 16000):
@@ -160,6 +161,25 @@ class Collator:
         self.tokenizer = tokenizer
         self.max_text_tokens = max_text_tokens
         self.sampling_rate = sampling_rate
+
+    def audio_values(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """[B, T] float32: each utterance normalised over its own samples, then zero padded.
+
+        For Wav2Vec2's feature extractor (Wav2Vec2, HuBERT, WavLM) this is its own arithmetic in a few
+        lines of numpy, bit for bit (tested): calling it costs about half of the data loader's time
+        (per-utterance Python, padding first, a mask). Any other feature extractor is called as is.
+        """
+        fe = self.feature_extractor
+        if not isinstance(fe, Wav2Vec2FeatureExtractor) or fe.feature_size != 1:
+            audio = fe(arrays, sampling_rate=self.sampling_rate, padding=True, return_attention_mask=True,
+                       return_tensors="pt")
+            return audio["input_values"].to(torch.float32)
+        padded = np.full((len(arrays), max(len(a) for a in arrays)), fe.padding_value, dtype=np.float32)
+        for row, samples in zip(padded, arrays):
+            if fe.do_normalize:
+                samples = (samples - samples.mean()) / np.sqrt(samples.var() + 1e-7)
+            row[: len(samples)] = samples
+        return torch.from_numpy(padded)
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         if not examples:
@@ -175,14 +195,7 @@ class Collator:
         }
         # A unimodal model has no processor for the other modality (None): its inputs are left out.
         if self.feature_extractor is not None:
-            audio = self.feature_extractor(
-                arrays,
-                sampling_rate=self.sampling_rate,
-                padding=True,
-                return_attention_mask=True,
-                return_tensors="pt",
-            )
-            batch["input_values"] = audio["input_values"].to(torch.float32)  # [B, T_samples]
+            batch["input_values"] = self.audio_values(arrays)  # [B, T_samples]
             batch["audio_lengths"] = lengths  # [B]
         if self.tokenizer is not None:
             text = self.tokenizer(

@@ -36,12 +36,14 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from emotrain.config import DataConfig
 from emotrain.data.audio import AudioDecodeError, decode_audio
 from emotrain.data.batching import Collator
 from emotrain.data.folds import FoldSplit, Metadata
+from emotrain.data.stream import local_processes
 
 logger = logging.getLogger("emotrain.data")
 
@@ -137,13 +139,17 @@ def build_eval_dataloader(
 ) -> DataLoader:
     """A DataLoader over `dataset` in its (duration-sorted) order: pass it to `accelerator.prepare`."""
     collator = Collator(feature_extractor, tokenizer, data.max_text_tokens, data.sampling_rate)
+    workers = data.workers(local_processes()) if num_workers is None else num_workers
     return DataLoader(
         dataset,
         batch_size=batch_size or data.eval_batch_size,
         shuffle=False,
         drop_last=False,
         collate_fn=collator,
-        num_workers=data.num_workers if num_workers is None else num_workers,
+        num_workers=workers,
+        # Evaluated again and again with the same data: keep the workers between evaluations.
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
     )
 
 

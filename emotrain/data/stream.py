@@ -44,6 +44,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import PurePosixPath
 from typing import Any, Iterator
@@ -54,6 +55,7 @@ import fsspec.asyn
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from emotrain.config import Config
 from emotrain.data.audio import AudioDecodeError, crop, crop_offset, decode_audio
@@ -211,6 +213,10 @@ def _identity(item):
     return item
 
 
+PREFETCH_BATCHES = 4
+"""Batches each worker keeps ready (DataLoader's prefetch_factor): dynamic batches vary in cost."""
+
+
 # ---------------------------------------------------------------------------------------------
 # What a resume state must agree on.
 
@@ -357,14 +363,17 @@ class TrainStream:
             logger.warning("epoch %d: %d utterances left out so that every rank has %d batches (a rank holds "
                            "too few utterances: prepare more shards)", self.epoch, plan.dropped, len(plan))
         reader = _EpochReader(self, plan, start)
+        pin = torch.cuda.is_available()  # page-locked batches: the recipe's non_blocking copies overlap
         if self.num_workers == 0:
-            source = iter(reader)
+            source = ((p, pin_memory(b) if pin else b, s) for p, b, s in reader)
         else:
             loader = DataLoader(
                 reader,
                 batch_size=None,
                 num_workers=self.num_workers,
                 collate_fn=_identity,
+                pin_memory=pin,
+                prefetch_factor=PREFETCH_BATCHES,
                 multiprocessing_context=self.multiprocessing_context,
                 # Its own generator: creating the iterator would otherwise draw the workers' base
                 # seed from the global torch RNG, so a resumed run (which creates it mid-epoch)
@@ -513,6 +522,11 @@ def build_train_stream(
         tokenizer=tokenizer,
         rank=rank,
         world_size=world_size,
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.workers(local_processes()),
         accumulation=cfg.train.gradient_accumulation_steps,
     )
+
+
+def local_processes() -> int:
+    """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without a launcher)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

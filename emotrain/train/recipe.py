@@ -30,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
@@ -73,6 +74,11 @@ from emotrain.train.preemption import EXIT_PREEMPTED, PreemptionWatcher, default
 from emotrain.train.run_folder import RunFolderLock, check_run_folder
 from emotrain.train.schedule import step_end
 from emotrain.train.step import finish_optimizer_step
+from emotrain.train.telemetry import flops_per_utterance as count_flops_per_utterance
+from emotrain.train.telemetry import matmul_peak_flops, peak_memory_gib
+
+TYPICAL_TOKENS = 24
+"""Transcript length the FLOP count assumes (IEMOCAP's transcripts: about 12 words, 16 WordPiece tokens)."""
 
 
 class TooManyNonFiniteSteps(RuntimeError):
@@ -219,7 +225,7 @@ def train(cfg: Config) -> int:
 
     # Training figures summed since the last log line. The loss stays on the device until a log
     # step (no host sync per step); a checkpoint stores the sums over ranks, which rank 0 restores.
-    window_keys = ("loss", "valid", "utterances", "audio_seconds", "padded_seconds")
+    window_keys = ("loss", "valid", "utterances", "audio_seconds", "padded_seconds", "data_seconds", "steps")
     window = dict.fromkeys(window_keys, 0.0)
     window["loss"] = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     if loop.log_window and accelerator.is_main_process:
@@ -267,7 +273,17 @@ def train(cfg: Config) -> int:
             "train/padding_efficiency": totals["audio_seconds"] / max(totals["padded_seconds"], 1e-9),
             "train/nonfinite_steps": loop.nonfinite_steps,
             "train/skipped_utterances": skipped,
+            # Where the time goes (perf/: timings, which differ from one run to the next).
+            "perf/step_seconds": elapsed * world_size / max(totals["steps"], 1),
+            "perf/data_wait_share": totals["data_seconds"] / (elapsed * world_size),
         }
+        if flops_per_utterance is not None:  # forward + backward ≈ 3 x forward, per device
+            achieved = 3 * flops_per_utterance * totals["utterances"] / elapsed / world_size
+            values["perf/tflops_per_device"] = achieved / 1e12
+            if peak_flops:
+                values["perf/mfu"] = achieved / peak_flops
+        if (memory := peak_memory_gib(accelerator.device)) is not None:
+            values["perf/peak_memory_gib"] = memory
         loss = "-"  # a window of skipped steps only has no loss to report
         if totals["valid"]:
             values["train/loss"] = totals["loss"] / totals["valid"]  # mean per utterance of the applied steps
@@ -278,9 +294,11 @@ def train(cfg: Config) -> int:
             values[f"train/lr_{name}"] = lr
         tracking.log(accelerator, values, loop.step)
         progress.set_postfix(loss=loss, utt_s=f"{values['train/utterances_per_second']:.1f}")
-        log.info("step %d epoch %d loss %s | %.1f utt/s, %.1f audio s/s, padding efficiency %.2f",
-                 loop.step, loop.epoch, loss, values["train/utterances_per_second"],
-                 values["train/audio_seconds_per_second"], values["train/padding_efficiency"])
+        log.info("step %d epoch %d loss %s | %.1f utt/s, %.1f audio s/s, padding efficiency %.2f, %.3f s/step "
+                 "(%.0f%% waiting for data)%s", loop.step, loop.epoch, loss, values["train/utterances_per_second"],
+                 values["train/audio_seconds_per_second"], values["train/padding_efficiency"],
+                 values["perf/step_seconds"], 100 * values["perf/data_wait_share"],
+                 f", MFU {values['perf/mfu']:.1%}" if "perf/mfu" in values else "")
         window.update(dict.fromkeys(window_keys[1:], 0.0))
         window["loss"].zero_()
         timer.update(started=time.perf_counter(), paused=0.0)
@@ -314,6 +332,20 @@ def train(cfg: Config) -> int:
         validate()
         checkpoint()
 
+    # Telemetry, measured once on the main process (it alone logs): the model's FLOPs per utterance of
+    # the split's mean cropped length, and on a GPU the matmul peak in the training precision.
+    flops_per_utterance = peak_flops = None
+    if accelerator.is_main_process and zero_stage(accelerator) != 3:  # ZeRO-3: no whole model on one rank
+        mean_seconds = float(np.mean(np.minimum(split.meta.duration[split.train_mask()], cfg.data.max_audio_seconds)))
+        flops_per_utterance = count_flops_per_utterance(accelerator.unwrap_model(model), feature_extractor, tokenizer,
+                                                        seconds=mean_seconds,
+                                                        tokens=min(cfg.data.max_text_tokens, TYPICAL_TOKENS))
+        if accelerator.device.type == "cuda":
+            peak_flops = matmul_peak_flops(accelerator.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                cfg.train.mixed_precision, torch.float32))
+            log.info("model: %.2f GFLOP per utterance forward; %s matmul peak %.0f TFLOP/s", flops_per_utterance / 1e9,
+                     cfg.train.mixed_precision, peak_flops / 1e12)
+
     # ----------------------------------------------------------------------------- train loop
     progress = tqdm(total=total_steps, initial=loop.step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
@@ -339,7 +371,9 @@ def train(cfg: Config) -> int:
             step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
             step_valid = 0
             for micro in range(accumulation):
+                waited = time.perf_counter()
                 batch = next(batches)
+                window["data_seconds"] += time.perf_counter() - waited  # the host waiting for data
                 with accelerator.accumulate(model):
                     if accelerator.sync_gradients != (micro == accumulation - 1):
                         raise RuntimeError("Accelerate's accumulation boundary drifted from the step's micro-batches")
@@ -361,6 +395,7 @@ def train(cfg: Config) -> int:
                 window["audio_seconds"] += batch["audio_seconds"]
                 window["padded_seconds"] += batch["padded_audio_seconds"]
             loop.step += 1  # skipped steps count too: the step number is a position in the data
+            window["steps"] += 1
             progress.update(1)
             if applied:  # the logged loss is that of the updates made
                 window["loss"] += step_loss

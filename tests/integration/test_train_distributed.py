@@ -127,7 +127,7 @@ def _fault_target(corpus: Path) -> tuple[str, int]:
     cfg = _config(corpus)
     split = split_from_config(cfg.data, seed=cfg.train.seed)
     settings = StreamSettings.from_config(cfg.data, cfg.train.batch_size, cfg.train.seed)
-    rank1 = plan_epoch(split, settings, 2, cfg.data.num_workers, 0, ACCUMULATION)[1]
+    rank1 = plan_epoch(split, settings, 2, cfg.data.workers(), 0, ACCUMULATION)[1]
     position = 2 * ACCUMULATION
     return str(split.meta.id[rank1.batch(position)[0]]), position
 
@@ -499,7 +499,7 @@ def test_resume_on_another_number_of_processes_sees_each_utterance_of_the_epoch_
     split = split_from_config(cfg.data, seed=cfg.train.seed)
     settings = StreamSettings.from_config(cfg.data, cfg.train.batch_size, cfg.train.seed)
     for epoch in range(1, EPOCHS):
-        plans = plan_epoch(split, settings, after, cfg.data.num_workers, epoch, ACCUMULATION)
+        plans = plan_epoch(split, settings, after, cfg.data.workers(), epoch, ACCUMULATION)
         for rank in range(after):
             trained = [r["ids"] for r in second[rank] if r["epoch"] == epoch]
             assert trained == [[str(i) for i in split.meta.id[plans[rank].batch(p)]] for p in range(len(plans[rank]))]
@@ -559,3 +559,10 @@ def test_a_training_step_reads_the_device_once_and_makes_one_small_collective(sy
             assert len(s["collectives"]) == 1 and s["collectives"][0].startswith("all_reduce"), s
         # Logging steps may read more (the loss is summed over ranks for the log line), and do.
         assert any(len(s["syncs"]) > 1 for s in steps if s["end"].get("log")), steps
+    # What the log lines carry about time: step time, the share spent waiting for data, FLOP/s.
+    from emotrain.train.tracking import HISTORY_FILE, read_history
+
+    logged = [row for row in read_history(out / HISTORY_FILE) if "perf/step_seconds" in row]
+    assert [row["train/step"] for row in logged] == [4, 8]
+    for row in logged:
+        assert row["perf/step_seconds"] > 0 and 0 <= row["perf/data_wait_share"] < 1 and row["perf/tflops_per_device"] > 0

@@ -146,7 +146,7 @@ def _history(out) -> dict[tuple[int, str], object]:
     for run in sorted((out / "wandb").glob("offline-run-*")):
         for row in run_history(run)[1]:
             for key, value in row.items():
-                if key in TIMING_KEYS or key == "train/step" or key.startswith("_"):
+                if key in TIMING_KEYS or key.startswith("perf/") or key == "train/step" or key.startswith("_"):
                     continue
                 if "/confusion/" in key:  # a table: its file names and ids are the process's own
                     key, value = key.split("/confusion/")[0] + "/confusion", "table"
@@ -159,7 +159,8 @@ def _local_history(out) -> list[dict]:
     """The run folder's history.jsonl merged per step (what `emotrain report` plots), timing left out."""
     from emotrain.train.tracking import HISTORY_FILE, read_history
 
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_history(out / HISTORY_FILE)]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS and not k.startswith("perf/")}
+            for row in read_history(out / HISTORY_FILE)]
 
 
 def _trained(probe_dir) -> list[tuple[int, int, tuple[str, ...]]]:

@@ -277,3 +277,18 @@ def test_a_saved_config_with_a_literal_brace_in_its_folder_loads_back_the_same(t
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again.output_dir == "runs/a{b}/fold2" and again.to_dict() == cfg.to_dict()
+
+
+def test_the_worker_count_is_decided_per_machine_when_not_given(monkeypatch):
+    import os
+
+    import torch
+
+    from emotrain.config import DataConfig
+
+    assert DataConfig(num_workers=3).workers(8) == 3  # given: as given
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert DataConfig().workers() == 0  # CPU-only: the workers would compete with the training
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert DataConfig().workers(8) == 3 and DataConfig().workers(1) == 4 and DataConfig().workers(32) == 0

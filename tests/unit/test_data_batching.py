@@ -153,3 +153,18 @@ def test_collator_normalises_without_padding_leak_even_if_the_extractor_returns_
     batch = Collator(fe, tok, 8)(examples)
     assert (batch["input_values"][1, 40:] == 0).all()
     assert abs(batch["input_values"][1, :40].mean().item()) < 1e-4
+
+
+@pytest.mark.parametrize("do_normalize", [True, False])
+def test_the_numpy_normalisation_is_the_feature_extractor_s_bit_for_bit(processors, do_normalize):
+    from transformers import Wav2Vec2FeatureExtractor
+
+    _, tok = processors
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=do_normalize,
+                                  return_attention_mask=True)
+    rng = np.random.default_rng(1)
+    arrays = [rng.normal(0.1, 0.3, n).astype(np.float32) for n in (16000, 3217, 40001, 5)]
+    examples = [{"id": str(i), "array": a, "text": "x", "label": 0} for i, a in enumerate(arrays)]
+    expected = fe(arrays, sampling_rate=16000, padding=True, return_attention_mask=True, return_tensors="pt")
+    got = Collator(fe, tok, 8)(examples)["input_values"]
+    assert got.dtype == torch.float32 and torch.equal(got, expected["input_values"].to(torch.float32))

@@ -189,3 +189,19 @@ def test_a_step_with_non_finite_gradients_is_skipped_whole(accelerator_factory):
     for a, b in zip(model.parameters(), clean.parameters()):
         torch.testing.assert_close(a, b)
     assert all(math.isfinite(v) for p in model.parameters() for v in p.detach().flatten().tolist())
+
+
+def test_flops_are_counted_on_a_forward_without_touching_the_rng():
+    from emotrain.config import ModelConfig
+    from emotrain.model import EmotionModel
+    from emotrain.train.telemetry import flops_per_utterance, matmul_peak_flops
+
+    model = EmotionModel(ModelConfig(variant="fusion", text_encoder="tiny", hidden_size=32, classifier_hidden_size=32)).train()
+    fe, tok = model.processors()
+    state = torch.random.get_rng_state()
+    short = flops_per_utterance(model, fe, tok, seconds=1.0, tokens=8)
+    long = flops_per_utterance(model, fe, tok, seconds=4.0, tokens=8)
+    assert torch.equal(torch.random.get_rng_state(), state) and model.training
+    assert 0 < short < long and 3.0 < long / short < 5.0  # mostly linear in the audio's length
+    assert flops_per_utterance(model, fe, tok, seconds=1.0, tokens=32) > short  # and grows with the text
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32, size=256, seconds=0.05) > 1e8
