@@ -130,6 +130,9 @@ class ModelConfig:
     """Dropout in cross-attention and the classifier."""
     classifier_hidden_size: int = 256
     """Width of the classifier MLP's hidden layer."""
+    attention: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    """The encoders' attention kernels (transformers' `attn_implementation`); None: transformers'
+    default, PyTorch's scaled-dot-product attention where the model supports it."""
     tiny_hidden_size: int = 32
     """Width of the `tiny` encoders (tests, smoke runs)."""
     tiny_layers: int = 2
@@ -195,8 +198,11 @@ class TrainConfig:
     """Seeds model init, data order, cropping and the validation split."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision (bf16 preferred; fp16 on CPU runs in fp32)."""
-    gradient_checkpointing: bool = False
-    """Recompute encoder activations in backward (non-reentrant) to save memory."""
+    gradient_checkpointing: bool | Literal["audio", "text"] = False
+    """Recompute encoder activations in backward (non-reentrant) to save memory: true (both
+    encoders), `audio` or `text` (that encoder only: the audio encoder holds most activations)."""
+    fused_optimizer: bool | None = None
+    """AdamW's fused kernel (one launch for all parameters); None: on with a GPU, off on a CPU."""
     resume: str = "auto"
     """`auto`: newest complete checkpoint in output_dir or fresh; `never`; or a checkpoint folder."""
     eval_every_steps: int = 0

@@ -201,17 +201,20 @@ class EmotionModel(nn.Module):
         """The pretrained encoders this variant has (one or two)."""
         return [e for e in (self.audio_encoder, self.text_encoder) if e is not None]
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute the encoders' transformer layers in backward (non-reentrant checkpointing).
+    def set_gradient_checkpointing(self, enabled: bool | str) -> None:
+        """Recompute the encoders' transformer layers in backward (non-reentrant checkpointing):
+        `True` both encoders, `"audio"` or `"text"` that one only, `False` none.
 
         Only in train mode (transformers checkpoints a layer only while `module.training`). The
         frozen conv feature encoder is never checkpointed: nothing to backpropagate through it.
         """
         # Non-reentrant: works with frozen inputs, DDP and unused outputs (reentrant does not).
         kwargs = {"use_reentrant": False}
-        for encoder in self.encoders():
+        for modality, encoder in (("audio", self.audio_encoder), ("text", self.text_encoder)):
+            if encoder is None:
+                continue
             # transformers 5.x renamed gradient_checkpointing_enable (now a deprecated alias).
-            if enabled:
+            if enabled is True or enabled == modality:
                 if hasattr(encoder, "activation_checkpointing_enable"):
                     encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
                 else:

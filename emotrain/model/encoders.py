@@ -140,6 +140,11 @@ def _drop_pooler(encoder: PreTrainedModel) -> None:
         encoder.pooler = None
 
 
+def _attention(model_cfg: ModelConfig) -> dict:
+    """`attn_implementation=` for transformers when `model.attention` asks for one."""
+    return {"attn_implementation": model_cfg.attention} if model_cfg.attention else {}
+
+
 def build_audio_encoder(model_cfg: ModelConfig, hf_config: PretrainedConfig | None = None) -> PreTrainedModel:
     """The audio encoder (`AutoModel`: Wav2Vec2Model, HubertModel, WavLMModel...), in float32.
 
@@ -149,16 +154,17 @@ def build_audio_encoder(model_cfg: ModelConfig, hf_config: PretrainedConfig | No
     pretrained encoder, not for a random `tiny` one.
     """
     name = model_cfg.audio_encoder
+    attention = _attention(model_cfg)
     if hf_config is not None:
-        encoder = AutoModel.from_config(hf_config)
+        encoder = AutoModel.from_config(hf_config, **attention)
     elif name == TINY:
-        encoder = AutoModel.from_config(tiny_audio_config(model_cfg))
+        encoder = AutoModel.from_config(tiny_audio_config(model_cfg), **attention)
     else:
         source = resolve_pretrained(name)
         # dtype: transformers 5 defaults to "auto" (the checkpoint's dtype, often fp16); keep
         # float32 master weights and let autocast do mixed precision.
         encoder = AutoModel.from_pretrained(
-            source, config=_load_config_for_finetuning(source), dtype=torch.float32
+            source, config=_load_config_for_finetuning(source), dtype=torch.float32, **attention
         )
     if not hasattr(encoder, "_get_feat_extract_output_lengths"):
         raise ValueError(
@@ -190,16 +196,17 @@ def build_text_encoder(
     The `tiny` encoder sizes its embedding table from the tokenizer (built when not given).
     """
     name = model_cfg.text_encoder
+    attention = _attention(model_cfg)
     if hf_config is not None:
-        encoder = AutoModel.from_config(hf_config)
+        encoder = AutoModel.from_config(hf_config, **attention)
     elif name == TINY:
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(model_cfg)
         config = tiny_text_config(model_cfg, len(tokenizer), tokenizer.pad_token_id or 0)
-        encoder = AutoModel.from_config(config)
+        encoder = AutoModel.from_config(config, **attention)
     else:
         source = resolve_pretrained(name)
         encoder = AutoModel.from_pretrained(
-            source, config=_load_config_for_finetuning(source), dtype=torch.float32
+            source, config=_load_config_for_finetuning(source), dtype=torch.float32, **attention
         )
     _drop_pooler(encoder)
     if getattr(encoder.config, "use_cache", False):

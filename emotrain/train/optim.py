@@ -80,7 +80,9 @@ def build_optimizer_and_scheduler(
     model: nn.Module, train_cfg: TrainConfig, model_cfg: ModelConfig, total_steps: int
 ):
     """AdamW over `parameter_groups(model, train_cfg, model_cfg)` and its warmup-then-decay schedule."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, train_cfg, model_cfg), betas=(0.9, 0.98), eps=1e-8)
+    fused = torch.cuda.is_available() if train_cfg.fused_optimizer is None else train_cfg.fused_optimizer
+    optimizer = torch.optim.AdamW(parameter_groups(model, train_cfg, model_cfg), betas=(0.9, 0.98), eps=1e-8,
+                                  fused=fused or None)
     warmup = int(train_cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, train_cfg.lr_schedule)

@@ -35,6 +35,8 @@ RESULT_NEUTRAL_KEYS = frozenset(
         # (each utterance still once per epoch); the rest of the current one is re-planned.
         "data.num_workers",
         "train.gradient_checkpointing",  # recomputes the same activations (memory for time)
+        "train.fused_optimizer",  # the same update in one kernel launch
+        "model.attention",  # the same attention, other kernels
         "train.checkpoint_every_steps",  # when state is saved, not what is trained
         "train.keep_last_checkpoints",
         "train.max_consecutive_nonfinite",  # a safety stop: a run it would stop gives no result

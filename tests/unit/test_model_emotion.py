@@ -301,3 +301,18 @@ def test_the_prepared_text_mask_gives_what_the_2d_mask_gives(tokenizer, implemen
         got = encoder(input_ids=batch["input_ids"], attention_mask=prepared).last_hidden_state
     real = batch["attention_mask"].bool()
     assert torch.allclose(got[real], expected[real], atol=1e-5)
+
+
+def test_checkpointing_per_encoder_and_the_attention_kernels_are_chosen_by_config():
+    from emotrain.model import build_model
+
+    model = build_model(ModelConfig(variant="fusion", text_encoder="tiny", attention="eager")).train()
+    assert model.audio_encoder.config._attn_implementation == "eager"
+    assert model.text_encoder.config._attn_implementation == "eager"
+
+    def checkpointed(encoder):
+        return any(getattr(m, "gradient_checkpointing", False) for m in encoder.modules())
+
+    for choice, audio, text in (("audio", True, False), ("text", False, True), (True, True, True), (False, False, False)):
+        model.set_gradient_checkpointing(choice)
+        assert (checkpointed(model.audio_encoder), checkpointed(model.text_encoder)) == (audio, text), choice

@@ -457,3 +457,16 @@ def test_tracker_config_is_flat_scalars():
     wandb = init_kwargs(cfg, "abc123")["wandb"]
     assert (wandb["id"], wandb["resume"], wandb["group"], wandb["job_type"]) == ("abc123", "allow", "paper", "fold3")
     assert wandb["name"] == "paper-fold3" and wandb["mode"] == "offline"
+
+
+def test_the_fused_optimizer_is_chosen_by_config():
+    import torch
+
+    from emotrain.config import ModelConfig
+    from emotrain.train.optim import build_optimizer_and_scheduler
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    fused, _ = build_optimizer_and_scheduler(model, TrainConfig(fused_optimizer=True), ModelConfig(), 10)
+    assert fused.defaults["fused"] is True
+    auto, _ = build_optimizer_and_scheduler(model, TrainConfig(), ModelConfig(), 10)
+    assert bool(auto.defaults["fused"]) is torch.cuda.is_available()
