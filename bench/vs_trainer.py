@@ -146,8 +146,8 @@ def trainer_run(corpus: Path, out: Path, epochs: int, group_by_length: bool) -> 
 
     accelerator = Accelerator()
     validation_set = EvalDataset(split.meta, split.validation_ids, cfg.data.sampling_rate, name="validation")
-    loader = accelerator.prepare(build_eval_dataloader(validation_set, cfg.data, feature_extractor=feature_extractor,
-                                                       tokenizer=tokenizer, num_workers=0))
+    loader = build_eval_dataloader(validation_set, cfg.data, feature_extractor=feature_extractor, tokenizer=tokenizer,
+                                   num_workers=0)
     metrics = evaluate(accelerator, trainer.model, loader)
     return {"utterances/s": counted["utterances"] / seconds, "audio s/s": counted["audio"] / seconds,
             "padding efficiency": counted["useful"] / max(counted["padded"], 1), "peak memory GiB": peak,

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a model folder (a run's best/)")
     p.add_argument("data_dir", help="prepared data (emotrain prepare)")
     p.add_argument("--session", type=int, help="only this session (default: all)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="most utterances per batch (default: the run's data.eval_batch_size)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="default: the run's train.mixed_precision")
     p.add_argument("--per-utterance", action="store_true", help="also list every utterance's prediction and probabilities")
     p.add_argument("--out", help="also write the JSON here")

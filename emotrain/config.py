@@ -76,7 +76,10 @@ class DataConfig:
     min(4, CPU cores per rank - 1), so decoding overlaps the device's work; on CPU-only machines 0
     (workers only compete with the training for the same cores there: measured slower)."""
     eval_batch_size: int = 8
-    """Utterances per evaluation batch."""
+    """Most utterances per evaluation batch."""
+    eval_max_batch_audio_seconds: float = 160.0
+    """Budget of padded audio seconds per evaluation batch (full-length utterances, sorted by
+    duration; one longer than the budget is a batch alone). No backward: about twice training's."""
 
     def workers(self, processes_per_node: int = 1) -> int:
         """`num_workers`, with None (auto) decided for this machine (see its doc)."""
@@ -102,6 +105,7 @@ class DataConfig:
         _check(self.shuffle_buffer_size >= 0, "data.shuffle_buffer_size", "must be >= 0")
         _check(self.num_workers is None or self.num_workers >= 0, "data.num_workers", "must be >= 0 or null (auto)")
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+        _check_positive(self.eval_max_batch_audio_seconds, "data.eval_max_batch_audio_seconds")
 
 
 @dataclass

@@ -327,7 +327,8 @@ def predict_manifest(predictor: Predictor, manifest: str | Path, out) -> int:
 
 
 def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] | None = None,
-                   batch_size: int = 8, mixed_precision: str | None = None, per_utterance: bool = False) -> dict:
+                   batch_size: int | None = None, mixed_precision: str | None = None,
+                   per_utterance: bool = False) -> dict:
     """The metrics of a saved model on prepared data, as `metrics.json` has them under `test`."""
     import yaml
     from accelerate import Accelerator
@@ -339,22 +340,25 @@ def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] 
 
     model_dir = Path(model_dir)
     check_model_folder(model_dir)
-    if mixed_precision is None:  # as the run evaluated: its training precision
-        saved = model_dir / "config.yaml"
-        run_config = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
-        mixed_precision = (run_config or {}).get("train", {}).get("mixed_precision", "no")
+    # As the run evaluated: its training precision and its evaluation batches (best/config.yaml).
+    saved = model_dir / "config.yaml"
+    run_config = (yaml.safe_load(saved.read_text()) if saved.is_file() else None) or {}
+    run_data = run_config.get("data", {})
+    if mixed_precision is None:
+        mixed_precision = run_config.get("train", {}).get("mixed_precision", "no")
     model = EmotionModel.from_pretrained(model_dir)
     sessions = sessions or list(SESSIONS)
     meta = read_metadata(data_dir, tuple(sessions))
     settings = model.preprocessing
     dataset = EvalDataset(meta, meta.id.tolist(), sampling_rate=int(settings["sampling_rate"]), name="evaluate")
     data_config = DataConfig(sampling_rate=int(settings["sampling_rate"]), max_text_tokens=int(settings["max_text_tokens"]),
-                             eval_batch_size=batch_size)
+                             eval_batch_size=batch_size or run_data.get("eval_batch_size", 8),
+                             eval_max_batch_audio_seconds=run_data.get("eval_max_batch_audio_seconds", 160.0))
     feature_extractor, tokenizer = model.processors()
-    loader = build_eval_dataloader(dataset, data_config, feature_extractor=feature_extractor, tokenizer=tokenizer,
-                                   num_workers=0)
     accelerator = Accelerator(mixed_precision=mixed_precision)
-    model, loader = accelerator.prepare(model, loader)
+    loader = build_eval_dataloader(dataset, data_config, feature_extractor=feature_extractor, tokenizer=tokenizer,
+                                   rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=0)
+    model = accelerator.prepare(model)
     metrics = evaluate(accelerator, model, loader, label_names=accelerator.unwrap_model(model).label_names,
                        per_utterance=per_utterance)
     return {"test": metrics, "model": str(model_dir), "data": str(data_dir), "sessions": sessions,

@@ -1,30 +1,26 @@
 """Validation and test data: map-style datasets, full audio, every utterance exactly once.
 
     val_set, test_set = build_eval_datasets(split, sampling_rate=cfg.data.sampling_rate)
-    val_loader = accelerator.prepare(build_eval_dataloader(val_set, cfg.data,
-                                     feature_extractor=fe, tokenizer=tok))
-    for batch in val_loader:
-        logits = model(...)
-        preds, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
-        ids = accelerator.gather_for_metrics(batch["ids"])      # strings: gathered as objects
+    val_loader = build_eval_dataloader(val_set, cfg.data, feature_extractor=fe, tokenizer=tok,
+                                       rank=accelerator.process_index, world_size=accelerator.num_processes)
+    metrics = emotrain.train.evaluation.evaluate(accelerator, model, val_loader)
 
-Gather tensors and `ids` in separate calls: given a whole batch dict (it holds strings),
-`gather_for_metrics` falls back to `gather_object`, which flattens per-rank objects (a dict
-flattens to its keys), and the end-of-data truncation no longer applies to samples.
-
-Unlike the training stream, these loaders ARE passed through `accelerator.prepare`: a map-style
-dataset has a length, so Accelerate shards its batches across ranks (padding the last round with
-repeated samples) and `gather_for_metrics` drops those repeats, so metrics see each utterance
-exactly once. Utterances are sorted by (duration, id): deterministic, and batches of similar
-lengths pad little. No crop: evaluation sees full audio.
+Utterances are sorted by (duration, id) and cut into batches under a budget of padded audio
+(`data.eval_max_batch_audio_seconds`, at most `data.eval_batch_size` utterances; an utterance
+longer than the budget is a batch alone): evaluation sees full audio, up to 34 s on IEMOCAP, so a
+fixed count of utterances per batch would either pad a lot or run out of memory on the long end.
+The batches are planned on metadata and dealt to the ranks in turn (`EvalBatchSampler`), each
+utterance to exactly one rank; a rank with one batch fewer gets a filler (the shortest utterance,
+`valid=False`, id `FILLER_ID`), so every rank runs the same number of forwards (ZeRO-3 needs it).
+These loaders are therefore NOT passed through `accelerator.prepare` (its even-batches padding
+assumes a fixed batch size); `evaluate` moves batches to the device and gathers the predictions
+once at the end.
 
 The rows (ids, labels, text, encoded audio bytes) of the split are read into memory once, reading
 only the Parquet row groups that hold them; audio is decoded in `__getitem__`. An utterance whose
 audio cannot be decoded is logged and stands in as a 0.1 s silence with `valid=False` in the
-batch: the batch structure Accelerate relies on is kept, and the recipe leaves invalid rows out of
-its metrics (gather `batch["valid"]` with the predictions; its False entries are the count to
-report). `dataset.skipped` lists them too, but only in the process that decoded them (the main
-process with num_workers=0, a worker otherwise).
+batch, and `evaluate` counts it in `n_skipped`. `dataset.skipped` lists them too, but only in the
+process that decoded them (the main process with num_workers=0, a worker otherwise).
 """
 
 from __future__ import annotations
@@ -37,11 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from emotrain.config import DataConfig
 from emotrain.data.audio import AudioDecodeError, decode_audio
-from emotrain.data.batching import Collator
+from emotrain.data.batching import Collator, cut_sorted
 from emotrain.data.folds import FoldSplit, Metadata
 from emotrain.data.stream import local_processes
 
@@ -109,6 +105,8 @@ class EvalDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < 0:  # a filler (see EvalBatchSampler): the shortest utterance, never scored
+            return {**self[0], "id": FILLER_ID, "valid": False}
         utt_id = self.ids[i]
         valid = True
         try:
@@ -128,23 +126,48 @@ def build_eval_datasets(split: FoldSplit, sampling_rate: int = 16000) -> tuple[E
     return validation, test
 
 
+FILLER_ID = "<filler>"
+"""The id of a filler row: evens out the ranks' batch counts, never scored."""
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """This rank's batches of a duration-sorted EvalDataset: planned under a padded-audio budget,
+    dealt to the ranks in turn; a rank with one batch fewer ends with a filler batch `[-1]`."""
+
+    def __init__(self, dataset: EvalDataset, max_batch_seconds: float, max_batch_size: int, *,
+                 rank: int = 0, world_size: int = 1):
+        batches = cut_sorted(dataset.durations, max_batch_seconds, max_batch_size) if len(dataset) else []
+        mine = [b.tolist() for b in batches[rank::world_size]]
+        rounds = -(-len(batches) // world_size)  # ceil: every rank runs this many forwards
+        self.batches = mine + [[-1]] * (rounds - len(mine))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def build_eval_dataloader(
     dataset: EvalDataset,
     data: DataConfig,
     *,
     feature_extractor,
     tokenizer,
+    rank: int = 0,
+    world_size: int = 1,
     batch_size: int | None = None,
     num_workers: int | None = None,
 ) -> DataLoader:
-    """A DataLoader over `dataset` in its (duration-sorted) order: pass it to `accelerator.prepare`."""
+    """This rank's DataLoader over `dataset` (see the module docstring; not for `accelerator.prepare`).
+    `batch_size` caps the utterances per batch (default `data.eval_batch_size`)."""
     collator = Collator(feature_extractor, tokenizer, data.max_text_tokens, data.sampling_rate)
     workers = data.workers(local_processes()) if num_workers is None else num_workers
+    sampler = EvalBatchSampler(dataset, data.eval_max_batch_audio_seconds, batch_size or data.eval_batch_size,
+                               rank=rank, world_size=world_size)
     return DataLoader(
         dataset,
-        batch_size=batch_size or data.eval_batch_size,
-        shuffle=False,
-        drop_last=False,
+        batch_sampler=sampler,
         collate_fn=collator,
         num_workers=workers,
         # Evaluated again and again with the same data: keep the workers between evaluations.
@@ -153,10 +176,10 @@ def build_eval_dataloader(
     )
 
 
-def eval_padding_efficiency(dataset: EvalDataset, batch_size: int) -> float:
-    """Useful / padded audio of `dataset`'s batches in order (single process, from metadata)."""
+def eval_padding_efficiency(dataset: EvalDataset, max_batch_seconds: float | None, batch_size: int) -> float:
+    """Useful / padded audio of `dataset`'s evaluation batches (from metadata; None: no budget)."""
     d = dataset.durations
-    useful = float(d.sum())
-    padded = sum(len(d[i : i + batch_size]) * float(d[i : i + batch_size].max()) for i in range(0, len(d), batch_size))
-    return useful / padded if padded else 1.0
+    batches = cut_sorted(d, max_batch_seconds, batch_size)
+    padded = sum(len(b) * float(d[b].max()) for b in batches if len(b))
+    return float(d.sum()) / padded if padded else 1.0
 

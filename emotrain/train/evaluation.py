@@ -1,11 +1,13 @@
-"""Evaluate a model on a prepared (map-style) loader: every utterance once, across all ranks."""
+"""Evaluate a model on an evaluation loader: every utterance once, across all ranks."""
 
 from __future__ import annotations
 
 import torch
+from accelerate.utils import gather_object
 
 from emotrain.config import LABEL_NAMES
 from emotrain.data.batching import TENSOR_KEYS
+from emotrain.data.evaluation import FILLER_ID
 from emotrain.metrics import compute_metrics
 
 MODEL_INPUTS = tuple(key for key in TENSOR_KEYS if key != "labels")
@@ -22,41 +24,36 @@ def model_inputs(batch: dict, device=None) -> dict:
 
 @torch.no_grad()
 def evaluate(accelerator, model, loader, *, label_names=LABEL_NAMES, per_utterance: bool = False) -> dict:
-    """WA, UA, macro-F1, per-class recall and confusion over the whole `loader`.
+    """WA, UA, macro-F1, per-class recall and confusion over every rank's part of an evaluation set.
 
-    `loader` must come from `accelerator.prepare` over a dataset with a length, so that
-    `gather_for_metrics` drops the samples Accelerate repeats to even out the last batch.
-    Utterances that failed to decode (`valid == False`) are left out and counted in `n_skipped`.
+    `loader` is this rank's `build_eval_dataloader` (not prepared: each utterance is on exactly one
+    rank, and every rank runs the same number of batches). Batches are moved to the device here;
+    predictions are gathered once, at the end (one collective per evaluation). Utterances that
+    failed to decode (`valid == False`) are left out and counted in `n_skipped`; fillers are ignored.
     The global RNG is forked so evaluating never changes the training run's random stream.
-    per_utterance: also return `predictions`, `[{"id", "label", "predicted", "probabilities"}]`
-    in the loader's order (ids are gathered as objects: a second, small collective per batch).
+    per_utterance: also return `predictions`, `[{"id", "label", "predicted", "probabilities"}]`.
     """
     was_training = model.training
     model.eval()
-    predictions, references, valid, probabilities, ids = [], [], [], [], []
+    rows = []  # (id, label, predicted, valid, probabilities) of this rank's utterances
     with torch.random.fork_rng(devices=[]):
         for batch in loader:
-            logits = model(**model_inputs(batch)).logits
-            batch_valid = batch.get("valid", torch.ones_like(batch["labels"], dtype=torch.bool))
-            tensors = (logits.argmax(dim=-1), batch["labels"], batch_valid)
-            if per_utterance:
-                tensors += (logits.float().softmax(dim=-1),)
-            gathered = accelerator.gather_for_metrics(tensors)
-            predictions.append(gathered[0].cpu())
-            references.append(gathered[1].cpu())
-            valid.append(gathered[2].cpu())
-            if per_utterance:
-                probabilities.append(gathered[3].cpu())
-                ids.extend(accelerator.gather_for_metrics(batch["ids"], use_gather_object=True))
+            logits = model(**model_inputs(batch, accelerator.device)).logits.float()
+            probabilities = logits.softmax(dim=-1).cpu().tolist() if per_utterance else [None] * len(batch["ids"])
+            predicted = logits.argmax(dim=-1).cpu().tolist()
+            valid = batch["valid"].tolist() if "valid" in batch else [True] * len(batch["ids"])
+            for row in zip(batch["ids"], batch["labels"].tolist(), predicted, valid, probabilities):
+                if row[0] != FILLER_ID:
+                    rows.append(row)
     model.train(was_training)
-    predictions, references, valid = torch.cat(predictions), torch.cat(references), torch.cat(valid)
-    metrics = compute_metrics(predictions[valid].tolist(), references[valid].tolist(), label_names)
-    metrics["n_skipped"] = int((~valid).sum())
+    rows = sorted(gather_object(rows) if accelerator.num_processes > 1 else rows)
+    scored = [row for row in rows if row[3]]
+    metrics = compute_metrics([row[2] for row in scored], [row[1] for row in scored], label_names)
+    metrics["n_skipped"] = len(rows) - len(scored)
     if per_utterance:
-        probabilities = torch.cat(probabilities)
         metrics["predictions"] = [
-            {"id": utt, "label": label_names[int(label)], "predicted": label_names[int(pred)],
-             "probabilities": dict(zip(label_names, map(float, probs)))}
-            for utt, label, pred, probs, ok in zip(ids, references, predictions, probabilities, valid) if ok
+            {"id": utt, "label": label_names[label], "predicted": label_names[pred],
+             "probabilities": dict(zip(label_names, probs))}
+            for utt, label, pred, _, probs in scored
         ]
     return metrics

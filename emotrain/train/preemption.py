@@ -22,8 +22,9 @@ EXIT_PREEMPTED = 75
 """Exit code of a run that saved a checkpoint because it was asked to stop (EX_TEMPFAIL)."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-FLAG_POLL_SECONDS = 2.0
-"""How often the flag file is looked for (a stop reaches the run within this, plus one step)."""
+FLAG_POLL_SECONDS = float(os.environ.get("EMOTRAIN_STOP_FILE_POLL_SECONDS", "2"))
+"""How often the flag file is looked for (a stop reaches the run within this, plus one step);
+`$EMOTRAIN_STOP_FILE_POLL_SECONDS` sets it (0: at every step)."""
 
 
 class PreemptionWatcher:

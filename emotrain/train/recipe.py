@@ -178,7 +178,8 @@ def train(cfg: Config) -> int:
         except (OSError, ValueError) as err:  # a rank's file is missing, or the data or settings changed
             raise ResumeError(f"cannot resume from {resume_from}: {err}") from None
     validation_set, test_set = build_eval_datasets(split, sampling_rate=cfg.data.sampling_rate)
-    eval_loader_args = dict(feature_extractor=feature_extractor, tokenizer=tokenizer)
+    eval_loader_args = dict(feature_extractor=feature_extractor, tokenizer=tokenizer,
+                            rank=accelerator.process_index, world_size=world_size)
     validation_loader = build_eval_dataloader(validation_set, cfg.data, **eval_loader_args)
     test_loader = build_eval_dataloader(test_set, cfg.data, **eval_loader_args) if test_set else None
 
@@ -204,9 +205,8 @@ def train(cfg: Config) -> int:
     model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.train, cfg.model, total_steps)
     # The training stream is NOT prepared: it is sharded across ranks already (see data/stream.py).
-    model, optimizer, scheduler, validation_loader = accelerator.prepare(model, optimizer, scheduler, validation_loader)
-    if test_loader is not None:
-        test_loader = accelerator.prepare(test_loader)
+    # The evaluation loaders are not prepared either: each rank has its own part (data/evaluation.py).
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     group_names = [group["name"] for group in optimizer.param_groups]
 
     # --------------------------------------------------------------------------------- resume

@@ -26,7 +26,7 @@ def _free_port() -> int:
 @pytest.mark.distributed
 def test_two_processes_evaluate_each_utterance_once_and_take_equal_steps(tmp_path):
     # Fold 1: the test set (session 1) has 13 utterances and validation 7 (20% of 36): odd sizes,
-    # so Accelerate pads the last round with repeats that gather_for_metrics must drop.
+    # so one rank gets a batch more and the other a filler that must not be scored.
     root = write_toy_prepared(tmp_path / "prepared", per_session=[13, 9, 10, 9, 8], num_shards=3)
     out = tmp_path / "out"
     accelerate = Path(sys.executable).parent / "accelerate"
@@ -48,6 +48,9 @@ def test_two_processes_evaluate_each_utterance_once_and_take_equal_steps(tmp_pat
             assert sorted(counts) == got["expected"], name
             assert set(counts.values()) == {1}, f"{name}: duplicated {[i for i, c in counts.items() if c > 1]}"
             assert [got["expected_labels"][i] for i in got["ids"]] == got["labels"]
+            assert got["batches"][0] == got["batches"][1], got["batches"]  # the same number of forwards
+            # evaluate() over the same loaders: each utterance scored once, fillers ignored.
+            assert got["oracle"] == {"n": size, "ua": 1.0, "n_skipped": 0}, got["oracle"]
         assert len(results[0][name]["ids"]) == size
 
     counts = results[0]["num_batches"]

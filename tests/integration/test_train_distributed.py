@@ -402,7 +402,8 @@ def test_ddp_stop_and_resume_is_exact(synthetic_corpus, tmp_path, ddp_reference,
     """Stopped by the flag file partway through epoch 2, then rerun: same result as never stopping."""
     out, probe = tmp_path / "run", tmp_path / "probe"
     cmd = _command("cpu_ddp.yaml", synthetic_corpus, out)
-    env = _env(deepspeed=False, EMOTRAIN_PROBE_DIR=str(probe), EMOTRAIN_PROBE_FAULT=f"{fault[0]}@0:grad")
+    env = _env(deepspeed=False, EMOTRAIN_PROBE_DIR=str(probe), EMOTRAIN_PROBE_FAULT=f"{fault[0]}@0:grad",
+               EMOTRAIN_STOP_FILE_POLL_SECONDS="0")  # tiny steps: the stop must land inside the epoch
     ref_out, ref_rc, ref_log, _, ref_probe = ddp_reference
     assert ref_rc == 0, ref_log[-6000:]
     steps_epoch0 = len([r for r in read_probe(ref_probe)[0] if r["epoch"] == 0]) // ACCUMULATION

@@ -47,7 +47,9 @@ def _submit(cluster: SlurmCluster, corpus: Path, out: Path, *, nodes: int) -> tu
     """`sbatch --nodes=N slurm/train.sbatch configs/smoke.yaml ...` from the repository root, as a user
     would; returns (job id, the job's output file)."""
     output = out.parent / f"{out.name}.slurm.out"
-    env = job_environment(cluster, LAUNCH_CONFIG="launch/cpu_ddp.yaml", PROCESSES_PER_NODE="1")
+    # The tiny steps take ~0.1 s: look for the stop flag at every step so it lands where the test wants.
+    env = job_environment(cluster, LAUNCH_CONFIG="launch/cpu_ddp.yaml", PROCESSES_PER_NODE="1",
+                          EMOTRAIN_STOP_FILE_POLL_SECONDS="0")
     job_id = cluster.sbatch(
         f"--nodes={nodes}", f"--cpus-per-task={CPUS_PER_NODE}", "--gpus-per-node=0",  # no GPUs on this cluster
         f"--job-name=emotrain-{out.name}", f"--output={output}",

@@ -7,6 +7,7 @@ import pytest
 
 from emotrain.config import DataConfig
 from emotrain.data.evaluation import (
+    FILLER_ID,
     EvalDataset,
     build_eval_dataloader,
     build_eval_datasets,
@@ -54,7 +55,26 @@ def test_eval_dataloader_yields_each_utterance_once_with_valid_flags(split):
         valid += batch["valid"].tolist()
     assert ids == test.ids  # the dataset's order, each once
     assert [i for i, v in zip(ids, valid) if not v] == [CORRUPT]
-    assert eval_padding_efficiency(test, 4) > 0.8
+    assert eval_padding_efficiency(test, None, 4) > 0.8
+
+
+def test_eval_batches_keep_to_the_audio_budget_and_split_over_ranks_evenly(split):
+    fe, tok = toy_processors()
+    test = EvalDataset(split.meta, split.test_ids, name="test")
+    budget = 2.0  # padded seconds (toy utterances: 0.1-1.2 s)
+    data = DataConfig(eval_batch_size=8, eval_max_batch_audio_seconds=budget)
+    whole = [b for b in build_eval_dataloader(test, data, feature_extractor=fe, tokenizer=tok)]
+    assert all(b["padded_audio_seconds"] <= budget + 1e-6 or len(b["ids"]) == 1 for b in whole)
+    assert len({len(b["ids"]) for b in whole}) > 1  # short utterances go more to a batch than long ones
+    assert eval_padding_efficiency(test, budget, 8) > eval_padding_efficiency(test, None, 8) - 1e-9
+    for world in (2, 3):
+        loaders = [build_eval_dataloader(test, data, feature_extractor=fe, tokenizer=tok, rank=r, world_size=world)
+                   for r in range(world)]
+        assert len({len(loader) for loader in loaders}) == 1  # the same number of forwards on every rank
+        seen = [i for loader in loaders for b in loader for i in b["ids"] if i != FILLER_ID]
+        assert sorted(seen) == sorted(test.ids)  # each utterance on exactly one rank
+        fillers = [b for loader in loaders for b in loader if b["ids"] == [FILLER_ID]]
+        assert len(fillers) == world * len(loaders[0]) - len(whole) and all(not b["valid"].any() for b in fillers)
 
 
 def test_fold_zero_has_no_test_set(split):
