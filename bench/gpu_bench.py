@@ -237,6 +237,8 @@ def main() -> None:
     def say(text: str = "") -> None:
         print(text, flush=True)
         lines.append(text)
+        if args.out:  # as it goes: a run cut by its time limit keeps what it measured
+            Path(args.out).write_text("\n".join(lines) + "\n")
 
     peak = matmul_peak_flops(device, dtype, size=None if device.type == "cuda" else 512, seconds=1.0)
     say(f"measured {dtype} matmul peak: {peak / 1e12:.1f} TFLOP/s")
@@ -274,8 +276,6 @@ def main() -> None:
     say("```")
     say(profile_step(model, make_batch(plans[next(iter(plans))][0], seconds, tokens, device), device, precision))
     say("```")
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 class _SyntheticTokenizer:

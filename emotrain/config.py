@@ -74,7 +74,9 @@ class DataConfig:
     num_workers: int | None = None
     """DataLoader worker processes per rank (training stream and evaluation). None (auto): with a GPU,
     min(4, CPU cores per rank - 1), so decoding overlaps the device's work; on CPU-only machines 0
-    (workers only compete with the training for the same cores there: measured slower)."""
+    (workers only compete with the training for the same cores there: measured slower). The count
+    shapes the epoch plan (which shards each worker streams): give it explicitly for runs to be
+    compared batch for batch across machines."""
     eval_batch_size: int = 8
     """Most utterances per evaluation batch."""
     eval_max_batch_audio_seconds: float = 160.0
@@ -313,6 +315,8 @@ class Config:
         _check(bool(self.output_dir), "output_dir", "must not be empty")
         for section in (self.data, self.model, self.train, self.logging):
             section.validate()
+        _check(self.model.attention != "flash_attention_2" or self.train.mixed_precision != "no", "model.attention",
+               "flash_attention_2 runs in half precision only: set train.mixed_precision=bf16 (or fp16)")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

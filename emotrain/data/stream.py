@@ -508,11 +508,13 @@ def build_train_stream(
     tokenizer,
     rank: int = 0,
     world_size: int = 1,
+    num_workers: int | None = None,
 ) -> TrainStream:
     """The rank's `TrainStream` from a config (batch size cap, seed and accumulation from `cfg.train`).
 
     Pass `rank=accelerator.process_index, world_size=accelerator.num_processes`, and do not wrap
-    the stream in `accelerator.prepare` (it is already sharded).
+    the stream in `accelerator.prepare` (it is already sharded). `num_workers`: the worker count, the
+    same on every rank (it shapes the plan every rank computes); default `cfg.data.workers()` here.
     """
     settings = StreamSettings.from_config(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     return TrainStream(
@@ -522,7 +524,7 @@ def build_train_stream(
         tokenizer=tokenizer,
         rank=rank,
         world_size=world_size,
-        num_workers=cfg.data.workers(local_processes()),
+        num_workers=cfg.data.workers(local_processes()) if num_workers is None else num_workers,
         accumulation=cfg.train.gradient_accumulation_steps,
     )
 

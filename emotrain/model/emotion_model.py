@@ -320,14 +320,22 @@ class EmotionModel(nn.Module):
         return Predictor(self).predict(audio, text=text, sampling_rate=sampling_rate)
 
 
+PREPARED_MASK_MODELS = frozenset({"bert", "roberta", "xlm-roberta", "electra", "albert", "distilbert", "mpnet"})
+"""Text encoders that build their attention mask with transformers' `create_bidirectional_mask`, so a
+prepared 4D mask means the same to them (checked against the 2D mask, sdpa and eager, fp32 and bf16)."""
+
+
 def encoder_attention_mask(encoder: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
     """attention_mask [B, L] (1 = token) as the text encoder's attention takes it, prepared here.
 
     Given a 2D mask, transformers first asks whether it holds any padding at all (`mask.all()`, to
     skip the mask when there is none): a host read, so a device sync in every forward. A prepared
     4D mask is used as given: [B, 1, 1, L] boolean (True = attend) for SDPA, additive (0 / the
-    dtype's minimum) for eager attention. Other implementations (flash attention) take the 2D mask.
+    dtype's minimum) for eager attention. Other implementations (flash attention), and encoders not
+    in PREPARED_MASK_MODELS, take the 2D mask.
     """
+    if getattr(encoder.config, "model_type", None) not in PREPARED_MASK_MODELS:
+        return attention_mask  # its own mask handling (DeBERTa) or extra patterns (ModernBERT's windows)
     implementation = getattr(encoder.config, "_attn_implementation", None)
     if implementation == "sdpa":
         return attention_mask[:, None, None, :].bool()

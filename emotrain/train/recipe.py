@@ -45,7 +45,7 @@ from emotrain import provenance
 from emotrain.config import LABEL_NAMES, Config, ConfigError, read_provenance, save_config
 from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets
 from emotrain.data.folds import split_from_config
-from emotrain.data.stream import build_train_stream
+from emotrain.data.stream import build_train_stream, local_processes
 from emotrain.model import build_model, build_processors
 from emotrain.model.encoders import check_data_fits_model
 from emotrain.train import tracking
@@ -171,6 +171,8 @@ def train(cfg: Config) -> int:
     stream = build_train_stream(
         cfg, split, feature_extractor=feature_extractor, tokenizer=tokenizer,
         rank=accelerator.process_index, world_size=world_size,
+        # Decided once: every rank plans every rank's batches with it (ranks may see other cores).
+        num_workers=decided_by_main(lambda: cfg.data.workers(local_processes())),
     )
     if resume_from is not None:
         try:

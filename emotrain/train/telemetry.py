@@ -51,8 +51,11 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None
     """FLOP/s of a square matmul in `dtype` on `device`, measured for about `seconds` (the peak the
     model's utilisation is a share of). On a GPU it synchronises: call it once, before training."""
     size = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # Its own generator: the default one's state belongs to the training (a resumed run must draw
+    # the same dropout masks as the uninterrupted one).
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):  # warm up
         a @ b

@@ -292,3 +292,11 @@ def test_the_worker_count_is_decided_per_machine_when_not_given(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     assert DataConfig().workers(8) == 3 and DataConfig().workers(1) == 4 and DataConfig().workers(32) == 0
+
+
+def test_flash_attention_needs_half_precision():
+    from emotrain.config import load_config
+
+    with pytest.raises(ConfigError, match="model.attention: flash_attention_2 runs in half precision only"):
+        load_config(None, ["model.attention=flash_attention_2", "train.mixed_precision=no"])
+    assert load_config(None, ["model.attention=flash_attention_2", "train.mixed_precision=bf16"]).model.attention

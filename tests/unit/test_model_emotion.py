@@ -316,3 +316,14 @@ def test_checkpointing_per_encoder_and_the_attention_kernels_are_chosen_by_confi
     for choice, audio, text in (("audio", True, False), ("text", False, True), (True, True, True), (False, False, False)):
         model.set_gradient_checkpointing(choice)
         assert (checkpointed(model.audio_encoder), checkpointed(model.text_encoder)) == (audio, text), choice
+
+
+def test_encoders_outside_the_allowlist_keep_their_2d_mask():
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    from emotrain.model.emotion_model import encoder_attention_mask
+
+    deberta = DebertaV2Model(DebertaV2Config(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert encoder_attention_mask(deberta, mask) is mask  # DeBERTa builds its own mask: a 4D one gave NaN

@@ -204,4 +204,6 @@ def test_flops_are_counted_on_a_forward_without_touching_the_rng():
     assert torch.equal(torch.random.get_rng_state(), state) and model.training
     assert 0 < short < long and 3.0 < long / short < 5.0  # mostly linear in the audio's length
     assert flops_per_utterance(model, fe, tok, seconds=1.0, tokens=32) > short  # and grows with the text
+    state = torch.random.get_rng_state()
     assert matmul_peak_flops(torch.device("cpu"), torch.float32, size=256, seconds=0.05) > 1e8
+    assert torch.equal(torch.random.get_rng_state(), state)  # its own generator: training's RNG untouched
