@@ -38,7 +38,7 @@ from emotrain.data.batching import (  # noqa: E402
 from emotrain.data.folds import make_fold_split, read_parquet  # noqa: E402
 from emotrain.data.plan import StreamSettings  # noqa: E402
 from emotrain.data.stream import TrainStream  # noqa: E402
-from emotrain.data.toyset import (  # noqa: E402
+from tests.toyset import (  # noqa: E402
     iemocap_like_durations,
     toy_processors,
     write_toy_prepared,

@@ -12,41 +12,20 @@ waiting for data.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_overhead import TINY  # noqa: E402
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from runs import synthetic_prepared, train  # noqa: E402
 
 
 def run(corpus: Path, out: Path, steps: int, processes: int) -> dict:
-    overrides = [f"data.path={corpus}", f"output_dir={out}", f"train.max_steps={steps}", "train.max_epochs=100", *TINY]
-    script = [str(REPO / "configs/smoke.yaml"), *overrides]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if processes == 1:
-        command = [sys.executable, "-m", "emotrain.cli", "train", *script]
-    else:
-        env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_port()), "-m", "emotrain.cli", "train", *script]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
-    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    rows = train([f"data.path={corpus}", f"output_dir={out}", f"train.max_steps={steps}", "train.max_epochs=100",
+                  *TINY], processes=processes, launch="ddp")
     windows = [row for row in rows if "perf/step_seconds" in row][1:]
     return {key: statistics.mean(w[key] for w in windows)
             for key in ("train/utterances_per_second", "perf/step_seconds", "perf/data_wait_share")}
@@ -58,14 +37,10 @@ def main() -> None:
     parser.add_argument("--utterances-per-session", type=int, default=60)
     args = parser.parse_args()
 
-    from emotrain.data.prepare import prepare
-    from emotrain.data.synth import synthesize_release
-
     with tempfile.TemporaryDirectory(prefix="emotrain-scaling-bench-") as tmp:
         work = Path(tmp)
-        synthesize_release(work / "release", seed=0, utterances_per_session=args.utterances_per_session)
-        prepare(work / "release", work / "prepared", workers=1)
-        results = {n: run(work / "prepared", work / f"run{n}", args.steps, n) for n in (1, 2)}
+        corpus = synthetic_prepared(work, args.utterances_per_session)
+        results = {n: run(corpus, work / f"run{n}", args.steps, n) for n in (1, 2)}
     base = results[1]["train/utterances_per_second"]
     print("| processes | utterances/s (all ranks) | speed-up | s/step | waiting for data |")
     print("| ---: | ---: | ---: | ---: | ---: |")

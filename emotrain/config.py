@@ -83,10 +83,13 @@ class DataConfig:
     """Budget of padded audio seconds per evaluation batch (full-length utterances, sorted by
     duration; one longer than the budget is a batch alone). No backward: about twice training's."""
 
-    def workers(self, processes_per_node: int = 1) -> int:
-        """`num_workers`, with None (auto) decided for this machine (see its doc)."""
+    def workers(self, processes_per_node: int | None = None) -> int:
+        """`num_workers`, with None (auto) decided for this machine (see its doc). `processes_per_node`:
+        training processes on this machine (default: torchrun's LOCAL_WORLD_SIZE, 1 without a launcher)."""
         if self.num_workers is not None:
             return self.num_workers
+        if processes_per_node is None:
+            processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         import torch
 
         if not torch.cuda.is_available():

@@ -39,7 +39,6 @@ from emotrain.config import DataConfig
 from emotrain.data.audio import AudioDecodeError, decode_audio
 from emotrain.data.batching import Collator, cut_sorted
 from emotrain.data.folds import FoldSplit, Metadata
-from emotrain.data.stream import local_processes
 
 logger = logging.getLogger("emotrain.data")
 
@@ -162,7 +161,7 @@ def build_eval_dataloader(
     """This rank's DataLoader over `dataset` (see the module docstring; not for `accelerator.prepare`).
     `batch_size` caps the utterances per batch (default `data.eval_batch_size`)."""
     collator = Collator(feature_extractor, tokenizer, data.max_text_tokens, data.sampling_rate)
-    workers = data.workers(local_processes()) if num_workers is None else num_workers
+    workers = data.workers() if num_workers is None else num_workers
     sampler = EvalBatchSampler(dataset, data.eval_max_batch_audio_seconds, batch_size or data.eval_batch_size,
                                rank=rank, world_size=world_size)
     return DataLoader(

@@ -33,51 +33,43 @@ How one epoch is planned:
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from emotrain.config import DataConfig
 from emotrain.data.audio import cropped_seconds
 from emotrain.data.batching import bucket_batches, fixed_batches, shuffle_buffer_order
 
 if TYPE_CHECKING:
-    from emotrain.config import DataConfig
     from emotrain.data.folds import FoldSplit
 
 Shard = tuple[int, np.ndarray]
 """(index into split.meta.files, metadata row indices of this shard that this part reads)."""
 
 
-@dataclass(frozen=True)
-class StreamSettings:
-    """Everything that shapes the batch plan and the batches' content (part of the resume check)."""
+PLAN_FIELDS = ("batching", "max_batch_audio_seconds", "bucket_buffer_size", "shuffle_buffer_size",
+               "max_audio_seconds", "random_crop", "max_text_tokens", "sampling_rate")
+"""The `DataConfig` fields that shape the batch plan or the batches' content."""
 
-    seed: int
-    batch_size: int
-    batching: str = "bucket"
-    max_batch_audio_seconds: float = 80.0
-    bucket_buffer_size: int = 256
-    shuffle_buffer_size: int = 512
-    max_audio_seconds: float = 15.0
-    random_crop: bool = True
-    max_text_tokens: int = 64
-    sampling_rate: int = 16000
 
-    @classmethod
-    def from_config(cls, data: "DataConfig", batch_size: int, seed: int) -> "StreamSettings":
-        return cls(
-            seed=seed,
-            batch_size=batch_size,
-            batching=data.batching,
-            max_batch_audio_seconds=data.max_batch_audio_seconds,
-            bucket_buffer_size=data.bucket_buffer_size,
-            shuffle_buffer_size=data.shuffle_buffer_size,
-            max_audio_seconds=data.max_audio_seconds,
-            random_crop=data.random_crop,
-            max_text_tokens=data.max_text_tokens,
-            sampling_rate=data.sampling_rate,
-        )
+def _settings_from_config(cls, data: DataConfig, batch_size: int, seed: int) -> "StreamSettings":
+    return cls(seed=seed, batch_size=batch_size, **{name: getattr(data, name) for name in PLAN_FIELDS})
+
+
+# Derived from `DataConfig` (its types and defaults), so the two cannot drift: everything that shapes
+# the batch plan and the batches' content, and so part of the resume check. Fields: seed, batch_size,
+# then PLAN_FIELDS.
+StreamSettings = make_dataclass(
+    "StreamSettings",
+    [("seed", int), ("batch_size", int)]
+    + [(f.name, f.type, field(default=f.default)) for f in fields(DataConfig) if f.name in PLAN_FIELDS],
+    frozen=True,
+    namespace={"from_config": classmethod(_settings_from_config),
+               "__doc__": "Everything that shapes the batch plan and the batches' content (part of the resume check)."},
+)
+StreamSettings.__module__ = __name__  # (make_dataclass's own `module=` needs Python 3.12): pickles by name
 
 
 # ---------------------------------------------------------------------------------------------

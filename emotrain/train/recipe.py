@@ -45,7 +45,7 @@ from emotrain import provenance
 from emotrain.config import LABEL_NAMES, Config, ConfigError, read_provenance, save_config
 from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets
 from emotrain.data.folds import split_from_config
-from emotrain.data.stream import build_train_stream, local_processes
+from emotrain.data.stream import build_train_stream
 from emotrain.model import build_model, build_processors
 from emotrain.model.encoders import check_data_fits_model
 from emotrain.train import tracking
@@ -75,7 +75,7 @@ from emotrain.train.run_folder import RunFolderLock, check_run_folder
 from emotrain.train.schedule import step_end
 from emotrain.train.step import finish_optimizer_step
 from emotrain.train.telemetry import flops_per_utterance as count_flops_per_utterance
-from emotrain.train.telemetry import matmul_peak_flops, peak_memory_gib
+from emotrain.train.telemetry import matmul_peak_flops, peak_host_memory_gib, peak_memory_gib
 
 TYPICAL_TOKENS = 24
 """Transcript length the FLOP count assumes (IEMOCAP's transcripts: about 12 words, 16 WordPiece tokens)."""
@@ -172,7 +172,7 @@ def train(cfg: Config) -> int:
         cfg, split, feature_extractor=feature_extractor, tokenizer=tokenizer,
         rank=accelerator.process_index, world_size=world_size,
         # Decided once: every rank plans every rank's batches with it (ranks may see other cores).
-        num_workers=decided_by_main(lambda: cfg.data.workers(local_processes())),
+        num_workers=decided_by_main(lambda: cfg.data.workers()),
     )
     if resume_from is not None:
         try:
@@ -286,6 +286,7 @@ def train(cfg: Config) -> int:
                 values["perf/mfu"] = achieved / peak_flops
         if (memory := peak_memory_gib(accelerator.device)) is not None:
             values["perf/peak_memory_gib"] = memory
+        values["perf/peak_host_memory_gib"] = peak_host_memory_gib()  # this rank's (rank 0 logs)
         loss = "-"  # a window of skipped steps only has no loss to report
         if totals["valid"]:
             values["train/loss"] = totals["loss"] / totals["valid"]  # mean per utterance of the applied steps

@@ -14,6 +14,7 @@ length, so a batch of long utterances does a little more per utterance than the 
 
 from __future__ import annotations
 
+import resource
 import time
 
 import torch
@@ -76,3 +77,9 @@ def peak_memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def peak_host_memory_gib() -> float:
+    """The most resident memory this process has held since it started (the host side: the model on a
+    CPU, the optimizer with ZeRO offload, batches being decoded with num_workers=0), from getrusage."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

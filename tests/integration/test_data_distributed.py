@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from emotrain.data.toyset import write_toy_prepared
+from tests.toyset import write_toy_prepared
 
 SCRIPT = Path(__file__).parent / "scripts" / "data_distributed.py"
 

@@ -567,3 +567,4 @@ def test_a_training_step_reads_the_device_once_and_makes_one_small_collective(sy
     assert [row["train/step"] for row in logged] == [4, 8]
     for row in logged:
         assert row["perf/step_seconds"] > 0 and 0 <= row["perf/data_wait_share"] < 1 and row["perf/tflops_per_device"] > 0
+        assert 0.1 < row["perf/peak_host_memory_gib"] < 64  # an interpreter with torch holds a few hundred MiB

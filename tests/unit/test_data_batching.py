@@ -22,7 +22,7 @@ from emotrain.data.batching import (
     plan_padding_efficiency,
     shuffle_buffer_order,
 )
-from emotrain.data.toyset import (
+from tests.toyset import (
     encode_audio,
     iemocap_like_durations,
     tone,

@@ -14,7 +14,7 @@ from emotrain.data.evaluation import (
     eval_padding_efficiency,
 )
 from emotrain.data.folds import make_fold_split
-from emotrain.data.toyset import toy_processors, write_toy_prepared
+from tests.toyset import toy_processors, write_toy_prepared
 
 CORRUPT = "Ses01F_impro01_M003"
 

@@ -12,7 +12,7 @@ from emotrain.data.folds import (
     read_metadata,
     split_from_config,
 )
-from emotrain.data.toyset import write_toy_prepared
+from tests.toyset import write_toy_prepared
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ resume (also onto another number of processes or workers), and bad data."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections import Counter
 
 import numpy as np
@@ -24,7 +25,7 @@ from emotrain.data.plan import (
     training_shards,
 )
 from emotrain.data.stream import TrainStream, build_train_stream
-from emotrain.data.toyset import toy_processors, write_toy_prepared
+from tests.toyset import toy_processors, write_toy_prepared
 
 CORRUPT = "Ses03F_impro02_F010"  # speaker Ses03F: in training for folds != 3 (validation: 1 speaker by seed)
 
@@ -264,6 +265,37 @@ def test_resume_is_exact_with_two_workers(root, meta, processors):
         assert len(head) + len(tail) == len(reference)
         for a, b in zip(head + tail, reference):
             _same(a, b)
+
+
+def _worker_pids() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_data_workers_persist_across_epochs_and_each_epoch_is_its_own(root, meta, processors):
+    split = _split(root, meta)
+    settings = _settings()
+    before = _worker_pids()
+    stream = _stream(split, processors, settings, num_workers=2)
+    epochs = []
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        epochs.append(list(stream))
+        workers = _worker_pids() - before
+        assert len(workers) == 2, f"epoch {epoch}: {len(workers)} worker processes alive after the epoch"
+        if epoch == 0:
+            first_workers = workers
+        assert workers == first_workers, "the workers were restarted for a new epoch"
+    # Each epoch of the persistent workers is that epoch's plan: what a stream started at it yields.
+    for epoch in (1, 2):
+        fresh = _stream(split, processors, settings, num_workers=2)
+        fresh.set_epoch(epoch)
+        for a, b in zip(epochs[epoch], list(fresh), strict=True):
+            _same((epoch, a), (epoch, b))
+        fresh.close()
+        assert [i for b in epochs[epoch] for i in b["ids"]] == _plan_ids(split, fresh.plan())
+    assert epochs[1][0]["ids"] != epochs[2][0]["ids"]
+    stream.close()
+    assert not (_worker_pids() - before) & first_workers
 
 
 @pytest.mark.parametrize(

@@ -13,12 +13,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from emotrain.config import DataConfig
-from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets
-from emotrain.data.folds import make_fold_split
-from emotrain.data.plan import StreamSettings
-from emotrain.data.stream import TrainStream
-from emotrain.data.toyset import toy_processors
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repo root: tests.toyset
+
+from emotrain.config import DataConfig  # noqa: E402
+from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets  # noqa: E402
+from emotrain.data.folds import make_fold_split  # noqa: E402
+from emotrain.data.plan import StreamSettings  # noqa: E402
+from emotrain.data.stream import TrainStream  # noqa: E402
+from tests.toyset import toy_processors  # noqa: E402
 
 
 def main() -> None:

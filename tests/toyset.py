@@ -1,4 +1,5 @@
-"""Small prepared datasets with sine-wave audio, for tests and benchmarks of the data pipeline.
+"""Small prepared datasets with sine-wave audio, for the tests and the benchmarks of the data pipeline
+(test code: not part of the package).
 
     write_toy_prepared("/tmp/toy", per_session=12, num_shards=3)
 

@@ -1,0 +1,97 @@
+"""The training stream's resume state: what a rank saves, and what a saved state must agree on.
+
+A rank's state is `{epoch, position}` (batches of the epoch already yielded) plus what the plan
+depends on: world size, workers, accumulation, and fingerprints of the split, of the shard layout
+(files and the ids in each, in row order) and of the plan settings. It is small and JSON (one file
+per rank in every checkpoint). Anything that shaped the plan and changed since is an error naming
+it: re-prepared shards would otherwise silently repeat some utterances and skip others.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from emotrain.data.folds import Metadata
+
+STATE_FORMAT = "emotrain.train_stream/2"
+
+
+def layout_fingerprint(meta: Metadata) -> dict[str, Any]:
+    """The shard layout: which files (by their name inside the dataset folder, so a moved or
+    remote copy still matches) hold which ids in which row order, and their durations (the plan
+    buckets by duration: re-encoded or trimmed audio would plan other batches)."""
+    names = [str(PurePosixPath(*PurePosixPath(str(url).replace("\\", "/")).parts[-2:])) for url in meta.files]
+    rows = [meta.id[meta.file == f].tolist() for f in range(len(meta.files))]
+    durations = np.round(meta.duration, 4).tolist()
+    return {"files": len(names), "names": _digest(names), "rows": _digest(rows), "durations": _digest(durations)}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.blake2b(json.dumps(value, separators=(",", ":")).encode(), digest_size=8).hexdigest()
+
+
+def encode_mask(mask: np.ndarray | None) -> str | None:
+    return None if mask is None else base64.b64encode(np.packbits(mask).tobytes()).decode()
+
+
+def decode_mask(text: str | None, length: int) -> np.ndarray | None:
+    if text is None:
+        return None
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))
+    if len(bits) < length:
+        raise ValueError("stream state: the consumed-rows mask is shorter than the dataset")
+    return bits[:length].astype(bool)
+
+
+def check_states(states: list[dict[str, Any]]) -> None:
+    """Every rank's state, ordered by rank, of this format, taken at the same batch."""
+    if not states:
+        raise ValueError("no stream state to resume from")
+    for rank, state in enumerate(states):
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"stream state of rank {rank} has format {state.get('format')!r}, expected {STATE_FORMAT!r} "
+                "(written by another emotrain version): start a new run in another output_dir"
+            )
+        if state.get("rank") != rank or state.get("world_size") != len(states):
+            raise ValueError(f"stream states are not one per rank 0..{len(states) - 1} (rank {rank}: {state})")
+    if len({(s["epoch"], s["position"]) for s in states}) != 1:
+        raise ValueError("the checkpoint's ranks stopped at different batches: it was not taken at a step boundary")
+
+
+def check_identity(saved: dict[str, Any], mine: dict[str, Any]) -> None:
+    """A saved state's split, shard layout and plan settings must be this stream's."""
+    if saved.get("split") != mine["split"]:
+        raise ValueError(
+            "the fold's split (which utterances train, validate and test) differs from the checkpoint's: "
+            "data.fold, the validation settings, train.seed or the prepared data changed"
+        )
+    old, new = saved.get("layout") or {}, mine["layout"]
+    if old != new:
+        if old.get("names") != new["names"]:
+            what = f"{old.get('files')} shard files then, {new['files']} now"
+        elif old.get("rows") != new["rows"]:
+            what = "the same files hold other rows (or rows in another order)"
+        else:
+            what = "the same rows have other durations (re-encoded or trimmed audio)"
+        raise ValueError(
+            f"the prepared data was re-written since the checkpoint ({what}): the rest of epoch "
+            f"{saved.get('epoch')} cannot be resumed exactly (some utterances would repeat, others be "
+            "skipped). Resume on the data the checkpoint was trained on, or start a new run in another output_dir"
+        )
+    old_settings = saved.get("settings") or {}
+    changed = [f"{_config_key(key)} {old_settings.get(key)!r} -> {value!r}"
+               for key, value in mine["settings"].items() if old_settings.get(key) != value]
+    if changed:
+        raise ValueError(f"the batch plan's settings differ from the checkpoint's: {', '.join(changed)}")
+
+
+def _config_key(setting: str) -> str:
+    """The config key behind a `StreamSettings` field (for error messages)."""
+    return {"seed": "train.seed", "batch_size": "train.batch_size"}.get(setting, f"data.{setting}")
