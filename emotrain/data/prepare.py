@@ -24,7 +24,15 @@ import soxr
 
 from emotrain.config import LABEL_NAMES, check_no_credentials
 from emotrain.data.iemocap import Utterance, scan_release
-from emotrain.data.shards import REPORT_FILE, SAMPLING_RATE, join, write_session_shards, write_text
+from emotrain.data.shards import (
+    REPORT_FILE,
+    SAMPLING_RATE,
+    filesystem,
+    join,
+    storage_error,
+    write_session_shards,
+    write_text,
+)
 
 AUDIO_FORMATS = ("flac", "wav")
 MIN_SECONDS = 0.1
@@ -77,6 +85,19 @@ def _encode_job(args: tuple[str, str]) -> EncodedAudio:
     return encode_wav_file(*args)
 
 
+def _open_output(out_dir: str | Path) -> None:
+    """Create `out_dir` (a folder, or a prefix on object storage) before any audio is encoded: missing
+    credentials or an unreachable endpoint then fail in a second, not after the whole corpus."""
+    fs, root = filesystem(out_dir)
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except Exception as err:
+        error = storage_error(out_dir, err, key="out_dir")
+        if error is None:
+            raise
+        raise error from err
+
+
 def prepare(
     release_root: str | Path,
     out_dir: str | Path,
@@ -91,6 +112,7 @@ def prepare(
     if audio_format not in AUDIO_FORMATS:
         raise ValueError(f"audio_format must be one of {AUDIO_FORMATS}, got {audio_format!r}")
     check_no_credentials(out_dir, "out_dir")
+    _open_output(out_dir)
     started = time.perf_counter()
     utterances, dropped_codes = scan_release(release_root)
 

@@ -34,7 +34,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from emotrain.config import LABEL_NAMES
+from emotrain.config import LABEL_NAMES, ConfigError
 
 SAMPLING_RATE = 16_000
 ROW_GROUP_SIZE = 64
@@ -69,6 +69,24 @@ def filesystem(path: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) of a local path or an fsspec URL. Options (credentials,
     endpoints) come from the environment and fsspec's configuration, as every reader here gets them."""
     return fsspec.core.url_to_fs(str(path))
+
+
+_STORAGE_CLIENTS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "huggingface_hub",
+                    "aiohttp", "fsspec")
+"""Packages whose exceptions mean "the storage could not be reached or refused us", not a bug here."""
+
+
+def storage_error(path: str | Path, err: BaseException, key: str = "data.path") -> ConfigError | None:
+    """A one-line ConfigError naming `key` for a failure to reach the storage at `path` (missing or
+    rejected credentials, no such bucket, an unreachable endpoint), or None for any other error.
+    The message holds the URL and the client's own words, never a credential (URLs carry none)."""
+    module = type(err).__module__.split(".")[0]
+    if not (isinstance(err, OSError) or module in _STORAGE_CLIENTS):
+        return None
+    reason = " ".join(f"{type(err).__name__}: {err}".split())
+    return ConfigError(key, f"cannot reach {path} ({reason}). Credentials and endpoints come from the environment "
+                            "or the filesystem's own configuration (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                            "AWS_ENDPOINT_URL, ~/.aws/)")
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

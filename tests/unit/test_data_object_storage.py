@@ -136,3 +136,33 @@ def test_a_data_url_carrying_credentials_is_refused_without_repeating_them(path,
                                   "runs/with@sign/prepared", "gs://bucket/a@b"])
 def test_data_paths_without_credentials_are_accepted(path):
     assert load_config(None, [f"data.path={path}"]).data.path == path
+
+
+@pytest.fixture
+def without_credentials(s3, monkeypatch):
+    import s3fs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups (timeouts)
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client would still hold the credentials
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_storage_that_cannot_be_reached_is_a_one_line_error_naming_the_key(s3, both, without_credentials, tmp_path, capsys):
+    _, remote = both
+    assert main(["train", "configs/smoke.yaml", f"data.path={remote}", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"config error: data.path: cannot reach {remote} (NoCredentialsError" in err, err
+    assert "AWS_ACCESS_KEY_ID" in err and not (tmp_path / "run").exists()
+    # prepare finds out before it reads (let alone encodes) anything: the release need not exist yet.
+    with pytest.raises(ConfigError, match=r"out_dir: cannot reach s3://.*NoCredentialsError"):
+        prepare(tmp_path / "no-release-yet", s3.url("new"))
+
+
+def test_a_bucket_that_does_not_exist_is_a_one_line_error(s3, tmp_path, capsys):
+    url = "s3://no-such-bucket-here/prepared"
+    assert main(["train", "configs/smoke.yaml", f"data.path={url}", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: data.path: cannot reach {url} (FileNotFoundError: The specified bucket does not exist)" in err
