@@ -26,6 +26,7 @@ refuses one.
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -61,9 +62,12 @@ COLUMNS = tuple(FEATURES)
 
 
 REPORT_FILE = "prepare_report.json"
+"""What `emotrain prepare` kept and skipped, and the counts per session x class (in OUT_DIR)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Where the prepared data is: a local folder or an fsspec URL.
+
 
 def filesystem(path: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) of a local path or an fsspec URL. Options (credentials,
@@ -109,8 +113,9 @@ def join(root: str | Path, *parts: str) -> str:
 
 
 def write_text(url: str, text: str) -> None:
+    """Write a small text file to a local path or a URL (its folder created if needed)."""
     fs, path = filesystem(url)
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)  # fsspec paths are '/'-separated
     with fs.open(path, "w") as handle:
         handle.write(text)
 
