@@ -166,3 +166,21 @@ def test_a_bucket_that_does_not_exist_is_a_one_line_error(s3, tmp_path, capsys):
     assert main(["train", "configs/smoke.yaml", f"data.path={url}", f"output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert f"config error: data.path: cannot reach {url} (FileNotFoundError: The specified bucket does not exist)" in err
+
+
+def test_the_endpoint_may_come_from_fsspec_configuration_instead_of_aws_variables(s3, both):
+    """`FSSPEC_S3_ENDPOINT_URL` (fsspec's own configuration, read when fsspec is imported, hence a
+    subprocess) reaches the server as `AWS_ENDPOINT_URL` does: the metadata and the `datasets` stream."""
+    import os
+    import subprocess
+    import sys
+
+    _, remote = both
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+    env.update(FSSPEC_S3_ENDPOINT_URL=s3.endpoint, HF_DATASETS_OFFLINE="1")
+    code = ("import sys, datasets; from emotrain.data.folds import read_metadata; meta = read_metadata(sys.argv[1]); "
+            "ds = datasets.load_dataset('parquet', data_files=list(meta.files), split='train', streaming=True); "
+            "print(len(meta), sum(1 for _ in ds))")
+    proc = subprocess.run([sys.executable, "-c", code, remote], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [str(sum(PER_SESSION))] * 2
