@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import string
 import textwrap
 import types
@@ -41,6 +42,19 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"{key}: {message}")
+
+
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+"""`scheme://user:secret@host/...`: the userinfo part of a URL."""
+
+
+def check_no_credentials(path: str | Path, key: str) -> None:
+    """Refuse a data URL that carries credentials (`s3://KEY:SECRET@bucket/...`, `ftp://user:pw@host`):
+    paths are saved in config.yaml and checkpoints and written to logs. Credentials belong in the
+    environment or the filesystem's own configuration (AWS_ACCESS_KEY_ID, ~/.aws, ~/.config/fsspec)."""
+    if _URL_USERINFO.match(str(path)):
+        raise ConfigError(key, "must not carry credentials (user:password@ in the URL): give them through the "
+                               "environment or the filesystem's own configuration (e.g. AWS_ACCESS_KEY_ID)")
 
 
 @dataclass
@@ -98,6 +112,7 @@ class DataConfig:
         return max(0, min(4, cores // max(processes_per_node, 1) - 1))
 
     def validate(self) -> None:
+        check_no_credentials(self.path, "data.path")
         _check(0 <= self.fold <= 5, "data.fold", f"must be 0..5, got {self.fold}")
         _check(self.validation_speakers >= 1, "data.validation_speakers", "must be >= 1")
         _check(0 < self.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")

@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 
 from emotrain.data.folds import SESSIONS
+from emotrain.data.shards import REPORT_FILE, join, read_prepare_report
 from emotrain.train.tracking import HISTORY_FILE, read_history
 
 CV_PLAN_FILE = "cv.json"
@@ -312,10 +313,10 @@ def protocol_text(experiments: list[Experiment]) -> str:
 def counts_table(experiments: list[Experiment]) -> str:
     """Utterances per session × class, from the prepare report of the data the runs trained on."""
     path_text = experiments[0].finished[0].config["data"]["path"]
-    report_file = Path(path_text) / "prepare_report.json"
-    if not report_file.is_file():
+    report_file = join(path_text, REPORT_FILE)  # a local folder or a URL (s3://...)
+    report = read_prepare_report(path_text)
+    if report is None:
         return f"(no prepare report at {report_file}: counts per session × class unavailable)"
-    report = json.loads(report_file.read_text())
     counts = report["counts"]
     labels = experiments[0].label_names()
     lines = ["| session | " + " | ".join(labels) + " | total |", "|" + "---|" * (len(labels) + 2)]

@@ -104,12 +104,14 @@ def write_toy_prepared(
     fmt: str = "FLAC",
     corrupt_ids: Iterable[str] = (),
     rates: dict[str, int] | None = None,
-) -> Path:
-    """Write a 5-session prepared dataset under `root`; returns `root`.
+) -> Path | str:
+    """Write a 5-session prepared dataset under `root`, a local folder (returned as a Path) or an
+    fsspec URL such as `s3://bucket/prefix` (returned as given).
 
     `per_session` is one count for every session or five counts (sessions 1..5).
     """
-    root = Path(root)
+    if "://" not in str(root):
+        root = Path(root)
     counts = [per_session] * 5 if isinstance(per_session, int) else list(per_session)
     if len(counts) != 5:
         raise ValueError("per_session must be an int or five counts")

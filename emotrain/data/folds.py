@@ -137,12 +137,20 @@ class NoPreparedDataset(ConfigError, FileNotFoundError):
 
 def list_session_files(path: str, session: int) -> list[str]:
     """The Parquet shards of one prepared session, sorted, as paths/URLs `datasets` and fsspec open."""
-    fs, root = fsspec.core.url_to_fs(path)
-    pattern = f"{root.rstrip('/')}/session{session}/data-*.parquet"
-    found = sorted(fs.glob(pattern))
-    if not found:
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+        pattern = f"{root.rstrip('/')}/session{session}/data-*.parquet"
+        found = sorted(fs.glob(pattern))
         # Nothing prepared at all is the common mistake (train before prepare): say that.
-        anything = fs.glob(f"{root.rstrip('/')}/session*/data-*.parquet")
+        anything = found or fs.glob(f"{root.rstrip('/')}/session*/data-*.parquet")
+    except Exception as err:  # no credentials, access denied, no such bucket, endpoint down: one line
+        from emotrain.data.shards import storage_error  # here: shards imports `datasets` (a second)
+
+        error = storage_error(path, err)
+        if error is None:
+            raise
+        raise error from err
+    if not found:
         raise NoPreparedDataset(path, session if anything else None)
     # Local paths stay plain; remote ones get their protocol back (`s3://...`, `hf://...`).
     if "file" in _protocols(fs):

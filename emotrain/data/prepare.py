@@ -3,6 +3,8 @@
 Audio is read with soundfile, down-mixed to mono, resampled to 16 kHz with soxr when needed and
 stored as encoded bytes (FLAC by default: lossless, about half the size of WAV). Reading and
 encoding run in a process pool over all cores; the full corpus (7 h of kept audio) takes minutes.
+`out_dir` may be a local folder or an fsspec URL (`s3://bucket/prefix`): shards and report are
+written there directly (`emotrain.data.shards`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from emotrain.config import LABEL_NAMES
+from emotrain.config import LABEL_NAMES, check_no_credentials
 from emotrain.data.iemocap import Utterance, scan_release
-from emotrain.data.shards import SAMPLING_RATE, write_session_shards
+from emotrain.data.shards import (
+    REPORT_FILE,
+    SAMPLING_RATE,
+    filesystem,
+    join,
+    storage_error,
+    write_session_shards,
+    write_text,
+)
 
 AUDIO_FORMATS = ("flac", "wav")
 MIN_SECONDS = 0.1
@@ -75,6 +85,19 @@ def _encode_job(args: tuple[str, str]) -> EncodedAudio:
     return encode_wav_file(*args)
 
 
+def _open_output(out_dir: str | Path) -> None:
+    """Create `out_dir` (a folder, or a prefix on object storage) before any audio is encoded: missing
+    credentials or an unreachable endpoint then fail in a second, not after the whole corpus."""
+    fs, root = filesystem(out_dir)
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except Exception as err:
+        error = storage_error(out_dir, err, key="out_dir")
+        if error is None:
+            raise
+        raise error from err
+
+
 def prepare(
     release_root: str | Path,
     out_dir: str | Path,
@@ -88,6 +111,8 @@ def prepare(
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if audio_format not in AUDIO_FORMATS:
         raise ValueError(f"audio_format must be one of {AUDIO_FORMATS}, got {audio_format!r}")
+    check_no_credentials(out_dir, "out_dir")
+    _open_output(out_dir)
     started = time.perf_counter()
     utterances, dropped_codes = scan_release(release_root)
 
@@ -136,8 +161,6 @@ def prepare(
             f"found, all skipped ({dict(reasons)})"
         )
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for session in sorted(by_session):
         rows = by_session[session]
@@ -159,7 +182,7 @@ def prepare(
         "skipped": sorted(skipped, key=lambda s: s["id"]),
         "elapsed_seconds": round(time.perf_counter() - started, 2),
     }
-    (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2))
+    write_text(join(out_dir, REPORT_FILE), json.dumps(report, indent=2))
     return report
 
 
