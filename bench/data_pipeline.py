@@ -86,7 +86,7 @@ def padding_table(seed: int, crop: float) -> list[dict]:
     return rows
 
 
-def throughput(utterances_per_session: int, workdir: Path) -> dict:
+def throughput(utterances_per_session: int, workdir: Path, workers_counts: tuple[int, ...] = (0, 2)) -> dict:
     root = write_toy_prepared(workdir / "prepared", per_session=utterances_per_session, num_shards=8,
                               durations="iemocap", seed=0)
     split = make_fold_split(str(root), 1, seed=0)
@@ -104,7 +104,7 @@ def throughput(utterances_per_session: int, workdir: Path) -> dict:
     out["decode_only"] = {"utts_per_s": len(blobs) / dt, "audio_s_per_s": seconds / dt, "utts": len(blobs)}
 
     settings = StreamSettings(seed=0, batch_size=8)  # the defaults: bucketed, 80 s, crop 15 s
-    for workers in (0, 2):
+    for workers in workers_counts:
         stream = TrainStream(split, settings, feature_extractor=fe, tokenizer=tok, num_workers=workers)
         list(TrainStream(split, settings, feature_extractor=fe, tokenizer=tok).plan(0).sequence)  # warm imports
         t = time.perf_counter()

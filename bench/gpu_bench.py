@@ -272,10 +272,34 @@ def main() -> None:
         say(f"| {label} | {r['utterances/s']:.1f} | {r['audio s/s']:.0f} | {r['padding efficiency']:.2f} | "
             f"{r['TFLOP/s']:.2f} | {r['share of peak']:.1%} | {memory} |")
     say()
+    data_path(args, rows[next(iter(rows))]["utterances/s"], say)
+    say()
     say("One bucketed training step (forward + backward), top costs:")
     say("```")
     say(profile_step(model, make_batch(plans[next(iter(plans))][0], seconds, tokens, device), device, precision))
     say("```")
+
+
+def data_path(args, step_utterances_per_second: float, say) -> None:
+    """The real training stream (datasets streaming, FLAC decode, crop, tokenise, normalise, collate)
+    on this machine's cores, per worker, and how many workers the measured GPU step needs."""
+    import math
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from data_pipeline import throughput
+
+    counts = (1, 2) if args.tiny else (1, 2, 4)
+    with tempfile.TemporaryDirectory(prefix="emotrain-gpu-data-") as tmp:
+        figures = throughput(40 if args.tiny else 300, Path(tmp), workers_counts=counts)
+    say("| training stream (IEMOCAP-shaped FLAC shards, defaults) | utterances/s | per worker |")
+    say("| --- | ---: | ---: |")
+    for workers in counts:
+        f = figures[f"stream_workers_{workers}"]
+        say(f"| num_workers={workers} | {f['utts_per_s']:.0f} | {f['per_worker_utts_per_s']:.0f} |")
+    per_worker = figures[f"stream_workers_{counts[0]}"]["per_worker_utts_per_s"]
+    say(f"The bucketed step above trains {step_utterances_per_second:.0f} utterances/s: it needs "
+        f"{math.ceil(step_utterances_per_second / per_worker)} worker(s) at {per_worker:.0f} utterances/s each.")
 
 
 class _SyntheticTokenizer:

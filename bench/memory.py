@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runs import REPO, synthetic_prepared, train  # noqa: E402
 
 ON = {False: "no checkpointing", True: "checkpointing"}
+PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 BASELINE = ("import resource, torch, transformers, accelerate, datasets, emotrain.train.recipe; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)")
 
@@ -99,12 +100,12 @@ def main() -> None:
             return result
 
         for checkpointing in (False, True):
-            run(f"1 process, {args.precision}, {ON[checkpointing]}", budget=args.budget, checkpointing=checkpointing)
+            run(f"1 process, {PRECISION[args.precision]}, {ON[checkpointing]}", budget=args.budget, checkpointing=checkpointing)
         for launch in ("ddp", "zero2"):
             run(f"2 processes, bf16, {launch}", budget=args.budget, processes=2, launch=launch, precision="bf16")
         fits = {}
         for checkpointing in (False, True):
-            points = [run(f"1 process, {args.precision}, {ON[checkpointing]}, budget {b:g} s",
+            points = [run(f"1 process, {PRECISION[args.precision]}, {ON[checkpointing]}, budget {b:g} s",
                           budget=b, checkpointing=checkpointing)
                       for b in map(float, args.sweep.split(","))]
             x = np.array([p["batch_seconds"] for p in points])

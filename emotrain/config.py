@@ -91,6 +91,11 @@ class DataConfig:
     (workers only compete with the training for the same cores there: measured slower). The count
     shapes the epoch plan (which shards each worker streams): give it explicitly for runs to be
     compared batch for batch across machines."""
+    length_ladder: int = 0
+    """Pad each batch's audio and text up to a ladder of lengths with this many rungs per octave (0: to the
+    batch's longest). A few distinct shapes instead of one per batch, for a compiled model (Accelerate's
+    dynamo config: each new shape compiles anew); costs up to 2^(1/rungs) - 1 more padding (4: 19%).
+    The batch budgets count the padded lengths. Measured in bench/RESULTS.md (torch.compile)."""
     eval_batch_size: int = 8
     """Most utterances per evaluation batch."""
     eval_max_batch_audio_seconds: float = 160.0
@@ -124,6 +129,7 @@ class DataConfig:
         _check(self.bucket_buffer_size >= 1, "data.bucket_buffer_size", "must be >= 1")
         _check(self.shuffle_buffer_size >= 0, "data.shuffle_buffer_size", "must be >= 0")
         _check(self.num_workers is None or self.num_workers >= 0, "data.num_workers", "must be >= 0 or null (auto)")
+        _check(0 <= self.length_ladder <= 64, "data.length_ladder", "must be 0 (off) .. 64 rungs per octave")
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
         _check_positive(self.eval_max_batch_audio_seconds, "data.eval_max_batch_audio_seconds")
 

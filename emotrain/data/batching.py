@@ -13,17 +13,22 @@ The batch format, the contract with the model and the recipe:
     labels               long    [B]     0..3 in LABEL_NAMES order
     ids                  list[str]       utterance ids (bookkeeping, not a tensor)
     audio_seconds        float           sum of the real (cropped) durations in the batch
-    padded_audio_seconds float           B x longest, i.e. what the encoder really processes
+    padded_audio_seconds float           B x padded length, i.e. what the encoder really processes
     valid                bool    [B]     False where the audio failed to decode (a short silence stands
                                          in; it weighs nothing in the loss and is left out of metrics)
     num_valid            int             how many rows are valid (host-side bookkeeping)
 
 `TENSOR_KEYS` lists the tensor entries (move those to the device); `padding_efficiency(batch)` is
 audio_seconds / padded_audio_seconds.
+
+Batches are padded to their longest utterance, or with `data.length_ladder` (rungs per octave) up to a
+ladder of lengths (`ladder_length`): a few distinct shapes instead of one per batch, for a compiled
+model (each new shape compiles anew). The plan counts the padded length against its budgets.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,6 +37,33 @@ from transformers import Wav2Vec2FeatureExtractor
 
 TENSOR_KEYS = ("input_values", "audio_lengths", "input_ids", "attention_mask", "labels")
 """Entries of a batch that are tensors for the model (evaluation batches add `valid`)."""
+AUDIO_QUANTUM = 320
+"""Audio ladder rungs are multiples of one Wav2Vec2 frame (20 ms at 16 kHz)."""
+TEXT_QUANTUM = 8
+"""Text ladder rungs are multiples of 8 tokens."""
+
+
+def ladder_length(n: int, quantum: int, rungs_per_octave: int, cap: int | None = None) -> int:
+    """`n` padded up to the ladder `quantum * ceil(2 ** (k / rungs_per_octave))`, k = 0, 1, ...
+    (at most `cap`, itself a rung: the crop or the token limit); `rungs_per_octave=0`: `n` itself."""
+    if rungs_per_octave <= 0 or n <= 0:
+        return n
+    k = max(0, math.floor(rungs_per_octave * math.log2(max(n / quantum, 1.0))))
+    while quantum * math.ceil(2 ** (k / rungs_per_octave)) < n:
+        k += 1
+    rung = quantum * math.ceil(2 ** (k / rungs_per_octave))
+    return max(n, min(rung, cap)) if cap is not None else rung
+
+
+def ladder_seconds(seconds: np.ndarray, rungs_per_octave: int, sampling_rate: int,
+                   cap_seconds: float | None = None) -> np.ndarray:
+    """Durations padded up to the audio ladder (what a batch of them pads to), for planning."""
+    if rungs_per_octave <= 0:
+        return seconds
+    cap = None if cap_seconds is None else int(round(cap_seconds * sampling_rate))
+    samples = np.ceil(np.asarray(seconds, dtype=np.float64) * sampling_rate).astype(np.int64)
+    padded = [ladder_length(int(n), AUDIO_QUANTUM, rungs_per_octave, cap) for n in samples]
+    return np.asarray(padded, dtype=np.float64) / sampling_rate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,11 +188,16 @@ class Collator:
     preprocessor config (`return_attention_mask: false`) would otherwise make the extractor do.
     """
 
-    def __init__(self, feature_extractor, tokenizer, max_text_tokens: int, sampling_rate: int = 16000):
+    def __init__(self, feature_extractor, tokenizer, max_text_tokens: int, sampling_rate: int = 16000, *,
+                 length_ladder: int = 0, max_audio_samples: int | None = None):
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
         self.max_text_tokens = max_text_tokens
         self.sampling_rate = sampling_rate
+        self.length_ladder = length_ladder
+        """Rungs per octave of the padded lengths (0: pad to the batch's longest)."""
+        self.max_audio_samples = max_audio_samples
+        """The training crop: the audio ladder's top rung (None: evaluation, no crop)."""
 
     def audio_values(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """[B, T] float32: each utterance normalised over its own samples, then zero padded.
@@ -171,22 +208,26 @@ class Collator:
         """
         fe = self.feature_extractor
         if not isinstance(fe, Wav2Vec2FeatureExtractor) or fe.feature_size != 1:
-            audio = fe(arrays, sampling_rate=self.sampling_rate, padding=True, return_attention_mask=True,
-                       return_tensors="pt")
+            audio = fe(arrays, sampling_rate=self.sampling_rate, padding="max_length",
+                       max_length=self.padded_samples(arrays), return_attention_mask=True, return_tensors="pt")
             return audio["input_values"].to(torch.float32)
-        padded = np.full((len(arrays), max(len(a) for a in arrays)), fe.padding_value, dtype=np.float32)
+        padded = np.full((len(arrays), self.padded_samples(arrays)), fe.padding_value, dtype=np.float32)
         for row, samples in zip(padded, arrays):
             if fe.do_normalize:
                 samples = (samples - samples.mean()) / np.sqrt(samples.var() + 1e-7)
             row[: len(samples)] = samples
         return torch.from_numpy(padded)
 
+    def padded_samples(self, arrays: list[np.ndarray]) -> int:
+        """T of the batch: its longest utterance, or the ladder's rung above it."""
+        return ladder_length(max(len(a) for a in arrays), AUDIO_QUANTUM, self.length_ladder, self.max_audio_samples)
+
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         if not examples:
             return None
         arrays = [np.asarray(ex["array"], dtype=np.float32) for ex in examples]
         lengths = torch.tensor([len(a) for a in arrays], dtype=torch.long)
-        padded_samples = len(arrays) * int(lengths.max())
+        padded_samples = len(arrays) * self.padded_samples(arrays)
         batch: dict[str, Any] = {
             "labels": torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long),
             "ids": [str(ex["id"]) for ex in examples],
@@ -205,8 +246,14 @@ class Collator:
                 max_length=self.max_text_tokens,
                 return_tensors="pt",
             )
-            batch["input_ids"] = text["input_ids"].to(torch.long)  # [B, L]
-            batch["attention_mask"] = text["attention_mask"].to(torch.long)  # [B, L]
+            input_ids, attention_mask = text["input_ids"].to(torch.long), text["attention_mask"].to(torch.long)
+            extra = ladder_length(input_ids.shape[1], TEXT_QUANTUM, self.length_ladder,
+                                  self.max_text_tokens) - input_ids.shape[1]
+            if extra > 0:  # up to the ladder's rung: padding tokens, masked out
+                input_ids = torch.nn.functional.pad(input_ids, (0, extra), value=self.tokenizer.pad_token_id or 0)
+                attention_mask = torch.nn.functional.pad(attention_mask, (0, extra), value=0)
+            batch["input_ids"] = input_ids  # [B, L]
+            batch["attention_mask"] = attention_mask  # [B, L]
         flags = [bool(ex.get("valid", True)) for ex in examples]
         batch["num_valid"] = sum(flags)  # a Python int: counted without reading a tensor
         if any("valid" in ex for ex in examples):

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from emotrain.config import DataConfig
 from emotrain.data.audio import AudioDecodeError, decode_audio
-from emotrain.data.batching import Collator, cut_sorted
+from emotrain.data.batching import Collator, cut_sorted, ladder_seconds
 from emotrain.data.folds import FoldSplit, Metadata
 
 logger = logging.getLogger("emotrain.data")
@@ -134,8 +134,9 @@ class EvalBatchSampler(Sampler[list[int]]):
     dealt to the ranks in turn; a rank with one batch fewer ends with a filler batch `[-1]`."""
 
     def __init__(self, dataset: EvalDataset, max_batch_seconds: float, max_batch_size: int, *,
-                 rank: int = 0, world_size: int = 1):
-        batches = cut_sorted(dataset.durations, max_batch_seconds, max_batch_size) if len(dataset) else []
+                 rank: int = 0, world_size: int = 1, length_ladder: int = 0):
+        seconds = ladder_seconds(dataset.durations, length_ladder, dataset.sampling_rate)  # what each pads to
+        batches = cut_sorted(seconds, max_batch_seconds, max_batch_size) if len(dataset) else []
         mine = [b.tolist() for b in batches[rank::world_size]]
         rounds = -(-len(batches) // world_size)  # ceil: every rank runs this many forwards
         self.batches = mine + [[-1]] * (rounds - len(mine))
@@ -160,10 +161,11 @@ def build_eval_dataloader(
 ) -> DataLoader:
     """This rank's DataLoader over `dataset` (see the module docstring; not for `accelerator.prepare`).
     `batch_size` caps the utterances per batch (default `data.eval_batch_size`)."""
-    collator = Collator(feature_extractor, tokenizer, data.max_text_tokens, data.sampling_rate)
+    collator = Collator(feature_extractor, tokenizer, data.max_text_tokens, data.sampling_rate,
+                        length_ladder=data.length_ladder)
     workers = data.workers() if num_workers is None else num_workers
     sampler = EvalBatchSampler(dataset, data.eval_max_batch_audio_seconds, batch_size or data.eval_batch_size,
-                               rank=rank, world_size=world_size)
+                               rank=rank, world_size=world_size, length_ladder=data.length_ladder)
     return DataLoader(
         dataset,
         batch_sampler=sampler,

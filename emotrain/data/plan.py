@@ -40,7 +40,7 @@ import numpy as np
 
 from emotrain.config import DataConfig
 from emotrain.data.audio import cropped_seconds
-from emotrain.data.batching import bucket_batches, fixed_batches, shuffle_buffer_order
+from emotrain.data.batching import bucket_batches, fixed_batches, ladder_seconds, shuffle_buffer_order
 
 if TYPE_CHECKING:
     from emotrain.data.folds import FoldSplit
@@ -50,7 +50,7 @@ Shard = tuple[int, np.ndarray]
 
 
 PLAN_FIELDS = ("batching", "max_batch_audio_seconds", "bucket_buffer_size", "shuffle_buffer_size",
-               "max_audio_seconds", "random_crop", "max_text_tokens", "sampling_rate")
+               "max_audio_seconds", "random_crop", "max_text_tokens", "sampling_rate", "length_ladder")
 """The `DataConfig` fields that shape the batch plan or the batches' content."""
 
 
@@ -199,7 +199,9 @@ def plan_rank(
     meta = split.meta
     rank_shards = partition_shards(shards, world_size, rank, whole=whole_shards)
     n_logical = max(1, num_workers)
-    seconds = cropped_seconds(meta.duration, settings.max_audio_seconds)
+    # What each utterance pads to in a batch: its cropped duration, up to the length ladder's rung.
+    seconds = ladder_seconds(cropped_seconds(meta.duration, settings.max_audio_seconds), settings.length_ladder,
+                             settings.sampling_rate, settings.max_audio_seconds)
     workers = []
     for w in range(n_logical):
         shards = partition_shards(rank_shards, n_logical, w)

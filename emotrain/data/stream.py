@@ -89,7 +89,9 @@ class TrainStream:
         self.num_workers = num_workers
         self.accumulation = accumulation
         self.multiprocessing_context = multiprocessing_context
-        self.collator = Collator(feature_extractor, tokenizer, settings.max_text_tokens, settings.sampling_rate)
+        self.collator = Collator(feature_extractor, tokenizer, settings.max_text_tokens, settings.sampling_rate,
+                                 length_ladder=settings.length_ladder,
+                                 max_audio_samples=int(round(settings.max_audio_seconds * settings.sampling_rate)))
         self.epoch = 0
         self.position = 0
         self.consumed: np.ndarray | None = None

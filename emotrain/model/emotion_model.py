@@ -264,6 +264,10 @@ class EmotionModel(nn.Module):
         state_dict: the weights to write instead of this module's own, e.g. the gathered full
         state dict under ZeRO-3 (`accelerator.get_state_dict(model)`). Call on one process only.
         """
+        if state_dict is not None and set(state_dict) != set(self.state_dict()):
+            # A wrapper's names (`module.`, torch.compile's `_orig_mod.`) would give a folder that cannot be loaded.
+            unknown = sorted(set(state_dict) - set(self.state_dict()))[:3]
+            raise ValueError(f"state_dict does not hold this model's weights by their names (e.g. {unknown})")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "model_config": dataclasses.asdict(self.config), "preprocessing": self.preprocessing}

@@ -35,6 +35,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
+    DynamoBackend,
     InitProcessGroupKwargs,
     broadcast_object_list,
     set_seed,
@@ -210,6 +211,11 @@ def train(cfg: Config) -> int:
     # The evaluation loaders are not prepared either: each rank has its own part (data/evaluation.py).
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     group_names = [group["name"] for group in optimizer.param_groups]
+    dynamo = accelerator.state.dynamo_plugin
+    if dynamo.backend != DynamoBackend.NO:  # the launch config's dynamo_config (or ACCELERATE_DYNAMO_*)
+        log.info("model compiled by torch.compile: backend %s, mode %s, dynamic shapes %s%s",
+                 dynamo.backend.value.lower(), dynamo.mode, dynamo.dynamic,
+                 "" if cfg.data.length_ladder else " (data.length_ladder=0: batch shapes vary freely)")
 
     # --------------------------------------------------------------------------------- resume
     if resume_from is not None:
@@ -340,7 +346,8 @@ def train(cfg: Config) -> int:
     flops_per_utterance = peak_flops = None
     if accelerator.is_main_process and zero_stage(accelerator) != 3:  # ZeRO-3: no whole model on one rank
         mean_seconds = float(np.mean(np.minimum(split.meta.duration[split.train_mask()], cfg.data.max_audio_seconds)))
-        flops_per_utterance = count_flops_per_utterance(accelerator.unwrap_model(model), feature_extractor, tokenizer,
+        flops_per_utterance = count_flops_per_utterance(accelerator.unwrap_model(model, keep_torch_compile=False),
+                                                        feature_extractor, tokenizer,
                                                         seconds=mean_seconds,
                                                         tokens=min(cfg.data.max_text_tokens, TYPICAL_TOKENS))
         if accelerator.device.type == "cuda":
@@ -444,12 +451,13 @@ def train(cfg: Config) -> int:
         raise ResumeError(f"the best checkpoint (step {loop.best_step}) is no longer in {checkpoints_dir}")
     load_checkpoint(accelerator, best_folder)
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3 (gathers the partitions)
+    # A compiled model (Accelerate's dynamo config) names every key `_orig_mod.<name>`: keep the model's own.
+    state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).preprocessing.update(
-            sampling_rate=cfg.data.sampling_rate, max_text_tokens=cfg.data.max_text_tokens,
-            max_audio_seconds=cfg.data.max_audio_seconds)
-        accelerator.unwrap_model(model).save_pretrained(
-            output_dir / "best", processors=(feature_extractor, tokenizer), state_dict=state_dict)
+        best_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+        best_model.preprocessing.update(sampling_rate=cfg.data.sampling_rate, max_text_tokens=cfg.data.max_text_tokens,
+                                        max_audio_seconds=cfg.data.max_audio_seconds)
+        best_model.save_pretrained(output_dir / "best", processors=(feature_extractor, tokenizer), state_dict=state_dict)
         save_config(cfg, output_dir / "best" / "config.yaml", provenance=run_provenance)
     skipped_total = int(summed_over_ranks([len(stream.skipped)])[0])
     results = {"validation": loop.best_validation, "best_step": loop.best_step,

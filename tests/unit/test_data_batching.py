@@ -18,6 +18,8 @@ from emotrain.data.batching import (
     bucket_batches,
     cut_sorted,
     fixed_batches,
+    ladder_length,
+    ladder_seconds,
     padding_efficiency,
     plan_padding_efficiency,
     shuffle_buffer_order,
@@ -168,3 +170,44 @@ def test_the_numpy_normalisation_is_the_feature_extractor_s_bit_for_bit(processo
     expected = fe(arrays, sampling_rate=16000, padding=True, return_attention_mask=True, return_tensors="pt")
     got = Collator(fe, tok, 8)(examples)["input_values"]
     assert got.dtype == torch.float32 and torch.equal(got, expected["input_values"].to(torch.float32))
+
+
+@pytest.mark.parametrize("rungs", [1, 2, 4, 8])
+def test_the_length_ladder_pads_up_to_few_sizes_at_a_bounded_cost(rungs):
+    lengths = range(1, 240_001, 97)
+    padded = [ladder_length(n, 320, rungs) for n in lengths]
+    assert all(p >= n and p % 320 == 0 for n, p in zip(lengths, padded))
+    assert all(ladder_length(p, 320, rungs) == p for p in set(padded))  # a rung pads to itself
+    assert padded == sorted(padded)
+    # At most one rung's step of extra padding (plus the quantum for the shortest).
+    assert all(p <= n * 2 ** (1 / rungs) + 320 for n, p in zip(lengths, padded))
+    assert len(set(padded)) <= rungs * 20  # 0.02 s .. 15 s: under 10 octaves
+    capped = {ladder_length(n, 320, rungs, cap=240_000) for n in lengths}
+    assert max(capped) == 240_000  # the crop is the top rung
+    assert ladder_length(1234, 320, 0) == 1234  # off: the batch's longest
+
+
+def test_a_laddered_batch_is_padded_to_a_rung_and_the_plan_counts_it(processors):
+    fe, tok = processors
+    rate = 16000
+    examples = [{"id": f"u{i}", "array": tone(s, rate), "text": "a b c " * i, "label": i % 4}
+                for i, s in enumerate([0.7, 1.3, 2.9])]
+    plain = Collator(fe, tok, max_text_tokens=32, sampling_rate=rate)(examples)
+    laddered = Collator(fe, tok, max_text_tokens=32, sampling_rate=rate, length_ladder=4)(examples)
+    T, L = laddered["input_values"].shape[1], laddered["input_ids"].shape[1]
+    assert T == ladder_length(plain["input_values"].shape[1], 320, 4) > plain["input_values"].shape[1]
+    assert L == ladder_length(plain["input_ids"].shape[1], 8, 4, 32) and L % 8 == 0
+    assert torch.equal(laddered["audio_lengths"], plain["audio_lengths"])
+    assert torch.equal(laddered["input_values"][:, : plain["input_values"].shape[1]], plain["input_values"])
+    assert not laddered["input_values"][:, plain["input_values"].shape[1]:].any()  # zero padding
+    assert torch.equal(laddered["input_ids"][:, : plain["input_ids"].shape[1]], plain["input_ids"])
+    assert not laddered["attention_mask"][:, plain["input_ids"].shape[1]:].any()  # the extra tokens are masked
+    assert laddered["padded_audio_seconds"] == pytest.approx(3 * T / rate)
+    # The plan's durations are what the batches pad to: a budget of padded seconds holds.
+    seconds = ladder_seconds(np.array([0.7, 1.3, 2.9]), 4, rate)
+    assert seconds[2] == pytest.approx(T / rate)
+    d = iemocap_like_durations(2000, np.random.default_rng(1))
+    padded_to = ladder_seconds(np.minimum(d, 15.0), 4, rate, cap_seconds=15.0)
+    for b in bucket_batches(np.arange(len(d)), padded_to, buffer_size=256, max_batch_seconds=80.0,
+                            max_batch_size=8, rng=np.random.default_rng(0)):
+        assert len(b) * padded_to[b].max() <= 80.0 + 1e-9

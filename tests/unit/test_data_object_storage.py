@@ -20,7 +20,7 @@ from emotrain.data.plan import StreamSettings
 from emotrain.data.prepare import prepare
 from emotrain.data.shards import join, read_prepare_report, session_shard_files, write_session_shards, write_text
 from emotrain.data.stream import TrainStream, layout_fingerprint
-from emotrain.data.toyset import toy_examples, toy_processors, write_toy_prepared
+from tests.toyset import toy_examples, toy_processors, write_toy_prepared
 from tests.s3_server import running_s3_server
 
 PER_SESSION = [9, 11, 10, 12, 8]

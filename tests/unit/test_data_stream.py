@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from emotrain.config import Config
+from emotrain.data.batching import ladder_length
 from emotrain.data.folds import make_fold_split, read_metadata
 from emotrain.data.plan import (
     EpochPlan,
@@ -450,16 +451,18 @@ def test_unreadable_shard_stands_in_without_ending_the_epoch(tmp_path, processor
     assert sorted(i for b in batches for i in b["ids"]) == sorted(split.train_ids())
 
 
-def test_batches_respect_crop_budget_and_labels(root, meta, processors):
+@pytest.mark.parametrize("ladder", [0, 4])
+def test_batches_respect_crop_budget_and_labels(root, meta, processors, ladder):
     split = _split(root, meta)
-    settings = _settings()
+    settings = _settings(length_ladder=ladder)
     stream = _stream(split, processors, settings)
     labels = dict(zip(meta.id.tolist(), meta.label.tolist()))
     max_samples = int(settings.max_audio_seconds * settings.sampling_rate)
     batches = [b for _, b in _run(stream, [0])]
     assert any(b["audio_lengths"].max() == max_samples for b in batches)  # long ones cropped
     for b in batches:
-        assert b["input_values"].shape[1] == b["audio_lengths"].max() <= max_samples
+        longest = int(b["audio_lengths"].max())
+        assert b["input_values"].shape[1] == ladder_length(longest, 320, ladder, max_samples) <= max_samples
         assert len(b["ids"]) <= settings.batch_size
         assert b["padded_audio_seconds"] <= settings.max_batch_audio_seconds + 1e-6 or len(b["ids"]) == 1
         assert b["labels"].tolist() == [labels[i] for i in b["ids"]]
