@@ -76,12 +76,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from emotrain.data.folds import check_prepared
+    from emotrain.data.folds import check_config_fits_dataset, check_prepared
 
     cfg = load_config(args.config, args.overrides)
     # Training before `emotrain prepare` is the first mistake a new user makes: fail in one line,
     # before importing torch, creating output_dir or building a model.
-    check_prepared(cfg.data.path)
+    check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
 
     from emotrain.train.checkpoint import ResumeError
     from emotrain.train.recipe import TooManyNonFiniteSteps, train

@@ -78,7 +78,7 @@ def cross_validate(configs: list[str], overrides: list[str], *, folds: list[int]
     """`emotrain cv`: plan, train every unfinished run (or submit them to Slurm), print the report.
     Returns the exit code (0; 1 when a run failed; EXIT_PREEMPTED after a stop request; 2 when the
     Slurm submission failed)."""
-    from emotrain.data.folds import check_prepared
+    from emotrain.data.folds import check_config_fits_dataset, check_prepared
     from emotrain.report import ReportError, build_report, say_report
 
     runs = plan_runs(configs, overrides, folds=folds, seeds=seeds, variants=variants)
@@ -93,8 +93,9 @@ def cross_validate(configs: list[str], overrides: list[str], *, folds: list[int]
             print(f"emotrain cv: error: {err}", file=sys.stderr)
             return 2
         return 0
-    for config in dict.fromkeys(run.config for run in runs):
-        check_prepared(load_config(config, overrides).data.path)
+    for run in runs:  # every variant: fusion on data without transcripts is refused before any training
+        cfg = load_config(run.config, run.overrides)
+        check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
     code, _ = run_sequentially(runs, launcher=list(launcher or DEFAULT_LAUNCHER), say=lambda line: print(line, flush=True))
     if code == EXIT_PREEMPTED:
         return code

@@ -56,7 +56,7 @@ ZAHRA99_TEXT_REFUSAL = (
     "Zahra99/IEMOCAP_Audio for the audio-only variant, or a mirror with both (Ar4ikov/iemocap_audio_text)")
 ZAHRA99_NO_TEXT = (
     "no transcripts: Zahra99/IEMOCAP_Audio has none, and its transcripts (Zahra99/IEMOCAP_Text) cannot be "
-    "paired with it (no utterance ids; pairing by row order is not safe)")
+    "paired with it: it has no utterance ids, and pairing the two by row order is not safe")
 
 
 def open_splits(source: str, splits: list[str] | None = None) -> dict[str, Any]:
@@ -156,7 +156,9 @@ def scan_hub(source: str, *, columns: dict[str, str] | None = None, label_map: d
         return WORD_TO_LABEL.get(name.lower(), "") if iemocap else name
 
     # Sessions: a session column, IEMOCAP ids, split names `session<k>`, or a predefined split.
-    split_kind = all(s.lower() in SPLIT_NAMES for s in split_names) and "session" not in cols
+    # A single `train` split (most mirrors) is no predefined split: sessions come from the ids.
+    split_kind = (all(s.lower() in SPLIT_NAMES for s in split_names) and "session" not in cols
+                  and "test" in {SPLIT_NAMES[s.lower()] for s in split_names})
     rows: list[tuple[str, dict]] = []
     read = 0
     records, skipped, dropped = [], [], Counter()
