@@ -223,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = verbs.add_parser("cv", help="leave-one-session-out cross-validation: every fold (and seed, variant), then the report")
+    p = verbs.add_parser("cv", help="cross-validation over the prepared data's folds (IEMOCAP: leave-one-session-out): "
+                                    "every fold (and seed, variant), then the report")
     p.add_argument("configs_and_overrides", nargs="+", metavar="CONFIG_OR_OVERRIDE",
                    help="one or more experiment YAMLs, then dotted overrides (key=value) for all of them")
-    p.add_argument("--folds", help="comma-separated test sessions (default 1,2,3,4,5)")
+    p.add_argument("--folds", help="comma-separated folds (default: every fold of the prepared data; IEMOCAP 1,2,3,4,5)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the config's train.seed, one run per fold)")
     p.add_argument("--variants", help="comma-separated model variants among fusion,audio,text (each its own experiment)")
     p.add_argument("--launcher", help="command that runs `emotrain` for each training (default: this Python), e.g. "
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("evaluate", help="metrics of a saved model on prepared data (metrics.json format)")
     p.add_argument("model_dir", help="a model folder (a run's best/)")
     p.add_argument("data_dir", help="prepared data (emotrain prepare)")
-    p.add_argument("--session", type=int, help="only this session (default: all)")
+    p.add_argument("--session", type=int, help="only this session (group number in the data's dataset.json; default: all)")
     p.add_argument("--batch-size", type=int, help="most utterances per batch (default: the run's data.eval_batch_size)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="default: the run's train.mixed_precision")
     p.add_argument("--per-utterance", action="store_true", help="also list every utterance's prediction and probabilities")
