@@ -107,3 +107,24 @@ def test_an_emobox_folder_trains_on_its_official_folds(tmp_path):
     assert '"test_sessions": [2]' in log and '"train_sessions": [1]' in log
     assert "| toybox | audio | 2/2 |" in proc.stdout
     assert "EmoBox's official folds" in (tmp_path / "runs" / "toybox" / "report" / "report.md").read_text()
+
+
+def test_a_corpus_without_transcripts_takes_them_from_a_speech_recogniser_at_prepare_time(tmp_path):
+    from emotrain.config import load_config
+    from emotrain.data.folds import check_config_fits_dataset
+    from emotrain.data.shards import read_dataset_info
+    from tests.integration.test_cv import _tiny_ctc_recogniser
+
+    folder, downloads = build_emobox(tmp_path)
+    asr = _tiny_ctc_recogniser(tmp_path / "asr")  # says "h" whatever it hears
+    data = tmp_path / "prepared"
+    assert main(["prepare", str(folder), str(data), f"--download-root={downloads}", f"--asr={asr}",
+                 "--workers", "1", "--num-shards", "1"]) == 0
+    import pyarrow.parquet as pq
+
+    texts = [t for path in sorted(data.glob("fold*/*.parquet")) for t in pq.read_table(path).column("text").to_pylist()]
+    assert texts == ["h"] * 8
+    info = read_dataset_info(str(data))
+    assert info.has_text and any("speech recogniser" in note for note in info.notes)
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [f"data.path={data}"])
+    check_config_fits_dataset(cfg.data, cfg.model, info)  # fusion may train on it now
