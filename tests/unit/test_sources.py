@@ -217,6 +217,26 @@ def test_a_csv_manifest_with_sessions_gives_leave_one_session_out_over_its_own_l
     assert split.test_ids == ("wav/u4",) and set(split.validation_speakers) <= {"s0", "s1"}
 
 
+def test_a_jsonl_manifest_with_named_speaker_groups_and_a_given_label_order(tmp_path):
+    labels = ["zest", "anger", "boredom", "pride", "awe", "calm"]
+    names = [f"c{i}.wav" for i in range(12)]
+    _write_wavs(tmp_path / "clips", names)
+    lines = [json.dumps({"audio": f"clips/{n}", "text": "x", "label": labels[i % 6], "speaker": f"p{i % 4}",
+                         "group": ["north", "south", "east"][i % 3]}) for i, n in enumerate(names)]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    prepare_source(str(tmp_path / "m.jsonl"), tmp_path / "out", workers=1, num_shards=1)
+    info = read_dataset_info(str(tmp_path / "out"))
+    assert info.labels == tuple(sorted(labels))  # from the data: sorted, whatever the row order
+    assert info.groups == {"group-east": 1, "group-north": 2, "group-south": 3} and info.fold_kind == "groups"
+    assert [(f.number, f.train, f.test) for f in info.folds] == [(1, (2, 3), (1,)), (2, (1, 3), (2,)), (3, (1, 2), (3,))]
+    assert make_fold_split(str(tmp_path / "out"), 2).test_ids == ("clips/c0", "clips/c3", "clips/c6", "clips/c9")
+
+    prepare_source(str(tmp_path / "m.jsonl"), tmp_path / "out2", workers=1, num_shards=1, labels=["pride", "awe"])
+    assert read_dataset_info(str(tmp_path / "out2")).labels == ("pride", "awe")
+    assert json.loads((tmp_path / "out2" / "prepare_report.json").read_text())["dropped_outside_labels"] == {
+        "anger": 2, "boredom": 2, "calm": 2, "zest": 2}
+
+
 def test_a_manifest_without_folds_or_audio_column_is_an_error_naming_what_it_found(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"sound": "a.wav", "label": "x"}) + "\n")

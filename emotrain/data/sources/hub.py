@@ -142,9 +142,12 @@ def scan_hub(source: str, *, columns: dict[str, str] | None = None, label_map: d
     if unknown_roles:
         raise ManifestError(f"--columns: unknown role(s) {unknown_roles} (roles: {', '.join(ROLES)})")
     missing = sorted(c for c in cols.values() if c not in found)
-    if missing or "audio" not in cols or "label" not in cols:
-        raise ManifestError(f"{source}: columns {missing or ['audio and label must be named']} not found "
-                            f"(columns found: {found})")
+    if missing:
+        raise ManifestError(f"{source}: no column {missing} (columns found: {found})")
+    unnamed = [role for role in ("audio", "label") if role not in cols]
+    if unnamed:
+        raise ManifestError(f"{source}: no {' and no '.join(unnamed)} column named (columns found: {found}): "
+                            f"give --columns {','.join(f'{r}=COLUMN' for r in unnamed)}")
     iemocap = layout is not None
     label_names = {name: (feature.names if type(feature).__name__ == "ClassLabel" else None)
                    for part in parts.values() for name, feature in (part.features or {}).items()}.get(cols["label"])
