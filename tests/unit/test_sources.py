@@ -305,3 +305,20 @@ def test_emobox_iemocap_speakers_come_from_the_id_not_the_stm(tmp_path):
     report = prepare_source(str(folder), tmp_path / "out", download_root=str(downloads), workers=1, num_shards=1)
     assert _rows(tmp_path / "out")["Ses01F_impro01_M000"]["speaker"] == "Ses01M"
     assert report["stm_speakers_corrected"] == 1
+
+
+def test_data_labels_pins_the_label_set_and_other_data_is_refused(tmp_path):
+    from emotrain.config import ConfigError
+    from emotrain.data.folds import split_from_config
+
+    _write_wavs(tmp_path / "clips", ["a.wav", "b.wav", "c.wav", "d.wav"])
+    rows = [("a", "calm", "train"), ("b", "fear", "train"), ("c", "calm", "test"), ("d", "fear", "test")]
+    (tmp_path / "m.csv").write_text("audio,text,label,speaker,split\n" + "".join(
+        f"clips/{n}.wav,x,{label},s{i},{split}\n" for i, (n, label, split) in enumerate(rows)))
+    prepare_source(str(tmp_path / "m.csv"), tmp_path / "out", workers=1, num_shards=1)
+    pinned = load_config(REPO / "configs" / "smoke.yaml", [f"data.path={tmp_path / 'out'}", "data.labels=[calm,fear]"])
+    assert split_from_config(pinned.data, seed=1).label_names == ("calm", "fear")
+    other = load_config(REPO / "configs" / "smoke.yaml", [f"data.path={tmp_path / 'out'}", "data.labels=[fear,calm]"])
+    with pytest.raises(ConfigError, match=r"data.labels: pins \['fear', 'calm'\], but the prepared dataset .* has "
+                                          r"\['calm', 'fear'\]"):
+        split_from_config(other.data, seed=1)
