@@ -117,8 +117,11 @@ def main() -> None:
                        "--device", args.device, "--steps", str(args.steps), "--width", str(args.width),
                        "--layers", str(args.layers)]
             proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            if proc.returncode != 0:  # a compiler error is a result too: the table says which
+                errors = [line for line in proc.stderr.splitlines() if "Error" in line and not line.startswith(" ")]
+                results[name] = {"error": errors[-1] if errors else proc.stderr.strip().splitlines()[-1]}
+                print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+                continue
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
     eager = results.get("eager", {}).get("steady")
@@ -128,6 +131,9 @@ def main() -> None:
           "| vs eager |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error'][:150]} | | | | | |")
+            continue
         gain = f"{eager / r['steady']:.2f}x" if eager else "-"
         print(f"| {name} | {r['first']:.1f} | {r['compiling']:.1f} | {r['graphs']} | {r['shapes']} | "
               f"{r['steady']:.3f} | {gain} |")

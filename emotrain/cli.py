@@ -47,17 +47,27 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from emotrain.data.prepare import NothingToPrepareError, prepare, summarize
+    from emotrain.data.prepare import NothingToPrepareError, summarize
+    from emotrain.data.sources import prepare_source
+    from emotrain.data.sources.manifest import ManifestError, parse_mapping
+    from emotrain.predict import InputError
 
     try:
-        report = prepare(
-            args.iemocap_root,
+        report = prepare_source(
+            args.source,
             args.out_dir,
+            kind=args.kind,
+            columns=parse_mapping(args.columns, "--columns"),
+            label_map=parse_mapping(args.label_map, "--label-map") or None,
+            labels=[name.strip() for name in args.labels.split(",") if name.strip()] if args.labels else None,
+            download_root=args.download_root,
+            asr=args.asr,
+            splits=[name.strip() for name in args.splits.split(",") if name.strip()] if args.splits else None,
             num_shards=args.num_shards,
             audio_format=args.audio_format,
             workers=args.workers,
         )
-    except (NothingToPrepareError, FileNotFoundError) as err:
+    except (NothingToPrepareError, FileNotFoundError, ManifestError, InputError) as err:
         print(f"emotrain prepare: error: {err}", file=sys.stderr)
         return 2
     print(summarize(report))
@@ -66,12 +76,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from emotrain.data.folds import check_prepared
+    from emotrain.data.folds import check_config_fits_dataset, check_prepared
 
     cfg = load_config(args.config, args.overrides)
     # Training before `emotrain prepare` is the first mistake a new user makes: fail in one line,
     # before importing torch, creating output_dir or building a model.
-    check_prepared(cfg.data.path)
+    check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
 
     from emotrain.train.checkpoint import ResumeError
     from emotrain.train.recipe import TooManyNonFiniteSteps, train
@@ -186,10 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration-scale", type=float, default=0.5, help="multiplies IEMOCAP-shaped durations")
     p.set_defaults(func=cmd_synth)
 
-    p = verbs.add_parser("prepare", help="IEMOCAP_full_release → Parquet shards per session")
-    p.add_argument("iemocap_root", help="the IEMOCAP_full_release folder (holding Session1..5)")
+    p = verbs.add_parser("prepare", help="a corpus (IEMOCAP release, Hub dataset, manifest, EmoBox) → Parquet shards")
+    p.add_argument("source", help="the IEMOCAP_full_release folder (holding Session1..5); a CSV/JSONL manifest; "
+                                  "an EmoBox corpus folder (data/<corpus>, with --download-root); or anything "
+                                  "datasets.load_dataset takes (a Hub name, or a local copy of one)")
     p.add_argument("out_dir")
-    p.add_argument("--num-shards", type=int, default=8, help="shards per session (default 8)")
+    p.add_argument("--kind", choices=["auto", "release", "manifest", "emobox", "hub"], default="auto",
+                   help="what SOURCE is (default: detected)")
+    p.add_argument("--columns", help="role=column pairs for a manifest or an unknown Hub layout, e.g. "
+                                     "id=titre,label=emotion,text=to_translate,audio=audio (roles: id, audio, text, "
+                                     "label, speaker, session, group, split)")
+    p.add_argument("--label-map", help="source label=class pairs, e.g. exc=happy,neu=neutral (others kept as "
+                                       "written; with --labels, rows outside it are dropped and counted)")
+    p.add_argument("--labels", help="the class names in output order, e.g. neutral,happy,sad,angry (default: "
+                                    "from the data)")
+    p.add_argument("--download-root", help="EmoBox: the folder its `wav` paths are relative to")
+    p.add_argument("--asr", help="transcribe utterances without a transcript with this speech recogniser (a hub "
+                                 "name or a local folder, as `emotrain predict --asr`)")
+    p.add_argument("--splits", help="Hub: the splits to read (default: all)")
+    p.add_argument("--num-shards", type=int, default=8, help="shards per group (default 8)")
     p.add_argument("--audio-format", choices=["flac", "wav"], default="flac")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=cmd_prepare)
@@ -198,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = verbs.add_parser("cv", help="leave-one-session-out cross-validation: every fold (and seed, variant), then the report")
+    p = verbs.add_parser("cv", help="cross-validation over the prepared data's folds (IEMOCAP: leave-one-session-out): "
+                                    "every fold (and seed, variant), then the report")
     p.add_argument("configs_and_overrides", nargs="+", metavar="CONFIG_OR_OVERRIDE",
                    help="one or more experiment YAMLs, then dotted overrides (key=value) for all of them")
-    p.add_argument("--folds", help="comma-separated test sessions (default 1,2,3,4,5)")
+    p.add_argument("--folds", help="comma-separated folds (default: every fold of the prepared data; IEMOCAP 1,2,3,4,5)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the config's train.seed, one run per fold)")
     p.add_argument("--variants", help="comma-separated model variants among fusion,audio,text (each its own experiment)")
     p.add_argument("--launcher", help="command that runs `emotrain` for each training (default: this Python), e.g. "
@@ -226,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("evaluate", help="metrics of a saved model on prepared data (metrics.json format)")
     p.add_argument("model_dir", help="a model folder (a run's best/)")
     p.add_argument("data_dir", help="prepared data (emotrain prepare)")
-    p.add_argument("--session", type=int, help="only this session (default: all)")
+    p.add_argument("--session", type=int, help="only this session (group number in the data's dataset.json; default: all)")
     p.add_argument("--batch-size", type=int, help="most utterances per batch (default: the run's data.eval_batch_size)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="default: the run's train.mixed_precision")
     p.add_argument("--per-utterance", action="store_true", help="also list every utterance's prediction and probabilities")

@@ -27,7 +27,11 @@ from typing import Any, Literal
 import yaml
 
 LABEL_NAMES = ("neutral", "happy", "sad", "angry")
-"""The 4-class IEMOCAP label set, in ClassLabel order (exc is merged into happy)."""
+"""The 4-class IEMOCAP label set, in ClassLabel order (exc is merged into happy): the default of a
+prepared dataset that does not name its own (`dataset.json`, written by `emotrain prepare`)."""
+
+SAMPLING_RATE = 16_000
+"""The rate prepared audio is stored at and the encoders take (the one definition of it)."""
 
 TINY_ENCODER = "tiny"
 """The encoder name that builds a randomly initialised encoder instead of loading pretrained weights."""
@@ -62,14 +66,20 @@ class DataConfig:
     path: str = "runs/synthetic/prepared"
     """Prepared dataset: a folder written by `emotrain prepare`, or an fsspec URL to one."""
     fold: int = 1
-    """Leave-one-session-out fold: k in 1..5 tests on session k; 0 trains on all sessions (no test)."""
+    """Fold of the prepared dataset's own folds (its `dataset.json`): for IEMOCAP, leave-one-session-out,
+    k in 1..5 tests on session k; a corpus with G sessions or groups has folds 1..G, one with a
+    predefined train/validation/test split has fold 1, EmoBox's folds keep their numbers. 0 trains on
+    every group (no test)."""
+    labels: list[str] | None = None
+    """The class names, in the model's output order. None: those the prepared dataset names (IEMOCAP's
+    neutral, happy, sad, angry by default); given: pinned, and a dataset with other names is refused."""
     validation: Literal["speakers", "fraction"] = "speakers"
     """How validation is held out of the training sessions: whole speakers, or a random fraction."""
     validation_speakers: int = 1
     """With validation=speakers: how many speakers (drawn by seed from the training sessions)."""
     validation_fraction: float = 0.1
     """With validation=fraction: the share of training utterances held out, drawn by seed."""
-    sampling_rate: int = 16000
+    sampling_rate: int = SAMPLING_RATE
     """Audio sampling rate the encoder expects (prepared shards are stored at 16 kHz)."""
     max_audio_seconds: float = 15.0
     """Training utterances longer than this are cropped to it (evaluation sees full audio)."""
@@ -118,7 +128,11 @@ class DataConfig:
 
     def validate(self) -> None:
         check_no_credentials(self.path, "data.path")
-        _check(0 <= self.fold <= 5, "data.fold", f"must be 0..5, got {self.fold}")
+        # The upper bound is the prepared dataset's fold count, checked when its split is made.
+        _check(self.fold >= 0, "data.fold", f"must be >= 0, got {self.fold}")
+        _check(self.labels is None or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)
+                                       and all(self.labels)),
+               "data.labels", f"must be null or at least 2 distinct non-empty names, got {self.labels}")
         _check(self.validation_speakers >= 1, "data.validation_speakers", "must be >= 1")
         _check(0 < self.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
         _check(self.sampling_rate > 0, "data.sampling_rate", "must be > 0")

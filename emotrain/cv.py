@@ -1,4 +1,4 @@
-"""`emotrain cv`: leave-one-session-out cross-validation, every (variant, seed, fold) a normal run.
+"""`emotrain cv`: cross-validation over the prepared dataset's folds (IEMOCAP: leave-one-session-out), every (variant, seed, fold) a normal run.
 
     emotrain cv configs/smoke.yaml --folds 1,2 --variants fusion,audio,text      # one after another
     emotrain cv configs/paper.yaml --variants fusion,audio,text \
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emotrain.config import ConfigError, load_config, load_config_data
-from emotrain.data.folds import SESSIONS
+from emotrain.data.shards import read_dataset_info
 from emotrain.report import CV_PLAN_FILE
 from emotrain.train.preemption import EXIT_PREEMPTED
 from emotrain.train.run_folder import check_run_folder, wait_until_free
@@ -78,7 +78,7 @@ def cross_validate(configs: list[str], overrides: list[str], *, folds: list[int]
     """`emotrain cv`: plan, train every unfinished run (or submit them to Slurm), print the report.
     Returns the exit code (0; 1 when a run failed; EXIT_PREEMPTED after a stop request; 2 when the
     Slurm submission failed)."""
-    from emotrain.data.folds import check_prepared
+    from emotrain.data.folds import check_config_fits_dataset, check_prepared
     from emotrain.report import ReportError, build_report, say_report
 
     runs = plan_runs(configs, overrides, folds=folds, seeds=seeds, variants=variants)
@@ -93,8 +93,9 @@ def cross_validate(configs: list[str], overrides: list[str], *, folds: list[int]
             print(f"emotrain cv: error: {err}", file=sys.stderr)
             return 2
         return 0
-    for config in dict.fromkeys(run.config for run in runs):
-        check_prepared(load_config(config, overrides).data.path)
+    for run in runs:  # every variant: fusion on data without transcripts is refused before any training
+        cfg = load_config(run.config, run.overrides)
+        check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
     code, _ = run_sequentially(runs, launcher=list(launcher or DEFAULT_LAUNCHER), say=lambda line: print(line, flush=True))
     if code == EXIT_PREEMPTED:
         return code
@@ -129,11 +130,18 @@ def plan_runs(
     seeds: list[int] | None = None,
     variants: list[str] | None = None,
 ) -> list[PlannedRun]:
-    """Every run of the cross-validation, validated (a bad key fails here, before any training)."""
-    folds = folds or list(SESSIONS)
-    bad = [f for f in folds if f not in SESSIONS]
-    if bad:
-        raise ConfigError("--folds", f"leave-one-session-out folds are {list(SESSIONS)}, got {bad}")
+    """Every run of the cross-validation, validated (a bad key fails here, before any training).
+    The folds are the prepared dataset's (`dataset.json`; IEMOCAP's 1..5 when it has none)."""
+    for config in configs:
+        path = load_config(config, overrides).data.path
+        try:
+            available = read_dataset_info(path).fold_numbers()
+        except ValueError as err:
+            raise ConfigError("data.path", str(err)) from None
+        bad = [f for f in folds or () if f not in available]
+        if bad:
+            raise ConfigError("--folds", f"the prepared dataset at {path} has folds {available}, got {bad}")
+        folds = folds or available
     bad = [v for v in variants or () if v not in VARIANTS]
     if bad:
         raise ConfigError("--variants", f"must be among {list(VARIANTS)}, got {bad}")

@@ -109,7 +109,7 @@ def write_all(experiments, out: Path) -> list[Path]:
             confusion = sum(np.asarray(run.test["confusion"], dtype=np.float64) for run in runs)
             pooled += confusion
             seeds = "" if len(runs) == 1 else f", {len(runs)} seeds summed"
-            written.append(confusion_figure(confusion, labels, f"{experiment.name}: fold {fold} (test session {fold}{seeds})",
+            written.append(confusion_figure(confusion, labels, f"{experiment.name}: fold {fold} (test {experiment.test_text(fold)}{seeds})",
                                             folder / f"confusion_fold{fold}.png"))
             written.append(curves_figure(curves(runs[0]), f"{experiment.name}: fold {fold}, seed {runs[0].seed}",
                                          folder / f"curves_fold{fold}.png"))

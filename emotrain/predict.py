@@ -335,7 +335,8 @@ def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] 
 
     from emotrain.config import DataConfig
     from emotrain.data.evaluation import EvalDataset, build_eval_dataloader
-    from emotrain.data.folds import SESSIONS, read_metadata
+    from emotrain.data.folds import read_metadata
+    from emotrain.data.shards import read_dataset_info
     from emotrain.train.evaluation import evaluate
 
     model_dir = Path(model_dir)
@@ -347,8 +348,15 @@ def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] 
     if mixed_precision is None:
         mixed_precision = run_config.get("train", {}).get("mixed_precision", "no")
     model = EmotionModel.from_pretrained(model_dir)
-    sessions = sessions or list(SESSIONS)
-    meta = read_metadata(data_dir, tuple(sessions))
+    info = read_dataset_info(data_dir)
+    if tuple(info.labels) != tuple(model.label_names):
+        raise InputError(f"the model predicts {list(model.label_names)} but the prepared data at {data_dir} is "
+                         f"labelled {list(info.labels)}: evaluate it on data with its own label set")
+    unknown = [s for s in sessions or () if s not in info.groups.values()]
+    if unknown:
+        raise InputError(f"no group {unknown} in the prepared data at {data_dir} (its groups: {info.groups})")
+    sessions = sessions or sorted(info.groups.values())
+    meta = read_metadata(data_dir, tuple(sessions), info=info)
     settings = model.preprocessing
     dataset = EvalDataset(meta, meta.id.tolist(), sampling_rate=int(settings["sampling_rate"]), name="evaluate")
     data_config = DataConfig(sampling_rate=int(settings["sampling_rate"]), max_text_tokens=int(settings["max_text_tokens"]),

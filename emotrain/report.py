@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from emotrain.data.folds import SESSIONS
-from emotrain.data.shards import REPORT_FILE, join, read_prepare_report
+from emotrain.config import LABEL_NAMES
+from emotrain.data.shards import IEMOCAP_INFO, REPORT_FILE, DatasetInfo, join, read_dataset_info, read_prepare_report
 from emotrain.train.tracking import HISTORY_FILE, read_history
 
 CV_PLAN_FILE = "cv.json"
@@ -100,6 +100,26 @@ class Experiment:
     def folds(self) -> list[int]:
         return sorted({run.fold for run in self.finished})
 
+    def dataset(self) -> DatasetInfo:
+        """The description of the data the runs trained on (IEMOCAP's when it cannot be read)."""
+        for run in self.runs:
+            try:
+                return read_dataset_info(str(run.config["data"]["path"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                break
+        return IEMOCAP_INFO
+
+    def test_text(self, fold: int) -> str:
+        """What fold `fold` tests on: `session 3`, a group's folder name, `test`..."""
+        info = self.dataset()
+        try:
+            groups = [info.folder(g) for g in info.fold(fold).test]
+        except (KeyError, StopIteration):
+            return "?"
+        if info.fold_kind == "sessions":
+            return ", ".join(name.replace("session", "session ") for name in groups)
+        return ", ".join(groups)
+
     def fold_value(self, fold: int, metric: str) -> float | None:
         """The fold's figure: the mean over its finished seeds (None where a class has no recall)."""
         values = [run.value(metric) for run in self.finished if run.fold == fold]
@@ -140,6 +160,16 @@ def read_run(folder: Path) -> Run:
     return Run(folder=folder, fold=fold, seed=seed, config=config, metrics=metrics)
 
 
+def _expected_folds(runs: list[Run]) -> list[int]:
+    """Without a cv.json: every fold of the data the runs trained on."""
+    for run in runs:
+        try:
+            return read_dataset_info(str(run.config["data"]["path"])).fold_numbers()
+        except (OSError, ValueError, KeyError, TypeError):
+            break
+    return IEMOCAP_INFO.fold_numbers()
+
+
 def read_experiment(folder: str | Path) -> Experiment:
     """The run folders under `folder` (one or two levels down), checked against what it expects:
     its cv.json (folds x seeds), else folds 1-5 with whatever seed each run has. A run the plan does
@@ -169,7 +199,7 @@ def read_experiment(folder: str | Path) -> Experiment:
     else:
         name = runs[0].config.get("experiment", folder.name)
         variant = runs[0].config.get("model", {}).get("variant", "?")
-        expected = [(fold, None) for fold in SESSIONS]
+        expected = [(fold, None) for fold in _expected_folds(runs)]
     names = {run.config.get("experiment") for run in runs} - {name}
     if names:
         raise ReportError(f"{folder} mixes experiments {sorted(names | {name})}: give each its own folder")
@@ -261,11 +291,11 @@ def side_by_side(experiments: list[Experiment]) -> str:
 
 def per_fold_table(experiment: Experiment) -> str:
     labels = experiment.label_names()
-    header = ["fold", "test session", "seeds", "n", "WA", "UA", "macro-F1", *labels]
+    header = ["fold", "test", "seeds", "n", "WA", "UA", "macro-F1", *labels]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for fold in experiment.folds():
         runs = [run for run in experiment.finished if run.fold == fold]
-        cells = [str(fold), str(fold), ",".join(str(r.seed) for r in runs), str(runs[0].test["n"])]
+        cells = [str(fold), experiment.test_text(fold), ",".join(str(r.seed) for r in runs), str(runs[0].test["n"])]
         for metric in (*METRICS, *(f"recall/{c}" for c in labels)):
             values = [v for v in (run.value(metric) for run in runs) if v is not None]
             cells.append(_pm(*mean_sd(values)) if values else "–")
@@ -295,15 +325,27 @@ def protocol_text(experiments: list[Experiment]) -> str:
     runs = [run for e in experiments for run in e.finished]
     data = runs[0].config["data"]
     labels = experiments[0].label_names()
-    if data.get("validation") == "fraction":
-        validation = f"a random {data['validation_fraction']:.0%} of the training sessions' utterances (seeded)"
+    info = experiments[0].dataset()
+    if any(spec.validation for spec in info.folds):
+        validation = "the corpus' own validation split"
+    elif data.get("validation") == "fraction" or not info.has_speakers:
+        validation = (f"a random {data['validation_fraction']:.0%} of the training groups' utterances (seeded)"
+                      + ("; the data has no speakers, so it may share speakers with training" if not info.has_speakers else ""))
     else:
-        validation = f"{data['validation_speakers']} held-out speaker(s) drawn from the training sessions (seeded)"
+        validation = f"{data['validation_speakers']} held-out speaker(s) drawn from the training groups (seeded)"
+    iemocap = tuple(labels) == LABEL_NAMES and info.fold_kind == "sessions"
+    folds = {
+        "sessions": "- Leave-one-session-out cross-validation: fold k tests on session k and trains on the other sessions.",
+        "groups": "- Leave-one-group-out cross-validation: fold k tests on group k and trains on the other groups.",
+        "split": "- The corpus' predefined split: one fold, trained on `train`, tested on `test`.",
+        "emobox": "- EmoBox's official folds: fold k tests on its fold_k test list and trains on its train list.",
+    }[info.fold_kind]
     return "\n".join([
-        f"- Classes: {len(labels)} ({', '.join(labels)}); IEMOCAP's *excited* is merged into *happy*.",
-        "- Leave-one-session-out cross-validation: fold k tests on session k and trains on the other four.",
-        f"- Validation: {validation}; never the test session.",
-        "- Model selection: the checkpoint with the best validation UA; the test session is scored once, at the end.",
+        f"- Classes: {len(labels)} ({', '.join(labels)})" + ("; IEMOCAP's *excited* is merged into *happy*." if iemocap else "."),
+        f"- Data: {info.source or '?'}.",
+        folds,
+        f"- Validation: {validation}; never the test data.",
+        "- Model selection: the checkpoint with the best validation UA; the test data is scored once, at the end.",
         "- WA = accuracy over all test utterances; UA = mean of the per-class recalls (unweighted).",
         "- Mean ± sd: over folds (sample sd, n - 1); with several seeds a fold's figure is their mean.",
         "- Paired difference: per fold, the experiment minus the reference, then mean ± sd over the shared folds.",
@@ -311,7 +353,7 @@ def protocol_text(experiments: list[Experiment]) -> str:
 
 
 def counts_table(experiments: list[Experiment]) -> str:
-    """Utterances per session × class, from the prepare report of the data the runs trained on."""
+    """Utterances per group (session) × class, from the prepare report of the data the runs trained on."""
     path_text = experiments[0].finished[0].config["data"]["path"]
     report_file = join(path_text, REPORT_FILE)  # a local folder or a URL (s3://...)
     report = read_prepare_report(path_text)
@@ -319,7 +361,7 @@ def counts_table(experiments: list[Experiment]) -> str:
         return f"(no prepare report at {report_file}: counts per session × class unavailable)"
     counts = report["counts"]
     labels = experiments[0].label_names()
-    lines = ["| session | " + " | ".join(labels) + " | total |", "|" + "---|" * (len(labels) + 2)]
+    lines = ["| group | " + " | ".join(labels) + " | total |", "|" + "---|" * (len(labels) + 2)]
     totals = dict.fromkeys(labels, 0)
     for session, row in counts.items():
         lines.append(f"| {session} | " + " | ".join(str(row.get(c, 0)) for c in labels) + f" | {row['total']} |")
@@ -392,14 +434,14 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
     table = side_by_side(experiments)
     sections = [
         "# Results", "",
-        "Test metrics in %, mean ± sd over the leave-one-session-out folds"
+        f"Test metrics in %, mean ± sd over the folds ({experiments[0].dataset().fold_kind})"
         + (f"; Δ: paired per-fold difference against {experiments[0].name}, folds won = folds where it is higher." if len(experiments) > 1 else "."),
         "", table, "",
     ]
     if status:
         sections += ["**Not counted** (only finished runs are):", "", *status, ""]
     sections += ["## Protocol", "", protocol_text(experiments), "",
-                 "## Utterances per session × class", "", counts_table(experiments), ""]
+                 "## Utterances per group (session) × class", "", counts_table(experiments), ""]
     for experiment in experiments:
         sections += [f"## {experiment.name} per fold", "", per_fold_table(experiment), ""]
         if len(experiments) > 1 and experiment is not experiments[0]:

@@ -10,7 +10,7 @@ The batch format, the contract with the model and the recipe:
     audio_lengths        long    [B]     valid samples of each row of input_values
     input_ids            long    [B, L]  WordPiece ids, truncated to data.max_text_tokens
     attention_mask       long    [B, L]  1 on real tokens
-    labels               long    [B]     0..3 in LABEL_NAMES order
+    labels               long    [B]     indices into the dataset's label set (IEMOCAP: LABEL_NAMES)
     ids                  list[str]       utterance ids (bookkeeping, not a tensor)
     audio_seconds        float           sum of the real (cropped) durations in the batch
     padded_audio_seconds float           B x padded length, i.e. what the encoder really processes

@@ -1,4 +1,4 @@
-"""Leave-one-session-out folds over a prepared dataset, computed from light columns only.
+"""Folds over a prepared dataset, computed from light columns only.
 
     split = make_fold_split("runs/synthetic/prepared", fold=3, validation="speakers",
                             validation_speakers=1, seed=42)
@@ -6,9 +6,13 @@
     split.validation_ids     # held out of those four sessions (whole speakers, drawn by seed)
     split.test_ids           # every utterance of session 3 (None when fold=0)
 
-Fold k in 1..5 tests on session k; the other four sessions train, minus a validation set drawn from
-them only (model selection on the test session inflates results). Fold 0 has no test split: all
-five sessions train, minus validation. Only `id, session, speaker, label, duration` are read
+The folds are the prepared dataset's own (`dataset.json`, see `emotrain.data.shards`): IEMOCAP's
+fold k in 1..5 tests on session k and trains on the other four; a corpus with G sessions or speaker
+groups has G such folds; a predefined train/validation/test split is one fold; EmoBox's fold lists
+keep their numbers. Validation comes from a fold's validation groups when it has them, else it is
+drawn from its training groups only (model selection on the test groups inflates results): whole
+speakers, or a random fraction (always a fraction for data without speakers). Fold 0 has no test
+split: every group trains, minus validation. Only `id, session, speaker, label, duration` are read
 (plus each row's position in its shard, which the training stream plans with); audio is never
 touched here. Files are listed with fsspec, so `path` may be a local folder or any fsspec URL
 (`s3://...`, `hf://datasets/...`).
@@ -25,9 +29,9 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from emotrain.config import LABEL_NAMES, ConfigError, DataConfig
+from emotrain.config import ConfigError, DataConfig, ModelConfig
+from emotrain.data.shards import DatasetInfo, list_shard_files, read_dataset_info, storage_error
 
-SESSIONS = (1, 2, 3, 4, 5)
 META_COLUMNS = ("id", "session", "speaker", "label", "duration")
 
 
@@ -67,8 +71,16 @@ class FoldSplit:
     validation_speakers: tuple[str, ...]
     """With validation=speakers: the held-out speakers; empty with validation=fraction."""
     test_session: int | None
+    """The test group when there is exactly one (IEMOCAP: the test session), else None."""
     test_ids: tuple[str, ...] | None
     meta: Metadata = field(repr=False, compare=False)
+    test_sessions: tuple[int, ...] = ()
+    validation_sessions: tuple[int, ...] = ()
+    """Groups that are the fold's validation set (a predefined validation split); empty: held out
+    of the training groups."""
+    label_names: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    """How this split departs from what was asked (validation by fraction for data without speakers)."""
 
     @property
     def num_train(self) -> int:
@@ -107,17 +119,19 @@ class FoldSplit:
             "validation": self.validation_mode,
             "train_sessions": list(self.train_sessions),
             "test_session": self.test_session,
+            "test_sessions": list(self.test_sessions),
+            "validation_sessions": list(self.validation_sessions),
             "num_train_files": len(self.train_files),
             "num_train": int(train.sum()),
             "num_validation": self.num_validation,
             "num_test": self.num_test,
             "validation_speakers": list(self.validation_speakers),
             "train_label_counts": {
-                name: int((self.meta.label[train] == i).sum()) for i, name in enumerate(LABEL_NAMES)
+                name: int((self.meta.label[train] == i).sum()) for i, name in enumerate(self.label_names)
             },
             "train_hours": float(self.meta.duration[train].sum() / 3600.0),
             "fingerprint": self.fingerprint(),
-        }
+        } | ({"notes": list(self.notes)} if self.notes else {})
 
 
 class NoPreparedDataset(ConfigError, FileNotFoundError):
@@ -135,32 +149,28 @@ class NoPreparedDataset(ConfigError, FileNotFoundError):
         )
 
 
-def list_session_files(path: str, session: int) -> list[str]:
-    """The Parquet shards of one prepared session, sorted, as paths/URLs `datasets` and fsspec open."""
+def list_session_files(path: str, session: int, info: DatasetInfo | None = None) -> list[str]:
+    """The Parquet shards of one prepared group (an IEMOCAP session), sorted, as paths/URLs
+    `datasets` and fsspec open."""
     try:
-        fs, root = fsspec.core.url_to_fs(path)
-        pattern = f"{root.rstrip('/')}/session{session}/data-*.parquet"
-        found = sorted(fs.glob(pattern))
+        info = info if info is not None else read_dataset_info(path)
+        try:
+            folder = info.folder(session)
+        except StopIteration:
+            raise NoPreparedDataset(path, session) from None
+        found = list_shard_files(path, folder)
         # Nothing prepared at all is the common mistake (train before prepare): say that.
-        anything = found or fs.glob(f"{root.rstrip('/')}/session*/data-*.parquet")
+        anything = found or any(list_shard_files(path, name) for name in info.groups)
+    except NoPreparedDataset:
+        raise
     except Exception as err:  # no credentials, access denied, no such bucket, endpoint down: one line
-        from emotrain.data.shards import storage_error  # here: shards imports `datasets` (a second)
-
         error = storage_error(path, err)
         if error is None:
             raise
         raise error from err
     if not found:
         raise NoPreparedDataset(path, session if anything else None)
-    # Local paths stay plain; remote ones get their protocol back (`s3://...`, `hf://...`).
-    if "file" in _protocols(fs):
-        return found
-    return [fs.unstrip_protocol(p) for p in found]
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    return found
 
 
 def read_parquet(url: str, columns: list[str] | tuple[str, ...]):
@@ -170,22 +180,47 @@ def read_parquet(url: str, columns: list[str] | tuple[str, ...]):
         return pq.read_table(handle, columns=list(columns))
 
 
-def check_prepared(path: str) -> None:
-    """Raise NoPreparedDataset unless every session has shards at `path` (lists files, reads none)."""
-    for session in SESSIONS:
-        list_session_files(path, session)
+def check_prepared(path: str) -> DatasetInfo:
+    """Raise NoPreparedDataset unless every group of the dataset has shards at `path` (lists files,
+    reads none but `dataset.json`); return the dataset's description."""
+    try:
+        info = read_dataset_info(path)
+    except ValueError as err:
+        raise ConfigError("data.path", str(err)) from None
+    for session in info.groups.values():
+        list_session_files(path, session, info)
+    return info
 
 
-def read_metadata(path: str, sessions: tuple[int, ...] = SESSIONS) -> Metadata:
-    """Read the light columns of the given sessions' shards (no audio).
+def check_config_fits_dataset(data: DataConfig, model: ModelConfig, info: DatasetInfo) -> None:
+    """Refuse, before any training, a config the prepared data cannot serve: a variant that needs
+    transcripts the data lacks, or pinned labels (`data.labels`) that are not the data's."""
+    if model.variant in ("fusion", "text") and not info.has_text:
+        why = next((note for note in info.notes if "transcript" in note), "it was prepared without transcripts")
+        raise ConfigError("model.variant", f"{model.variant} needs transcripts, and the prepared dataset at "
+                          f"{data.path} has none ({why}): train model.variant=audio")
+    check_pinned_labels(data, info)
+
+
+def check_pinned_labels(data: DataConfig, info: DatasetInfo) -> None:
+    """`data.labels`, when given, must be the dataset's names in its order (the model's outputs)."""
+    if data.labels is not None and tuple(data.labels) != tuple(info.labels):
+        raise ConfigError("data.labels", f"pins {list(data.labels)}, but the prepared dataset at {data.path} has "
+                          f"{list(info.labels)} (in that order): remove data.labels or prepare the data with those")
+
+
+def read_metadata(path: str, sessions: tuple[int, ...] | None = None, info: DatasetInfo | None = None) -> Metadata:
+    """Read the light columns of the given groups' shards (default: every group; no audio).
 
     Raises NoPreparedDataset (a ConfigError and a FileNotFoundError) when `path` holds none.
     """
+    info = info if info is not None else read_dataset_info(path)
+    sessions = tuple(sorted(info.groups.values())) if sessions is None else sessions
     files: list[str] = []
     file_session: list[int] = []
     parts: dict[str, list] = {name: [] for name in META_COLUMNS + ("file", "row")}
     for session in sessions:
-        for url in list_session_files(path, session):
+        for url in list_session_files(path, session, info):
             table = read_parquet(url, META_COLUMNS)
             n = table.num_rows
             for name in META_COLUMNS:
@@ -215,25 +250,38 @@ def make_fold_split(
     validation_fraction: float = 0.1,
     seed: int = 42,
     meta: Metadata | None = None,
+    info: DatasetInfo | None = None,
 ) -> FoldSplit:
     """Compute fold `fold`'s split of the prepared dataset at `path` (see the module docstring).
 
     The validation draw depends on (seed, fold) only, never on file order or the machine.
     """
-    if not 0 <= fold <= 5:
-        raise ValueError(f"fold must be 0..5, got {fold}")
-    meta = meta if meta is not None else read_metadata(path)
+    info = info if info is not None else read_dataset_info(path)
+    try:
+        spec = info.fold(fold)
+    except KeyError:
+        raise ConfigError("data.fold", f"is {fold}, but the prepared dataset at {path} has folds "
+                          f"{info.fold_numbers()} ({info.fold_kind}; 0 trains on everything)") from None
+    meta = meta if meta is not None else read_metadata(path, info=info)
     if len(set(meta.id.tolist())) != len(meta):
         raise ValueError(f"duplicate utterance ids in the prepared dataset at {path}")
-    test_session = fold if fold else None
-    train_sessions = tuple(s for s in SESSIONS if s != test_session)
+    train_sessions, test_sessions = spec.train, spec.test
     in_train = np.isin(meta.session, train_sessions)
-    # Every shard of a training session, empty ones included: shard counts decide rank sharding.
+    # Every shard of a training group, empty ones included: shard counts decide rank sharding.
     train_files = tuple(f for f, s in zip(meta.files, meta.file_session) if s in train_sessions)
 
     rng = np.random.default_rng([seed, fold, 0x5E1EC7])
     held_speakers: tuple[str, ...] = ()
-    if validation == "speakers":
+    notes: tuple[str, ...] = ()
+    if validation == "speakers" and not info.has_speakers and not spec.validation:
+        # Nothing says which utterances share a voice: hold out utterances, and say so.
+        notes = (f"the data has no speakers: validation is a random {validation_fraction:.0%} of the training "
+                 "utterances (data.validation_fraction), so it may share speakers with training",)
+        validation = "fraction"
+    if spec.validation:
+        validation = "split"
+        validation_ids = tuple(sorted(meta.id[np.isin(meta.session, spec.validation)].tolist()))
+    elif validation == "speakers":
         speakers = sorted(set(meta.speaker[in_train].tolist()))
         if validation_speakers >= len(speakers):
             raise ValueError(
@@ -253,8 +301,8 @@ def make_fold_split(
         raise ValueError(f"validation must be 'speakers' or 'fraction', got {validation!r}")
 
     test_ids = None
-    if test_session is not None:
-        test_ids = tuple(sorted(meta.id[meta.session == test_session].tolist()))
+    if test_sessions:
+        test_ids = tuple(sorted(meta.id[np.isin(meta.session, test_sessions)].tolist()))
     return FoldSplit(
         fold=fold,
         seed=seed,
@@ -263,14 +311,20 @@ def make_fold_split(
         train_files=train_files,
         validation_ids=validation_ids,
         validation_speakers=held_speakers,
-        test_session=test_session,
+        test_session=test_sessions[0] if len(test_sessions) == 1 else None,
         test_ids=test_ids,
         meta=meta,
+        test_sessions=test_sessions,
+        validation_sessions=spec.validation,
+        label_names=info.labels,
+        notes=notes,
     )
 
 
 def split_from_config(cfg: DataConfig, seed: int, meta: Metadata | None = None) -> FoldSplit:
     """`make_fold_split` with the values of a `DataConfig` (`seed` is `train.seed`)."""
+    info = read_dataset_info(cfg.path)
+    check_pinned_labels(cfg, info)
     return make_fold_split(
         cfg.path,
         cfg.fold,
@@ -279,4 +333,5 @@ def split_from_config(cfg: DataConfig, seed: int, meta: Metadata | None = None) 
         validation_fraction=cfg.validation_fraction,
         seed=seed,
         meta=meta,
+        info=info,
     )

@@ -1,6 +1,9 @@
-"""`emotrain prepare`: an IEMOCAP release tree → Parquet shards, one folder per session.
+"""`emotrain prepare`: utterance records from any source → Parquet shards, one folder per group.
 
-Audio is read with soundfile, down-mixed to mono, resampled to 16 kHz with soxr when needed and
+Every source (`emotrain.data.sources`: the IEMOCAP release, a Hub dataset, a manifest, EmoBox's
+fold lists) ends here, in `write_prepared`: the same layout, schema, `dataset.json` and
+`prepare_report.json` whatever the source. Audio is read with soundfile (from a file or from the
+bytes a Hub dataset carries), down-mixed to mono, resampled to 16 kHz with soxr when needed and
 stored as encoded bytes (FLAC by default: lossless, about half the size of WAV). Reading and
 encoding run in a process pool over all cores; the full corpus (7 h of kept audio) takes minutes.
 `out_dir` may be a local folder or an fsspec URL (`s3://bucket/prefix`): shards and report are
@@ -11,25 +14,28 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-from emotrain.config import LABEL_NAMES, check_no_credentials
-from emotrain.data.iemocap import Utterance, scan_release
+from emotrain.config import LABEL_NAMES, SAMPLING_RATE, check_no_credentials
 from emotrain.data.shards import (
     REPORT_FILE,
-    SAMPLING_RATE,
+    DatasetInfo,
+    FoldSpec,
     filesystem,
     join,
     storage_error,
+    write_dataset_info,
     write_session_shards,
     write_text,
 )
@@ -41,7 +47,7 @@ MIN_SECONDS = 0.1
 
 
 class NothingToPrepareError(RuntimeError):
-    """The release tree held no usable utterance."""
+    """The source held no usable utterance."""
 
 
 @dataclass
@@ -49,6 +55,60 @@ class EncodedAudio:
     data: bytes | None
     duration: float
     error: str | None = None
+    samples: np.ndarray | None = None
+    """The 16 kHz mono samples, kept only when a speech recogniser will transcribe them."""
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    """Where an utterance's audio is: a file (optionally a segment of it), or encoded bytes."""
+
+    path: str | None = None
+    data: bytes | None = None
+    start: float | None = None
+    end: float | None = None
+    """Seconds into the file (EmoBox's segments of longer recordings); None: the whole file."""
+
+
+@dataclass
+class Record:
+    """One labelled utterance as a source yields it, before its audio is read."""
+
+    id: str
+    session: int
+    """The group number (a session, a speaker group, a split): the `session` column."""
+    speaker: str
+    label: int
+    """Index into the dataset's labels."""
+    emotion: str
+    """The label as the source wrote it (`exc`, `Happy`, 3, ...)."""
+    text: str | None
+    """The transcript; None when the source has none for it."""
+    audio: AudioInput
+    dialog: str = ""
+    valence: float = math.nan
+    activation: float = math.nan
+    dominance: float = math.nan
+
+
+@dataclass
+class Scan:
+    """What a source found: the records to prepare, the rows it could not use, and the dataset's
+    description (groups and folds over the records' group numbers)."""
+
+    source: str
+    records: list[Record]
+    info: DatasetInfo
+    read: int
+    """Rows (utterances) the source read, kept or not."""
+    skipped: list[dict] = field(default_factory=list)
+    """`{"id", "reason"}` for rows left out before their audio was read."""
+    dropped_labels: dict[str, int] = field(default_factory=dict)
+    """Rows whose label is outside the label set, per label (not prepared, not a fault)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Source-specific report entries (e.g. a mirror's counts against the published ones)."""
+    lines: list[str] = field(default_factory=list)
+    """Source-specific lines for the console summary."""
 
 
 def to_mono_16k(samples: np.ndarray, rate: int) -> np.ndarray:
@@ -61,14 +121,19 @@ def to_mono_16k(samples: np.ndarray, rate: int) -> np.ndarray:
     return samples
 
 
-def encode_wav_file(path: str, audio_format: str = "flac") -> EncodedAudio:
-    """Read one utterance's wav and return it as 16 kHz mono bytes; errors are returned, not raised."""
-    if not os.path.isfile(path):
-        return EncodedAudio(None, 0.0, "missing wav")
+def encode_audio(audio: AudioInput, audio_format: str = "flac", keep_samples: bool = False) -> EncodedAudio:
+    """Read one utterance's audio and return it as 16 kHz mono bytes; errors are returned, not raised."""
+    if audio.data is None and (audio.path is None or not os.path.isfile(audio.path)):
+        return EncodedAudio(None, 0.0, "missing wav" if audio.path else "no audio")
     try:
-        samples, rate = sf.read(path, dtype="float32", always_2d=False)
+        source = io.BytesIO(audio.data) if audio.data is not None else audio.path
+        samples, rate = sf.read(source, dtype="float32", always_2d=False)
     except Exception as err:  # soundfile raises several types for corrupt headers
         return EncodedAudio(None, 0.0, f"unreadable wav: {type(err).__name__}: {err}")
+    if audio.start is not None or audio.end is not None:
+        first = int(round((audio.start or 0.0) * rate))
+        last = len(samples) if audio.end is None else int(round(audio.end * rate))
+        samples = samples[first:last]
     if samples.size == 0:
         return EncodedAudio(None, 0.0, "empty wav (0 samples)")
     mono = to_mono_16k(samples, rate)
@@ -77,17 +142,140 @@ def encode_wav_file(path: str, audio_format: str = "flac") -> EncodedAudio:
     if len(mono) < MIN_SECONDS * SAMPLING_RATE:
         return EncodedAudio(None, 0.0, f"too short ({len(mono) / SAMPLING_RATE:.3f} s < {MIN_SECONDS} s)")
     buffer = io.BytesIO()
-    sf.write(buffer, np.clip(mono, -1.0, 1.0), SAMPLING_RATE, format=audio_format.upper(), subtype="PCM_16")
-    return EncodedAudio(buffer.getvalue(), len(mono) / SAMPLING_RATE)
+    clipped = np.clip(mono, -1.0, 1.0)
+    sf.write(buffer, clipped, SAMPLING_RATE, format=audio_format.upper(), subtype="PCM_16")
+    return EncodedAudio(buffer.getvalue(), len(mono) / SAMPLING_RATE, samples=clipped if keep_samples else None)
 
 
-def _encode_job(args: tuple[str, str]) -> EncodedAudio:
-    return encode_wav_file(*args)
+def encode_wav_file(path: str, audio_format: str = "flac") -> EncodedAudio:
+    """`encode_audio` of a whole file."""
+    return encode_audio(AudioInput(path=path), audio_format)
 
 
-def _open_output(out_dir: str | Path) -> None:
-    """Create `out_dir` (a folder, or a prefix on object storage) before any audio is encoded: missing
-    credentials or an unreachable endpoint then fail in a second, not after the whole corpus."""
+def _encode_job(args: tuple[AudioInput, str, bool]) -> EncodedAudio:
+    return encode_audio(*args)
+
+
+def _without_empty_groups(info: DatasetInfo, kept_groups: set[int]) -> DatasetInfo:
+    """The description with only the groups that kept rows, and only the folds that still test on one."""
+    groups = {name: number for name, number in info.groups.items() if number in kept_groups}
+    folds = []
+    for spec in info.folds:
+        test = tuple(g for g in spec.test if g in kept_groups)
+        if test:
+            folds.append(FoldSpec(spec.number, tuple(g for g in spec.train if g in kept_groups), test,
+                                  tuple(g for g in spec.validation if g in kept_groups)))
+    return replace(info, groups=groups, folds=tuple(folds))
+
+
+def write_prepared(scan: Scan, out_dir: str | Path, *, num_shards: int = 8, audio_format: str = "flac",
+                   workers: int | None = None, asr: str | None = None, started: float | None = None) -> dict:
+    """Encode the scan's audio, write its shards, `dataset.json` and `prepare_report.json`; return
+    the report. `asr`: a speech recogniser (hub name or local folder, as `emotrain predict --asr`)
+    that transcribes every record the source gave no transcript."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if audio_format not in AUDIO_FORMATS:
+        raise ValueError(f"audio_format must be one of {AUDIO_FORMATS}, got {audio_format!r}")
+    open_output(out_dir)
+    started = time.perf_counter() if started is None else started
+    labels = scan.info.labels
+    skipped = list(scan.skipped)
+    candidates = list(scan.records)
+    transcriber = None
+    if asr is not None and any(not r.text for r in candidates):
+        from emotrain.predict import Transcriber  # transformers' ASR pipeline, as `emotrain predict --asr`
+
+        transcriber = Transcriber(asr)
+
+    workers = workers or os.cpu_count() or 1
+    jobs = [(r.audio, audio_format, transcriber is not None and not r.text) for r in candidates]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            encoded = list(pool.map(_encode_job, jobs, chunksize=16))
+    else:
+        encoded = [_encode_job(job) for job in jobs]
+
+    by_group: dict[int, list[dict]] = {}
+    transcribed = 0
+    for record, audio in zip(candidates, encoded):
+        if audio.error is not None:
+            skipped.append({"id": record.id, "reason": audio.error})
+            continue
+        text = record.text or ""
+        if audio.samples is not None:
+            text, transcribed = transcriber(audio.samples, SAMPLING_RATE), transcribed + 1
+        if not text and scan.info.has_text:
+            skipped.append({"id": record.id, "reason": "no transcript"})
+            continue
+        by_group.setdefault(record.session, []).append(
+            {
+                "id": record.id,
+                "session": record.session,
+                "speaker": record.speaker,
+                "dialog": record.dialog,
+                "emotion": record.emotion,
+                "label": record.label,
+                "text": text,
+                "audio": {"bytes": audio.data, "path": f"{record.id}.{audio_format}"},
+                "duration": audio.duration,
+                "valence": record.valence,
+                "activation": record.activation,
+                "dominance": record.dominance,
+            }
+        )
+    kept = sum(len(rows) for rows in by_group.values())
+    if kept == 0:
+        reasons = Counter(s["reason"].split(":")[0] for s in skipped)
+        raise NothingToPrepareError(
+            f"no usable utterance in {scan.source}: {scan.read} rows read, {len(candidates)} labelled in "
+            f"{list(labels)}, all skipped ({dict(reasons)})"
+        )
+    info = _without_empty_groups(scan.info, set(by_group))
+    if transcribed:
+        info = replace(info, notes=(*info.notes, f"transcripts of {transcribed} utterance(s) by the speech "
+                                                 f"recogniser {asr}"))
+
+    counts = {}
+    for name, group in sorted(info.groups.items(), key=lambda item: item[1]):
+        rows = by_group[group]
+        write_session_shards(rows, out_dir, group, num_shards, folder_name=name, labels=labels)
+        per_class = Counter(labels[row["label"]] for row in rows)
+        counts[name] = {label: per_class.get(label, 0) for label in labels} | {
+            "total": len(rows),
+            "seconds": round(sum(row["duration"] for row in rows), 2),
+        }
+    write_dataset_info(out_dir, info)
+    report = {
+        "source": scan.source,
+        "num_shards_per_session": num_shards,
+        "audio_format": audio_format,
+        "sampling_rate": SAMPLING_RATE,
+        "labels": list(labels),
+        "folds": info.fold_kind,
+        "read": scan.read,
+        "kept": kept,
+        "counts": counts,
+        "emotion_codes_kept": dict(sorted(Counter(
+            str(r["emotion"]) for rows in by_group.values() for r in rows).items())),
+        "dropped_outside_labels": dict(sorted(scan.dropped_labels.items())),
+        "skipped": sorted(skipped, key=lambda s: s["id"]),
+        "notes": list(info.notes),
+        **scan.extra,
+        "elapsed_seconds": round(time.perf_counter() - started, 2),
+    }
+    if tuple(labels) == LABEL_NAMES:  # the name earlier reports (and readers of IEMOCAP's) know
+        report["dropped_outside_4_classes"] = report["dropped_outside_labels"]
+    write_text(join(out_dir, REPORT_FILE), json.dumps(report, indent=2))
+    report["lines"] = scan.lines
+    return report
+
+
+def open_output(out_dir: str | Path) -> None:
+    """Refuse an `out_dir` URL that carries credentials, and create `out_dir` (a folder, or a prefix on
+    object storage) before the source is read: missing credentials or an unreachable endpoint then
+    fail in a second, not after the whole corpus."""
+    check_no_credentials(out_dir, "out_dir")
     fs, root = filesystem(out_dir)
     try:
         fs.makedirs(root, exist_ok=True)
@@ -106,97 +294,30 @@ def prepare(
     audio_format: str = "flac",
     workers: int | None = None,
 ) -> dict:
-    """Write the prepared dataset and `prepare_report.json`; return the report."""
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    if audio_format not in AUDIO_FORMATS:
-        raise ValueError(f"audio_format must be one of {AUDIO_FORMATS}, got {audio_format!r}")
-    check_no_credentials(out_dir, "out_dir")
-    _open_output(out_dir)
+    """Prepare an IEMOCAP_full_release tree: write the dataset and `prepare_report.json`; return the report."""
+    from emotrain.data.sources.release import scan_release_records
+
     started = time.perf_counter()
-    utterances, dropped_codes = scan_release(release_root)
-
-    skipped: list[dict] = []
-    candidates: list[Utterance] = []
-    for utt in utterances:
-        if utt.text is None:
-            skipped.append({"id": utt.id, "reason": "no transcription line"})
-        else:
-            candidates.append(utt)
-
-    workers = workers or os.cpu_count() or 1
-    jobs = [(str(utt.wav_path), audio_format) for utt in candidates]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            encoded = list(pool.map(_encode_job, jobs, chunksize=16))
-    else:
-        encoded = [_encode_job(job) for job in jobs]
-
-    by_session: dict[int, list[dict]] = {}
-    for utt, audio in zip(candidates, encoded):
-        if audio.error is not None:
-            skipped.append({"id": utt.id, "reason": audio.error})
-            continue
-        by_session.setdefault(utt.session, []).append(
-            {
-                "id": utt.id,
-                "session": utt.session,
-                "speaker": utt.speaker,
-                "dialog": utt.dialog,
-                "emotion": utt.emotion,
-                "label": utt.label,
-                "text": utt.text,
-                "audio": {"bytes": audio.data, "path": f"{utt.id}.{audio_format}"},
-                "duration": audio.duration,
-                "valence": utt.valence,
-                "activation": utt.activation,
-                "dominance": utt.dominance,
-            }
-        )
-    kept = sum(len(rows) for rows in by_session.values())
-    if kept == 0:
-        reasons = Counter(s["reason"].split(":")[0] for s in skipped)
-        raise NothingToPrepareError(
-            f"no usable utterance under {release_root}: {len(utterances)} labelled 4-class utterances "
-            f"found, all skipped ({dict(reasons)})"
-        )
-
-    counts = {}
-    for session in sorted(by_session):
-        rows = by_session[session]
-        write_session_shards(rows, out_dir, session, num_shards)
-        per_class = Counter(LABEL_NAMES[row["label"]] for row in rows)
-        counts[f"session{session}"] = {name: per_class.get(name, 0) for name in LABEL_NAMES} | {
-            "total": len(rows),
-            "seconds": round(sum(row["duration"] for row in rows), 2),
-        }
-    report = {
-        "source": str(release_root),
-        "num_shards_per_session": num_shards,
-        "audio_format": audio_format,
-        "sampling_rate": SAMPLING_RATE,
-        "kept": kept,
-        "counts": counts,
-        "emotion_codes_kept": dict(sorted(Counter(u.emotion for u in candidates).items())),
-        "dropped_outside_4_classes": dropped_codes,
-        "skipped": sorted(skipped, key=lambda s: s["id"]),
-        "elapsed_seconds": round(time.perf_counter() - started, 2),
-    }
-    write_text(join(out_dir, REPORT_FILE), json.dumps(report, indent=2))
-    return report
+    open_output(out_dir)
+    return write_prepared(scan_release_records(release_root), out_dir, num_shards=num_shards,
+                          audio_format=audio_format, workers=workers, started=started)
 
 
 def summarize(report: dict) -> str:
     """A few lines for the console."""
-    lines = [f"kept {report['kept']} utterances in {report['elapsed_seconds']} s"]
-    header = f"{'':10}" + "".join(f"{name:>9}" for name in LABEL_NAMES) + f"{'total':>9}{'hours':>8}"
-    lines.append(header)
-    for session, row in report["counts"].items():
-        cells = "".join(f"{row[name]:>9}" for name in LABEL_NAMES)
-        lines.append(f"{session:10}{cells}{row['total']:>9}{row['seconds'] / 3600:>8.2f}")
+    labels = report.get("labels", LABEL_NAMES)
+    width = max(9, *(len(name) + 2 for name in labels))
+    lines = [f"read {report.get('read', '?')} rows, kept {report['kept']} utterances in {report['elapsed_seconds']} s"]
+    lines.append(f"{'':12}" + "".join(f"{name:>{width}}" for name in labels) + f"{'total':>9}{'hours':>8}")
+    for group, row in report["counts"].items():
+        cells = "".join(f"{row[name]:>{width}}" for name in labels)
+        lines.append(f"{group:12}{cells}{row['total']:>9}{row['seconds'] / 3600:>8.2f}")
     if report["skipped"]:
         reasons = Counter(s["reason"].split(":")[0] for s in report["skipped"])
         lines.append(f"skipped {len(report['skipped'])}: " + ", ".join(f"{r} ({n})" for r, n in reasons.items()))
-    dropped = sum(report["dropped_outside_4_classes"].values())
-    lines.append(f"outside the 4-class set (dropped): {dropped}")
+    dropped = report["dropped_outside_labels"]
+    lines.append(f"outside the label set (dropped): {sum(dropped.values())}"
+                 + (f" ({', '.join(f'{k} {v}' for k, v in dropped.items())})" if dropped else ""))
+    lines.extend(report.get("lines", []))
+    lines.extend(f"note: {note}" for note in report.get("notes", []))
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The prepared dataset's schema and its Parquet shard layout.
+"""The prepared dataset's schema, its Parquet shard layout and its description (`dataset.json`).
 
 Layout written by `emotrain prepare` (and read by the training stream):
 
@@ -6,7 +6,13 @@ Layout written by `emotrain prepare` (and read by the training stream):
       session1/data-00000-of-00008.parquet ... data-00007-of-00008.parquet
       ...
       session5/...
-      prepare_report.json
+      dataset.json          labels, groups (folders), folds, whether there are transcripts and speakers
+      prepare_report.json   rows read, kept, skipped (and why), counts per group x class
+
+A group is one folder of shards: a session of IEMOCAP, a session or speaker group of another
+corpus, a split (`train/`, `validation/`, `test/`) or a set of utterances EmoBox's fold lists treat
+alike. A row's `session` column is its group's number in `dataset.json`. A folder prepared before
+`dataset.json` existed is IEMOCAP's: `session1..5`, the 4-class labels, leave-one-session-out.
 
 Each session is split into the same number of shards (8 by default) so that any fold's four
 training sessions give 32 shards: a count that divides 1, 2, 4, 8, 16 and 32 ranks, which lets
@@ -27,37 +33,42 @@ from __future__ import annotations
 
 import json
 import posixpath
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import datasets
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from emotrain.config import LABEL_NAMES, ConfigError
+from emotrain.config import LABEL_NAMES, SAMPLING_RATE, ConfigError
 
-SAMPLING_RATE = 16_000
 ROW_GROUP_SIZE = 64
 """Rows per Parquet row group (~5 MB of FLAC): the unit datasets reads at a time."""
 
-FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("string"),
-        "session": datasets.Value("int32"),
-        "speaker": datasets.Value("string"),
-        "dialog": datasets.Value("string"),
-        "emotion": datasets.Value("string"),
-        "label": datasets.ClassLabel(names=list(LABEL_NAMES)),
-        "text": datasets.Value("string"),
-        # Encoded bytes (FLAC or WAV); decoded with soundfile at run time, so no FFmpeg is needed.
-        "audio": datasets.Audio(sampling_rate=SAMPLING_RATE, decode=False),
-        "duration": datasets.Value("float32"),
-        "valence": datasets.Value("float32"),
-        "activation": datasets.Value("float32"),
-        "dominance": datasets.Value("float32"),
-    }
-)
+def features(labels: Sequence[str] = LABEL_NAMES) -> datasets.Features:
+    """The prepared schema; only the `label` ClassLabel's names depend on the dataset."""
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "session": datasets.Value("int32"),
+            "speaker": datasets.Value("string"),
+            "dialog": datasets.Value("string"),
+            "emotion": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=list(labels)),
+            "text": datasets.Value("string"),
+            # Encoded bytes (FLAC or WAV); decoded with soundfile at run time, so no FFmpeg is needed.
+            "audio": datasets.Audio(sampling_rate=SAMPLING_RATE, decode=False),
+            "duration": datasets.Value("float32"),
+            "valence": datasets.Value("float32"),
+            "activation": datasets.Value("float32"),
+            "dominance": datasets.Value("float32"),
+        }
+    )
+
+
+FEATURES = features(LABEL_NAMES)
 COLUMNS = tuple(FEATURES)
 
 
@@ -142,17 +153,20 @@ def session_dir(root: str | Path, session: int) -> str:
 
 
 def write_session_shards(
-    examples: Iterable[dict[str, Any]], root: str | Path, session: int, num_shards: int
+    examples: Iterable[dict[str, Any]], root: str | Path, session: int, num_shards: int,
+    *, folder_name: str | None = None, labels: Sequence[str] = LABEL_NAMES,
 ) -> list[str]:
-    """Write one session's examples as `num_shards` Parquet files (round-robin by sorted id), to a
-    local folder or an fsspec URL; returns their paths (URLs for remote data).
+    """Write one group's examples as `num_shards` Parquet files (round-robin by sorted id), in
+    `root/folder_name` (default `session<session>`), a local folder or an fsspec URL, with `labels`
+    as the ClassLabel names; returns their paths (URLs for remote data).
 
     Every shard file is written, even an empty one, so shard counts stay what the layout promises.
     Shards of an earlier preparation with another shard count are removed first. `audio` must be
     `{"bytes": ..., "path": ...}`.
     """
     rows = sorted(examples, key=lambda ex: ex["id"])
-    fs, folder = filesystem(session_dir(root, session))
+    schema = (FEATURES if tuple(labels) == LABEL_NAMES else features(labels)).arrow_schema
+    fs, folder = filesystem(join(root, folder_name) if folder_name else session_dir(root, session))
     fs.makedirs(folder, exist_ok=True)
     stale = fs.glob(f"{folder}/data-*.parquet")
     if stale:
@@ -164,7 +178,7 @@ def write_session_shards(
         # Built with pyarrow, not `Dataset.from_dict`: datasets' Audio encoder insists on torchcodec
         # even for ready-made bytes. The schema carries the features in its "huggingface" metadata,
         # so `load_dataset("parquet", ...)` still sees ClassLabel and Audio.
-        table = pa.Table.from_pydict(columns, schema=FEATURES.arrow_schema)
+        table = pa.Table.from_pydict(columns, schema=schema)
         path = f"{folder}/{shard_name(index, num_shards)}"
         # An empty shard gets no row group at all: datasets' reader skips such a file, while a
         # zero-row row group makes it fail ("BatchSize must be greater than 0").
@@ -176,10 +190,106 @@ def write_session_shards(
     return paths
 
 
-def session_shard_files(root: str | Path, session: int) -> list[str]:
-    """The Parquet files of one prepared session, in shard order (local paths or URLs)."""
-    fs, folder = filesystem(session_dir(root, session))
-    files = sorted(fs.glob(f"{folder}/data-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no prepared shards under {session_dir(root, session)}")
-    return [public_path(fs, f) for f in files]
+def list_shard_files(path: str, folder: str) -> list[str]:
+    """The Parquet shards of one group folder of the prepared dataset at `path` (a local folder or
+    an fsspec URL), sorted, as paths/URLs that `datasets` and fsspec open; [] when there are none."""
+    fs, root = filesystem(path)
+    return [public_path(fs, p) for p in sorted(fs.glob(f"{root.rstrip('/')}/{folder}/data-*.parquet"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset.json: what training, evaluation and the report read about the data, besides the rows.
+
+DATASET_FILE = "dataset.json"
+FOLD_KINDS = ("sessions", "groups", "split", "emobox")
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """One fold: which groups (by number) train, validate and test. No validation groups: the
+    validation set is held out of the training groups (`data.validation`)."""
+
+    number: int
+    train: tuple[int, ...]
+    test: tuple[int, ...]
+    validation: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A prepared dataset's description (`dataset.json`)."""
+
+    labels: tuple[str, ...]
+    groups: dict[str, int]
+    """Folder name → group number (the rows' `session` column)."""
+    folds: tuple[FoldSpec, ...]
+    fold_kind: str
+    """How the folds were made: `sessions` (leave-one-session-out), `groups` (leave-one-group-out),
+    `split` (a predefined train/validation/test split: one fold), `emobox` (EmoBox's fold lists)."""
+    has_text: bool = True
+    has_speakers: bool = True
+    source: str = ""
+    notes: tuple[str, ...] = field(default=())
+    """What a user must know about this data (no speakers: how validation is drawn; no text: why)."""
+
+    def folder(self, group: int) -> str:
+        return next(name for name, number in self.groups.items() if number == group)
+
+    def fold(self, number: int) -> FoldSpec:
+        """Fold `number`; 0 trains on every group except validation ones, with no test."""
+        if number == 0:
+            validation = tuple(sorted({g for spec in self.folds for g in spec.validation}))
+            return FoldSpec(0, tuple(g for g in sorted(self.groups.values()) if g not in validation), (), validation)
+        for spec in self.folds:
+            if spec.number == number:
+                return spec
+        raise KeyError(number)
+
+    def fold_numbers(self) -> list[int]:
+        return [spec.number for spec in self.folds]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["labels"], data["notes"] = list(self.labels), list(self.notes)
+        data["folds"] = [{**asdict(spec), "train": list(spec.train), "test": list(spec.test),
+                          "validation": list(spec.validation)} for spec in self.folds]
+        return {"format": 1, **data}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DatasetInfo:
+        folds = tuple(FoldSpec(int(f["number"]), tuple(f["train"]), tuple(f["test"]), tuple(f.get("validation", ())))
+                      for f in data["folds"])
+        return cls(labels=tuple(data["labels"]), groups={str(k): int(v) for k, v in data["groups"].items()},
+                   folds=folds, fold_kind=data["fold_kind"], has_text=bool(data.get("has_text", True)),
+                   has_speakers=bool(data.get("has_speakers", True)), source=str(data.get("source", "")),
+                   notes=tuple(data.get("notes", ())))
+
+
+def leave_one_out_folds(groups: Sequence[int]) -> tuple[FoldSpec, ...]:
+    """Fold g tests on group g and trains on the others (IEMOCAP's leave-one-session-out)."""
+    return tuple(FoldSpec(g, tuple(o for o in groups if o != g), (g,)) for g in groups)
+
+
+IEMOCAP_INFO = DatasetInfo(labels=LABEL_NAMES, groups={f"session{s}": s for s in range(1, 6)},
+                           folds=leave_one_out_folds(range(1, 6)), fold_kind="sessions", source="IEMOCAP release")
+"""What a prepared folder without `dataset.json` is (prepared before it existed, or by hand)."""
+
+
+def write_dataset_info(out_dir: str | Path, info: DatasetInfo) -> str:
+    path = join(out_dir, DATASET_FILE)
+    write_text(path, json.dumps(info.to_json(), indent=2) + "\n")
+    return path
+
+
+def read_dataset_info(path: str) -> DatasetInfo:
+    """The description of the prepared dataset at `path` (local or fsspec URL); IEMOCAP_INFO when
+    it has no `dataset.json`."""
+    fs, file = filesystem(join(path, DATASET_FILE))
+    if not fs.isfile(file):
+        return IEMOCAP_INFO
+    with fs.open(file, "r") as handle:
+        data = json.load(handle)
+    try:
+        return DatasetInfo.from_json(data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}/{DATASET_FILE} is not a dataset description ({type(err).__name__}: {err})") from None

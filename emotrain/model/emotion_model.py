@@ -18,7 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,13 +71,18 @@ class EmotionModel(nn.Module):
         config: ModelConfig,
         audio_encoder_config: Any = None,
         text_encoder_config: Any = None,
+        label_names: Sequence[str] = LABEL_NAMES,
     ):
         """Build from `config`. The encoders load their pretrained weights, unless their HF configs
-        are given (then they are randomly initialised from them: `from_pretrained` loads weights)."""
+        are given (then they are randomly initialised from them: `from_pretrained` loads weights).
+        `label_names`: the classes, in the order of the logits (the prepared dataset's labels)."""
         super().__init__()
         config.validate()
+        if len(label_names) < 2 or len(set(label_names)) != len(label_names):
+            raise ValueError(f"label_names must be at least 2 distinct names, got {list(label_names)}")
         self.config = config
-        self.num_labels = len(LABEL_NAMES)
+        self._label_names = tuple(str(name) for name in label_names)
+        self.num_labels = len(self._label_names)
         self.uses_audio = config.variant in ("fusion", "audio")
         self.uses_text = config.variant in ("fusion", "text")
         self._processors: tuple[Any, Any] | None = None
@@ -192,7 +197,7 @@ class EmotionModel(nn.Module):
     @property
     def label_names(self) -> tuple[str, ...]:
         """The class names of the logits' columns."""
-        return LABEL_NAMES
+        return self._label_names
 
     # -----------------------------------------------------------------------------------------
     # Training switches
@@ -270,7 +275,8 @@ class EmotionModel(nn.Module):
             raise ValueError(f"state_dict does not hold this model's weights by their names (e.g. {unknown})")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "model_config": dataclasses.asdict(self.config), "preprocessing": self.preprocessing}
+        meta = {"format": FORMAT, "model_config": dataclasses.asdict(self.config), "preprocessing": self.preprocessing,
+                "label_names": list(self.label_names)}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if self.audio_encoder is not None:
             self.audio_encoder.config.save_pretrained(directory / AUDIO_ENCODER_DIR)
@@ -302,7 +308,9 @@ class EmotionModel(nn.Module):
             audio_config = AutoConfig.from_pretrained(directory / AUDIO_ENCODER_DIR)
         if config.variant in ("fusion", "text"):
             text_config = AutoConfig.from_pretrained(directory / TEXT_ENCODER_DIR)
-        model = cls(config, audio_encoder_config=audio_config, text_encoder_config=text_config)
+        # A folder saved before label names were saved is IEMOCAP's 4-class model.
+        model = cls(config, audio_encoder_config=audio_config, text_encoder_config=text_config,
+                    label_names=meta.get("label_names") or LABEL_NAMES)
         load_model(model, directory / WEIGHTS_FILE, strict=True)
         model._processors = load_processors(directory)
         model.preprocessing.update(meta.get("preprocessing") or {})
@@ -368,6 +376,7 @@ def _model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     return config
 
 
-def build_model(model_cfg: ModelConfig) -> EmotionModel:
-    """An EmotionModel from the config (loads pretrained encoder weights, or builds `tiny` ones)."""
-    return EmotionModel(model_cfg)
+def build_model(model_cfg: ModelConfig, label_names: Sequence[str] = LABEL_NAMES) -> EmotionModel:
+    """An EmotionModel from the config (loads pretrained encoder weights, or builds `tiny` ones),
+    with one output per name of `label_names`."""
+    return EmotionModel(model_cfg, label_names=label_names)

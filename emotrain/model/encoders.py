@@ -33,10 +33,8 @@ from transformers import (
     Wav2Vec2FeatureExtractor,
 )
 
-from emotrain.config import TINY_ENCODER, ConfigError, DataConfig, ModelConfig
-
-SAMPLING_RATE = 16_000
-"""Every supported audio encoder was pretrained on 16 kHz audio."""
+# Every supported audio encoder was pretrained on 16 kHz audio: the rate prepared data is stored at.
+from emotrain.config import SAMPLING_RATE, TINY_ENCODER, ConfigError, DataConfig, ModelConfig
 
 TINY = TINY_ENCODER
 BUNDLED_PREFIX = "bundled:"

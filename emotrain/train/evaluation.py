@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from accelerate.utils import gather_object
 
-from emotrain.config import LABEL_NAMES
 from emotrain.data.batching import TENSOR_KEYS
 from emotrain.data.evaluation import FILLER_ID
 from emotrain.metrics import compute_metrics
@@ -23,7 +22,7 @@ def model_inputs(batch: dict, device=None) -> dict:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, *, label_names=LABEL_NAMES, per_utterance: bool = False) -> dict:
+def evaluate(accelerator, model, loader, *, label_names=None, per_utterance: bool = False) -> dict:
     """WA, UA, macro-F1, per-class recall and confusion over every rank's part of an evaluation set.
 
     `loader` is this rank's `build_eval_dataloader` (not prepared: each utterance is on exactly one
@@ -32,7 +31,10 @@ def evaluate(accelerator, model, loader, *, label_names=LABEL_NAMES, per_utteran
     failed to decode (`valid == False`) are left out and counted in `n_skipped`; fillers are ignored.
     The global RNG is forked so evaluating never changes the training run's random stream.
     per_utterance: also return `predictions`, `[{"id", "label", "predicted", "probabilities"}]`.
+    label_names: the class names (default: the model's own).
     """
+    if label_names is None:
+        label_names = accelerator.unwrap_model(model).label_names
     was_training = model.training
     model.eval()
     rows = []  # (id, label, predicted, valid, probabilities) of this rank's utterances

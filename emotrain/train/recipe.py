@@ -43,9 +43,10 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 from emotrain import provenance
-from emotrain.config import LABEL_NAMES, Config, ConfigError, read_provenance, save_config
+from emotrain.config import Config, ConfigError, read_provenance, save_config
 from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets
-from emotrain.data.folds import split_from_config
+from emotrain.data.folds import check_config_fits_dataset, split_from_config
+from emotrain.data.shards import read_dataset_info
 from emotrain.data.stream import build_train_stream
 from emotrain.model import build_model, build_processors
 from emotrain.model.encoders import check_data_fits_model
@@ -166,8 +167,13 @@ def train(cfg: Config) -> int:
         loop = LoopState(run_id=tracking.new_run_id())
 
     # ----------------------------------------------------------------------------------- data
+    # The data decides the label set (and whether this variant can train on it at all).
+    check_config_fits_dataset(cfg.data, cfg.model, read_dataset_info(cfg.data.path))
     split = split_from_config(cfg.data, seed=cfg.train.seed)
+    labels = split.label_names
     log.info("fold %d: %s", cfg.data.fold, json.dumps(split.summary()))
+    for note in split.notes:
+        log.warning("fold %d: %s", cfg.data.fold, note)
     feature_extractor, tokenizer = build_processors(cfg.model)
     stream = build_train_stream(
         cfg, split, feature_extractor=feature_extractor, tokenizer=tokenizer,
@@ -198,12 +204,12 @@ def train(cfg: Config) -> int:
             "lower it, or the batch budget (data.max_batch_audio_seconds, train.batch_size)"))
     log.info("%d optimizer steps (%d in this epoch, %d micro-batch(es) per step on each of %d rank(s))",
              total_steps, stream.steps_in_epoch(), accumulation, world_size)
-    class_weights = (balanced_class_weights(split.meta.label[split.train_mask()], len(LABEL_NAMES))
+    class_weights = (balanced_class_weights(split.meta.label[split.train_mask()], len(labels))
                      if cfg.train.class_weights == "balanced" else None)
 
     # ---------------------------------------------------------------------------------- model
     with model_construction(accelerator):  # ZeRO-3: no zero.Init (it breaks Wav2Vec2's weight norm)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, labels)
     check_data_fits_model(cfg.data, model, feature_extractor, tokenizer)
     model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.train, cfg.model, total_steps)
@@ -251,7 +257,7 @@ def train(cfg: Config) -> int:
 
     def validate() -> None:
         """Evaluate on validation, track the best UA and early stopping, log."""
-        metrics = evaluate(accelerator, model, validation_loader)
+        metrics = evaluate(accelerator, model, validation_loader, label_names=labels)
         improved = metrics["ua"] > loop.best_ua
         if improved:
             loop.best_ua, loop.best_step, loop.best_validation = metrics["ua"], loop.step, metrics
@@ -267,7 +273,7 @@ def train(cfg: Config) -> int:
         tracking.log(accelerator, {f"validation/{k}": metrics[k] for k in ("wa", "ua", "macro_f1")}
                      | {f"validation/recall_{name}": r for name, r in metrics["per_class_recall"].items()
                         if r is not None}, loop.step)
-        tracking.log_confusion(accelerator, cfg, "validation", metrics["confusion"], LABEL_NAMES, loop.step)
+        tracking.log_confusion(accelerator, cfg, "validation", metrics["confusion"], labels, loop.step)
 
     def log_training(grad_norm) -> None:
         """The window's figures, summed over ranks (a collective), to the trackers and the console."""
@@ -464,9 +470,9 @@ def train(cfg: Config) -> int:
                "stop_reason": loop.stop_reason, "steps": loop.step,
                "nonfinite_steps": loop.nonfinite_steps, "skipped_training_utterances": skipped_total}
     if test_loader is not None:
-        results["test"] = evaluate(accelerator, model, test_loader)
+        results["test"] = evaluate(accelerator, model, test_loader, label_names=labels)
         tracking.log(accelerator, {f"test/{k}": results["test"][k] for k in ("wa", "ua", "macro_f1")}, loop.step)
-        tracking.log_confusion(accelerator, cfg, "test", results["test"]["confusion"], LABEL_NAMES, loop.step)
+        tracking.log_confusion(accelerator, cfg, "test", results["test"]["confusion"], labels, loop.step)
     if accelerator.is_main_process:
         # Atomically: a run killed while writing must not leave half a file that says "finished".
         partial = output_dir / "metrics.json.partial"
@@ -485,15 +491,17 @@ def train(cfg: Config) -> int:
 
 def format_results(results: dict) -> str:
     """A small table: WA, UA, macro-F1 and recall per class for validation and test."""
-    header = f"{'split':<11}{'n':>6}{'WA':>8}{'UA':>8}{'F1':>8}" + "".join(f"{name:>9}" for name in LABEL_NAMES)
+    labels = next((list(results[s]["per_class_recall"]) for s in ("validation", "test") if results.get(s)), [])
+    width = max(9, *(len(name) + 1 for name in labels)) if labels else 9
+    header = f"{'split':<11}{'n':>6}{'WA':>8}{'UA':>8}{'F1':>8}" + "".join(f"{name:>{width}}" for name in labels)
     lines = [header]
     for split in ("validation", "test"):
         m = results.get(split)
         if not m:
             continue
         recalls = "".join(
-            f"{m['per_class_recall'][name]:>9.3f}" if m["per_class_recall"][name] is not None else f"{'-':>9}"
-            for name in LABEL_NAMES
+            f"{m['per_class_recall'][name]:>{width}.3f}" if m["per_class_recall"][name] is not None else f"{'-':>{width}}"
+            for name in labels
         )
         lines.append(f"{split:<11}{m['n']:>6}{m['wa']:>8.3f}{m['ua']:>8.3f}{m['macro_f1']:>8.3f}{recalls}")
     return "\n".join(lines) + "\n(recall per class on the right)"

@@ -90,7 +90,7 @@ def test_the_table_equals_the_fold_metrics(killed_and_rerun):
     report = (root / "smoke" / "report" / "report.md").read_text()
     assert cell in report and "| smoke | fusion | 2/2 |" in report
     for k in FOLDS:
-        assert f"| {k} | {k} | 42 | {folds[k]['n']} | {folds[k]['wa'] * 100:.1f} | {folds[k]['ua'] * 100:.1f} |" in report
+        assert f"| {k} | session {k} | 42 | {folds[k]['n']} | {folds[k]['wa'] * 100:.1f} | {folds[k]['ua'] * 100:.1f} |" in report
     # The protocol and where every number came from.
     assert "leave-one-session-out" in report.lower() and "UA = mean of the per-class recalls" in report
     assert "| session1 | 12 | 12 | 12 | 12 | 48 |" in report  # the prepare report's counts

@@ -18,10 +18,11 @@ from emotrain.data.evaluation import EvalDataset
 from emotrain.data.folds import check_prepared, make_fold_split, read_metadata
 from emotrain.data.plan import StreamSettings
 from emotrain.data.prepare import prepare
-from emotrain.data.shards import join, read_prepare_report, session_shard_files, write_session_shards, write_text
-from emotrain.data.stream import TrainStream, layout_fingerprint
-from tests.toyset import toy_examples, toy_processors, write_toy_prepared
+from emotrain.data.shards import join, list_shard_files, read_prepare_report, write_session_shards, write_text
+from emotrain.data.state import layout_fingerprint
+from emotrain.data.stream import TrainStream
 from tests.s3_server import running_s3_server
+from tests.toyset import toy_examples, toy_processors, write_toy_prepared
 
 PER_SESSION = [9, 11, 10, 12, 8]
 
@@ -44,7 +45,7 @@ def test_shards_on_s3_read_back_as_the_same_dataset_as_on_local_disk(s3, both):
     local, remote = both
     assert remote == f"s3://{s3.bucket}/toy"
     for session in range(1, 6):
-        urls = session_shard_files(remote, session)
+        urls = list_shard_files(remote, f"session{session}")
         assert urls == [f"{remote}/session{session}/data-{i:05d}-of-00003.parquet" for i in range(3)]
     check_prepared(remote)
     a, b = read_metadata(local), read_metadata(remote)
@@ -89,7 +90,7 @@ def test_rewriting_a_session_on_s3_with_fewer_shards_removes_the_stale_ones(s3):
     examples = toy_examples(1, 6, rng, "short", "FLAC", [], None)
     write_session_shards(examples, root, 1, num_shards=4)
     written = write_session_shards(examples, root, 1, num_shards=2)
-    assert session_shard_files(root, 1) == written == [f"{root}/session1/data-0000{i}-of-00002.parquet" for i in (0, 1)]
+    assert list_shard_files(root, "session1") == written == [f"{root}/session1/data-0000{i}-of-00002.parquet" for i in (0, 1)]
 
 
 def test_the_prepare_report_is_written_to_and_read_from_s3_and_the_report_counts_it(s3, tmp_path):

@@ -11,9 +11,9 @@ import pytest
 import soundfile as sf
 
 from emotrain.cli import main
-from emotrain.data.iemocap import parse_utterance_id
 from emotrain.data.prepare import NothingToPrepareError, prepare
-from emotrain.data.shards import session_shard_files
+from emotrain.data.shards import list_shard_files
+from emotrain.data.sources.release import parse_utterance_id
 
 HEADER = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
 
@@ -125,7 +125,7 @@ EXPECTED = {
 
 
 def _load(out: Path, session: int) -> datasets.Dataset:
-    return datasets.load_dataset("parquet", data_files=session_shard_files(out, session), split="train")
+    return datasets.load_dataset("parquet", data_files=list_shard_files(out, f"session{session}"), split="train")
 
 
 def test_parse_utterance_id_uses_the_letter_before_the_digits():
@@ -142,7 +142,7 @@ def test_prepare_yields_exactly_the_expected_utterances(quirky_release: Path, tm
 
     rows = {}
     for session in (1, 3, 5):
-        files = session_shard_files(out, session)
+        files = list_shard_files(out, f"session{session}")
         assert [Path(f).name for f in files] == [f"data-0000{i}-of-00004.parquet" for i in range(4)]
         dataset = _load(out, session)
         assert dataset.features["label"].names == ["neutral", "happy", "sad", "angry"]

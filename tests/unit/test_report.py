@@ -105,7 +105,7 @@ def test_several_seeds_average_within_a_fold_first(tmp_path):
     assert experiment.fold_values("ua") == pytest.approx({1: 0.7, 2: 0.6})
     report = build_report([folder], tmp_path / "out", plots=False)
     assert f"{65.0:.1f} ± {np.std([0.7, 0.6], ddof=1) * 100:.1f}" in report["table"]
-    assert "| 1 | 1 | 1,2 | 40 |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| 1 | session 1 | 1,2 | 40 |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_missing_and_unfinished_runs_are_named_and_not_counted(two_experiments, tmp_path):

@@ -15,8 +15,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emotrain.config import LABEL_NAMES
+from emotrain.data.shards import DatasetInfo, leave_one_out_folds
+
+if TYPE_CHECKING:
+    from emotrain.data.prepare import Scan
 
 CODE_TO_LABEL = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
 """The 4-class protocol: excited is merged into happy."""
@@ -138,3 +143,29 @@ def scan_release(root: str | Path) -> tuple[list[Utterance], dict[str, int]]:
                     wav_path=session_dir / "sentences" / "wav" / dialog / f"{row['id']}.wav",
                 )
     return sorted(kept.values(), key=lambda u: u.id), dict(sorted(dropped.items()))
+
+
+def iemocap_info(sessions, source: str, **changes) -> DatasetInfo:
+    """IEMOCAP's description over the sessions present: 4 classes, leave-one-session-out."""
+    sessions = sorted(sessions)
+    return DatasetInfo(labels=LABEL_NAMES, groups={f"session{s}": s for s in sessions},
+                       folds=leave_one_out_folds(sessions), fold_kind="sessions", source=source, **changes)
+
+
+def scan_release_records(root: str | Path) -> Scan:
+    """The release as records for the shared writer (`emotrain.data.prepare.write_prepared`)."""
+    from emotrain.data.prepare import AudioInput, Record, Scan
+
+    utterances, dropped = scan_release(root)
+    records, skipped = [], []
+    for utt in utterances:
+        if utt.text is None:
+            skipped.append({"id": utt.id, "reason": "no transcription line"})
+            continue
+        records.append(Record(id=utt.id, session=utt.session, speaker=utt.speaker, label=utt.label,
+                              emotion=utt.emotion, text=utt.text, audio=AudioInput(path=str(utt.wav_path)),
+                              dialog=utt.dialog, valence=utt.valence, activation=utt.activation,
+                              dominance=utt.dominance))
+    return Scan(source=str(root), records=records, skipped=skipped, dropped_labels=dropped,
+                read=len(utterances) + sum(dropped.values()),
+                info=iemocap_info({u.session for u in utterances}, source=f"IEMOCAP release at {root}"))
