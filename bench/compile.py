@@ -13,7 +13,10 @@ per process):
 - dynamic: `torch.compile(dynamic=True)`, batches padded to their longest (every batch a new shape);
 - dynamic + ladder: the same, batches padded to `data.length_ladder=4` (a few shapes);
 - static + ladder: `dynamic=False`, which needs one graph per (batch size, audio length, text length):
-  dynamo stops recompiling after its recompile limit (8) and runs the rest eagerly.
+  dynamo stops recompiling after its recompile limit (8) and runs the rest eagerly;
+- automatic (+ ladder): torch.compile's default (`dynamic=None`): the first shape compiles static,
+  a shape that differs recompiles with the changed sizes symbolic. `accelerate launch --dynamo_backend
+  inductor` without `--dynamo_use_dynamic` gives this one; with it, "dynamic".
 
 Printed per configuration: seconds of the first step (the first compile), seconds spent compiling in
 all (every step minus the steady step time), graphs compiled, distinct batch shapes met, steady seconds
@@ -41,6 +44,8 @@ CONFIGS = {
     "dynamic": {"compile": {"dynamic": True}, "ladder": 0},
     "dynamic + ladder": {"compile": {"dynamic": True}, "ladder": 4},
     "static + ladder": {"compile": {"dynamic": False}, "ladder": 4},
+    "automatic": {"compile": {}, "ladder": 0},
+    "automatic + ladder": {"compile": {}, "ladder": 4},
 }
 
 

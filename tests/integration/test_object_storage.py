@@ -111,9 +111,11 @@ def reference(prepared, local_dirs, tmp_path_factory):
 def test_prepare_writes_the_same_shards_and_report_to_the_bucket(s3, prepared, synthetic_corpus):
     fs, root = filesystem(prepared)
     names = sorted(path[len(root) + 1:] for path in fs.find(root))
-    assert names == ["prepare_report.json"] + [f"session{s}/data-{i:05d}-of-00008.parquet"
-                                               for s in range(1, 6) for i in range(8)]
-    for name in names[1:]:  # the local fixture prepared the same release: the same rows, bit for bit
+    assert names == ["dataset.json", "prepare_report.json"] + [f"session{s}/data-{i:05d}-of-00008.parquet"
+                                                               for s in range(1, 6) for i in range(8)]
+    with fs.open(f"{root}/dataset.json") as handle:  # the same description as the local prepare's
+        assert json.load(handle) == json.loads((synthetic_corpus / "dataset.json").read_text())
+    for name in names[2:]:  # the local fixture prepared the same release: the same rows, bit for bit
         with fs.open(f"{root}/{name}", "rb") as handle:
             assert pq.read_table(handle).equals(pq.read_table(synthetic_corpus / name)), name
     with fs.open(f"{root}/prepare_report.json") as handle:

@@ -142,8 +142,8 @@ def install() -> None:
 
     build_model = recipe.build_model
 
-    def recording_build_model(cfg):
-        model = build_model(cfg)
+    def recording_build_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
         MODELS.append(model)
         return model
 
