@@ -136,7 +136,9 @@ def plan_runs(
         path = load_config(config, overrides).data.path
         try:
             available = read_dataset_info(path).fold_numbers()
-        except ValueError as err:
+        except ConfigError:  # storage that cannot be reached: already one line naming data.path
+            raise
+        except ValueError as err:  # a dataset.json that is not one
             raise ConfigError("data.path", str(err)) from None
         bad = [f for f in folds or () if f not in available]
         if bad:

@@ -361,7 +361,8 @@ def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] 
     dataset = EvalDataset(meta, meta.id.tolist(), sampling_rate=int(settings["sampling_rate"]), name="evaluate")
     data_config = DataConfig(sampling_rate=int(settings["sampling_rate"]), max_text_tokens=int(settings["max_text_tokens"]),
                              eval_batch_size=batch_size or run_data.get("eval_batch_size", 8),
-                             eval_max_batch_audio_seconds=run_data.get("eval_max_batch_audio_seconds", 160.0))
+                             eval_max_batch_audio_seconds=run_data.get("eval_max_batch_audio_seconds", 160.0),
+                             length_ladder=run_data.get("length_ladder", 0))  # the run's batches: its padding
     feature_extractor, tokenizer = model.processors()
     accelerator = Accelerator(mixed_precision=mixed_precision)
     loader = build_eval_dataloader(dataset, data_config, feature_extractor=feature_extractor, tokenizer=tokenizer,

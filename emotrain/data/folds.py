@@ -185,7 +185,9 @@ def check_prepared(path: str) -> DatasetInfo:
     reads none but `dataset.json`); return the dataset's description."""
     try:
         info = read_dataset_info(path)
-    except ValueError as err:
+    except ConfigError:  # storage that cannot be reached: already one line naming data.path
+        raise
+    except ValueError as err:  # a dataset.json that is not one
         raise ConfigError("data.path", str(err)) from None
     for session in info.groups.values():
         list_session_files(path, session, info)

@@ -147,11 +147,6 @@ def encode_audio(audio: AudioInput, audio_format: str = "flac", keep_samples: bo
     return EncodedAudio(buffer.getvalue(), len(mono) / SAMPLING_RATE, samples=clipped if keep_samples else None)
 
 
-def encode_wav_file(path: str, audio_format: str = "flac") -> EncodedAudio:
-    """`encode_audio` of a whole file."""
-    return encode_audio(AudioInput(path=path), audio_format)
-
-
 def _encode_job(args: tuple[AudioInput, str, bool]) -> EncodedAudio:
     return encode_audio(*args)
 

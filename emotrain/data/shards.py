@@ -285,10 +285,18 @@ def read_dataset_info(path: str) -> DatasetInfo:
     """The description of the prepared dataset at `path` (local or fsspec URL); IEMOCAP_INFO when
     it has no `dataset.json`."""
     fs, file = filesystem(join(path, DATASET_FILE))
-    if not fs.isfile(file):
+    # Opened, not `fs.isfile`-tested first: isfile answers False for any error (access denied, a
+    # timeout), and only a file that is not there means IEMOCAP; anything else is raised.
+    try:
+        with fs.open(file, "r") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
         return IEMOCAP_INFO
-    with fs.open(file, "r") as handle:
-        data = json.load(handle)
+    except Exception as err:  # no credentials, access denied, endpoint down: one line naming data.path
+        error = storage_error(path, err)
+        if error is None:
+            raise
+        raise error from err
     try:
         return DatasetInfo.from_json(data)
     except (KeyError, TypeError, ValueError) as err:

@@ -2,7 +2,7 @@
 
 A rank's state is `{epoch, position}` (batches of the epoch already yielded) plus what the plan
 depends on: world size, workers, accumulation, and fingerprints of the split, of the shard layout
-(files and the ids in each, in row order) and of the plan settings. It is small and JSON (one file
+(files and the ids in each, in row order), of the labels and of the plan settings. It is small and JSON (one file
 per rank in every checkpoint). Anything that shaped the plan and changed since is an error naming
 it: re-prepared shards would otherwise silently repeat some utterances and skip others.
 """
@@ -12,12 +12,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from dataclasses import MISSING, fields
 from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from emotrain.data.folds import Metadata
+from emotrain.data.plan import StreamSettings
 
 STATE_FORMAT = "emotrain.train_stream/2"
 
@@ -30,6 +32,12 @@ def layout_fingerprint(meta: Metadata) -> dict[str, Any]:
     rows = [meta.id[meta.file == f].tolist() for f in range(len(meta.files))]
     durations = np.round(meta.duration, 4).tolist()
     return {"files": len(names), "names": _digest(names), "rows": _digest(rows), "durations": _digest(durations)}
+
+
+def labels_fingerprint(label_names: tuple[str, ...] | list[str], meta: Metadata) -> dict[str, Any]:
+    """The label set (names, in order) and every row's label: data re-prepared with the same rows
+    but other labels (another order, a renamed class) would train on permuted classes."""
+    return {"names": list(label_names), "rows": _digest(np.asarray(meta.label).tolist())}
 
 
 def _digest(value: Any) -> str:
@@ -85,9 +93,18 @@ def check_identity(saved: dict[str, Any], mine: dict[str, Any]) -> None:
             f"{saved.get('epoch')} cannot be resumed exactly (some utterances would repeat, others be "
             "skipped). Resume on the data the checkpoint was trained on, or start a new run in another output_dir"
         )
+    # Labels: absent from states saved before label sets came from the data (IEMOCAP's then).
+    if "labels" in saved and saved["labels"] != mine["labels"]:
+        old_names, new_names = saved["labels"].get("names"), mine["labels"]["names"]
+        what = (f"the label set was {old_names}, now {new_names}" if old_names != new_names
+                else "the same rows have other labels")
+        raise ValueError(f"the prepared data was re-labelled since the checkpoint ({what}): resuming would train on "
+                         "other classes. Resume on the data the checkpoint was trained on, or start a new run")
     old_settings = saved.get("settings") or {}
-    changed = [f"{_config_key(key)} {old_settings.get(key)!r} -> {value!r}"
-               for key, value in mine["settings"].items() if old_settings.get(key) != value]
+    # A setting added since the checkpoint was written counts as its default (which plans as before).
+    defaults = {f.name: f.default for f in fields(StreamSettings) if f.default is not MISSING}
+    changed = [f"{_config_key(key)} {old_settings.get(key, defaults.get(key))!r} -> {value!r}"
+               for key, value in mine["settings"].items() if old_settings.get(key, defaults.get(key)) != value]
     if changed:
         raise ValueError(f"the batch plan's settings differ from the checkpoint's: {', '.join(changed)}")
 

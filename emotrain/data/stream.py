@@ -50,6 +50,7 @@ from emotrain.data.state import (
     check_states,
     decode_mask,
     encode_mask,
+    labels_fingerprint,
     layout_fingerprint,
 )
 
@@ -103,6 +104,7 @@ class TrainStream:
         self._identity: dict[str, Any] | None = None
         self._reader: EpochReader | None = None
         self._loader: DataLoader | None = None  # the persistent workers (num_workers > 0)
+        self._passes = 0  # iterations started (the newest owns the workers)
 
     # -- epochs and plans ------------------------------------------------------------------------
 
@@ -186,6 +188,8 @@ class TrainStream:
             logger.warning("epoch %d: %d utterances left out so that every rank has %d batches (a rank holds "
                            "too few utterances: prepare more shards)", self.epoch, plan.dropped, len(plan))
         source = self._batches()
+        self._passes += 1
+        this_pass = self._passes
         pending: dict[int, tuple[Any, list[str]]] = {}
         finished = False
         try:
@@ -199,8 +203,10 @@ class TrainStream:
                     yield batch
             finished = True
         finally:
-            if not finished:
-                self.close()  # left mid-pass (a stop, an error): the workers hold batches of this pass
+            # Left mid-pass (a stop, an error): the workers hold batches of this pass. An older,
+            # abandoned pass being collected later must not stop the workers of the current one.
+            if not finished and this_pass == self._passes:
+                self.close()
         if self.position < len(plan):
             raise RuntimeError(f"stream ended at batch {self.position} of {len(plan)} (epoch {self.epoch})")
 
@@ -214,11 +220,12 @@ class TrainStream:
     # -- resume ----------------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        """What a saved state must agree on: the split, the shard layout and the plan settings."""
+        """What a saved state must agree on: the split, the shard layout, the labels and the plan settings."""
         if self._identity is None:
             self._identity = {
                 "split": self.split.fingerprint(),
                 "layout": layout_fingerprint(self.split.meta),
+                "labels": labels_fingerprint(self.split.label_names, self.split.meta),
                 "settings": asdict(self.settings),
             }
         return self._identity

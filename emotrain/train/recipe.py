@@ -443,6 +443,7 @@ def train(cfg: Config) -> int:
             if loop.stop_reason is not None:
                 break
     progress.close()
+    stream.close()  # the training's data workers (and what they prefetched) are not needed for the test
     log.info("training stopped: %s after %d steps (best validation UA %.4f at step %s)",
              loop.stop_reason, loop.step, loop.best_ua, loop.best_step)
 
@@ -457,9 +458,9 @@ def train(cfg: Config) -> int:
         raise ResumeError(f"the best checkpoint (step {loop.best_step}) is no longer in {checkpoints_dir}")
     load_checkpoint(accelerator, best_folder)
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3 (gathers the partitions)
-    # A compiled model (Accelerate's dynamo config) names every key `_orig_mod.<name>`: keep the model's own.
-    state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # (under ZeRO-3 only rank 0 receives the gathered weights)
+        # A compiled model (Accelerate's dynamo config) names every key `_orig_mod.<name>`: keep the model's own.
+        state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
         best_model = accelerator.unwrap_model(model, keep_torch_compile=False)
         best_model.preprocessing.update(sampling_rate=cfg.data.sampling_rate, max_text_tokens=cfg.data.max_text_tokens,
                                         max_audio_seconds=cfg.data.max_audio_seconds)

@@ -77,6 +77,22 @@ def test_eval_batches_keep_to_the_audio_budget_and_split_over_ranks_evenly(split
         assert len(fillers) == world * len(loaders[0]) - len(whole) and all(not b["valid"].any() for b in fillers)
 
 
+def test_with_a_length_ladder_eval_batches_are_padded_to_rungs_within_the_budget(split):
+    from emotrain.data.batching import ladder_length
+
+    fe, tok = toy_processors()
+    test = EvalDataset(split.meta, split.test_ids, name="test")
+    budget = 2.0
+    data = DataConfig(eval_batch_size=8, eval_max_batch_audio_seconds=budget, length_ladder=2)
+    batches = list(build_eval_dataloader(test, data, feature_extractor=fe, tokenizer=tok))
+    for b in batches:
+        samples = b["input_values"].shape[1]
+        assert samples == ladder_length(int(b["audio_lengths"].max()), 320, 2)  # a rung of the ladder
+        # The budget counts what a batch pads to, the rung, not its longest utterance.
+        assert b["padded_audio_seconds"] <= budget + 1e-6 or len(b["ids"]) == 1
+    assert sorted(i for b in batches for i in b["ids"]) == sorted(test.ids)
+
+
 def test_fold_zero_has_no_test_set(split):
     zero = make_fold_split(split.meta.files[0].rsplit("/session", 1)[0], 0, meta=split.meta)
     validation, test = build_eval_datasets(zero)

@@ -161,6 +161,32 @@ def test_storage_that_cannot_be_reached_is_a_one_line_error_naming_the_key(s3, b
         prepare(tmp_path / "no-release-yet", s3.url("new"))
 
 
+def test_any_source_s_output_is_checked_before_the_source_is_read(s3, without_credentials, tmp_path):
+    from emotrain.data.sources import prepare_source
+
+    missing = str(tmp_path / "not-written-yet.csv")  # reading it would be a FileNotFoundError
+    with pytest.raises(ConfigError, match=r"out_dir: cannot reach s3://.*NoCredentialsError"):
+        prepare_source(missing, s3.url("manifest-corpus"), kind="manifest")
+    with pytest.raises(ConfigError, match="out_dir: must not carry credentials"):
+        prepare_source(missing, "s3://KEY:SECRET@bucket/x", kind="manifest")
+
+
+def test_a_dataset_description_is_written_to_and_read_from_s3(s3):
+    from emotrain.data.shards import (
+        IEMOCAP_INFO,
+        DatasetInfo,
+        leave_one_out_folds,
+        read_dataset_info,
+        write_dataset_info,
+    )
+
+    info = DatasetInfo(labels=("calm", "tense", "joyful"), groups={"group1": 1, "group2": 2},
+                       folds=leave_one_out_folds([1, 2]), fold_kind="groups", has_text=False, source="test")
+    write_dataset_info(s3.url("described"), info)
+    assert read_dataset_info(s3.url("described")) == info  # not IEMOCAP's: read back from the bucket
+    assert read_dataset_info(s3.url("nothing-here")) == IEMOCAP_INFO  # no dataset.json: a release's layout
+
+
 def test_a_bucket_that_does_not_exist_is_a_one_line_error(s3, tmp_path, capsys):
     url = "s3://no-such-bucket-here/prepared"
     assert main(["train", "configs/smoke.yaml", f"data.path={url}", f"output_dir={tmp_path / 'run'}"]) == 2

@@ -3,6 +3,7 @@ resume (also onto another number of processes or workers), and bad data."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 from collections import Counter
@@ -360,6 +361,12 @@ def test_resume_on_another_number_of_processes_sees_the_rest_of_the_epoch_exactl
         assert s.consumed is None
     fresh = plan_epoch(split, _settings(), new_world, new_workers, 1, accumulation)
     assert [_plan_ids(split, s.plan()) for s in resumed] == [_plan_ids(split, p) for p in fresh]
+    # ... and what the (persistent) workers stream in it is that plan: the resumed epoch's
+    # excluded rows do not leak into the next one.
+    streamed = [[i for b in s for i in b["ids"]] for s in resumed]
+    assert streamed == [_plan_ids(split, p) for p in fresh]
+    for s in resumed:
+        s.close()
 
 
 def test_a_resume_state_names_what_changed(root, meta, processors, tmp_path):
@@ -509,3 +516,38 @@ def test_a_resize_late_in_the_epoch_plans_the_few_utterances_left(tmp_path, proc
     assert set(counts.values()) == {1} and len(counts) + dropped == len(split.train_ids())
     if left >= new_world * accumulation * 2:  # enough for a step on every rank: nothing may be lost
         assert dropped == 0 and len(rest) == left, (left, dropped)
+
+
+def test_an_abandoned_pass_does_not_stop_the_workers_of_the_next(root, meta, processors):
+    split = _split(root, meta)
+    stream = _stream(split, processors, num_workers=2)
+    abandoned = iter(stream)
+    next(abandoned)  # a pass left mid-way, still referenced
+    reference = _stream(split, processors, num_workers=2)
+    reference.load_state_dicts(_reload([stream.state_dict()]))
+    expected = [b["ids"] for b in reference]
+    current = iter(stream)  # a new pass over the rest of the epoch
+    got = [next(current)["ids"]]
+    del abandoned  # collected now: its cleanup must leave the current pass's workers alone
+    got += [b["ids"] for b in current]
+    assert got == expected
+    stream.close()
+    reference.close()
+
+
+def test_a_resume_on_relabelled_data_is_refused(root, meta, processors, tmp_path):
+    split = _split(root, meta)
+    stream = _stream(split, processors)
+    _run(stream, [0], stop_after=2)
+    state = _reload([stream.state_dict()])
+    relabelled = dataclasses.replace(split, label_names=tuple(reversed(split.label_names)))
+    with pytest.raises(ValueError, match="re-labelled.*label set was"):
+        _stream(relabelled, processors).load_state_dicts(state)
+    other_rows = dataclasses.replace(split, meta=dataclasses.replace(split.meta, label=(split.meta.label + 1) % 4))
+    with pytest.raises(ValueError, match="re-labelled.*the same rows have other labels"):
+        _stream(other_rows, processors).load_state_dicts(state)
+    older = [{k: v for k, v in state[0].items() if k != "labels"}]  # saved before label sets came from the data
+    older[0]["settings"].pop("length_ladder")  # ... and before the length ladder: its default plans as before
+    resumed = _stream(split, processors)
+    resumed.load_state_dicts(older)
+    assert resumed.position == 2

@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repo root: tests.toyset
 
-from emotrain.config import DataConfig  # noqa: E402
+from emotrain.config import LABEL_NAMES, DataConfig  # noqa: E402
 from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets  # noqa: E402
 from emotrain.data.folds import make_fold_split  # noqa: E402
 from emotrain.data.plan import StreamSettings  # noqa: E402
@@ -51,6 +51,8 @@ def main() -> None:
         result[name]["expected_labels"] = dict(zip(dataset.ids, dataset.labels.tolist()))
 
         class Oracle(torch.nn.Module):  # predicts each utterance's true class: metrics must be perfect
+            label_names = LABEL_NAMES
+
             def forward(self, **inputs):
                 return type("Out", (), {"logits": torch.nn.functional.one_hot(self.labels.pop(0), 4).float()})()
 
