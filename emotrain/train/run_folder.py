@@ -66,19 +66,24 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+def config_differences(saved: dict, new: dict, defaults: dict | None = None) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, new value) for every result-changing key whose values differ.
 
     `saved` and `new` are nested plain data (`Config.to_dict()`, or a config.yaml as read). A key
     present on one side only counts, with the string "<missing>" on the other side: a config saved
-    by another emotrain version may not mean the same run. Sorted by key.
+    by another emotrain version may not mean the same run. Except, with `defaults` (the default
+    config's data), a key the saved config lacks that the new one sets to its default: a key is only
+    added with a default that does what emotrain did before it existed. Sorted by key.
     """
     old_flat, new_flat = _flatten(saved or {}), _flatten(new or {})
+    default_flat = _flatten(defaults or {})
     differences = []
     for key in sorted(set(old_flat) | set(new_flat)):
         if _is_neutral(key):
             continue
         old, current = old_flat.get(key, _MISSING), new_flat.get(key, _MISSING)
+        if old is _MISSING and key in default_flat and current == default_flat[key]:
+            continue  # added since that run, at the default that reproduces it
         if old != current or type(old) is not type(current):  # 1 == 1.0 == True, yet they differ
             differences.append((key, old, current))
     return differences
@@ -121,7 +126,7 @@ def check_run_folder(output_dir: str | Path, cfg: Config) -> None:
     if not isinstance(saved, dict):
         raise RunFolderConflict(f"{path} does not hold a config: {todo}")
     saved.pop(PROVENANCE_KEY, None)  # how the run was produced, not what it is
-    differences = config_differences(saved, cfg.to_dict())
+    differences = config_differences(saved, cfg.to_dict(), defaults=Config().to_dict())
     if differences:
         if any(key == "train.seed" for key, _, _ in differences):
             todo += (" (another seed in its own folder: output_dir=runs/{experiment}/fold{fold}-seed{seed}, "

@@ -73,6 +73,11 @@ def test_config_differences_counts_missing_keys_and_types():
         ("train.seed", 1, 1.0),
     ]
     assert config_differences(new, new) == []
+    # A key added since the saved run, at its default (which does what emotrain did before it): the same run.
+    defaults = {"train": {"class_weights": "none"}}
+    assert config_differences(saved, new, defaults) == [("train.old", 5, "<missing>"), ("train.seed", 1, 1.0)]
+    other = {"train": {**new["train"], "class_weights": "balanced"}, "output_dir": "b"}
+    assert ("train.class_weights", "<missing>", "balanced") in config_differences(saved, other, defaults)
 
 
 def test_a_folder_without_results_takes_the_new_config(tmp_path):
