@@ -197,18 +197,28 @@ def test_cv_plans_one_folder_per_variant_seed_and_fold(tmp_path):
         cv.plan_runs([str(REPO / "configs" / "smoke.yaml")] * 2, [])
 
 
-def test_with_wandb_the_report_is_one_summary_run_in_the_runs_group(two_experiments, tmp_path, monkeypatch):
-    from emotrain.report import log_to_wandb
+def test_with_wandb_the_report_is_one_summary_run_in_the_runs_group(two_experiments, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
     from tests.wandb_offline import read_records, run_history
 
-    monkeypatch.setenv("WANDB_SILENT", "true")
     for folder in two_experiments.values():
         for config in folder.glob("fold*/config.yaml"):
             text = config.read_text().replace("report_to: []", "report_to:\n  - wandb").replace("group: null", "group: exp")
             config.write_text(text)
     report = build_report([two_experiments["fusion"], two_experiments["audio"]], tmp_path / "out")
     assert report["wandb"] is True
-    run_id = log_to_wandb(report)
+    # `emotrain report` in a process of its own, as users run it: W&B's client keeps per-process state
+    # (its service, the run in progress) that other tests of this session must not share.
+    proc = subprocess.run([sys.executable, "-m", "emotrain.cli", "report", str(two_experiments["fusion"]),
+                           str(two_experiments["audio"]), "--out", str(tmp_path / "out")], cwd=REPO,
+                          env={**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_id,) = re.findall(r"W&B: the table and figures are in the summary run (\S+)", proc.stdout)
     (run_dir,) = (tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}")
     _, rows = run_history(run_dir)
     logged = {key.rsplit("/", 1)[0] for row in rows for key in row if key.endswith("/_type")}  # media: nested keys
