@@ -270,7 +270,7 @@ def side_by_side(experiments: list[Experiment]) -> str:
     labels = reference.label_names()
     header = ["experiment", "variant", "folds", "WA", "UA", "macro-F1", *(f"recall {c}" for c in labels)]
     if len(experiments) > 1:
-        header += [f"Δ UA vs {reference.name}", "folds won", "Δ WA", "folds won"]
+        header += [f"Δ UA vs {reference.name}", "folds won (UA)", "Δ WA", "folds won (WA)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for experiment in experiments:
         row = summarize(experiment, reference)
