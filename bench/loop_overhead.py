@@ -15,15 +15,15 @@ starts and does only forward, loss, backward, clipping and the optimizer step. T
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runs import REPO, synthetic_prepared, train  # noqa: E402
+
 TINY = ["model.text_encoder=tiny", "model.hidden_size=32", "model.classifier_hidden_size=32",
         "model.freeze_feature_encoder=true", "train.checkpoint_every_steps=0", "train.early_stopping_patience=0",
         "logging.progress_bar=false", "logging.log_every_steps=10", "data.max_audio_seconds=15", "data.num_workers=0"]
@@ -31,12 +31,8 @@ TINY = ["model.text_encoder=tiny", "model.hidden_size=32", "model.classifier_hid
 
 def emotrain_step_seconds(corpus: Path, out: Path, steps: int) -> tuple[float, float]:
     """(seconds per step, share of it waiting for data), from the recipe's log windows after the first."""
-    overrides = [f"data.path={corpus}", f"output_dir={out}", f"train.max_steps={steps}", "train.max_epochs=100", *TINY]
-    proc = subprocess.run([sys.executable, "-m", "emotrain.cli", "train", str(REPO / "configs/smoke.yaml"), *overrides],
-                          cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
-    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    rows = train([f"data.path={corpus}", f"output_dir={out}", f"train.max_steps={steps}", "train.max_epochs=100",
+                  *TINY])
     windows = [row for row in rows if "perf/step_seconds" in row][1:]
     return (statistics.mean(w["perf/step_seconds"] for w in windows),
             statistics.mean(w["perf/data_wait_share"] for w in windows))
@@ -91,15 +87,11 @@ def main() -> None:
     parser.add_argument("--utterances-per-session", type=int, default=60)
     args = parser.parse_args()
 
-    from emotrain.data.prepare import prepare
-    from emotrain.data.synth import synthesize_release
-
     with tempfile.TemporaryDirectory(prefix="emotrain-loop-bench-") as tmp:
         work = Path(tmp)
-        synthesize_release(work / "release", seed=0, utterances_per_session=args.utterances_per_session)
-        prepare(work / "release", work / "prepared", workers=1)
-        step, waiting = emotrain_step_seconds(work / "prepared", work / "run", args.steps)
-        bare = bare_step_seconds(work / "prepared", args.steps)
+        corpus = synthetic_prepared(work, args.utterances_per_session)
+        step, waiting = emotrain_step_seconds(corpus, work / "run", args.steps)
+        bare = bare_step_seconds(corpus, args.steps)
     print("| loop | s/step | vs bare loop |")
     print("| --- | ---: | ---: |")
     print(f"| bare PyTorch loop, batches decoded before the clock | {bare:.4f} | 1.00x |")

@@ -19,7 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runs import REPO, synthetic_prepared  # noqa: E402
+
 LINE = re.compile(r"step (\d+) epoch \d+ loss [\d.]+ \| ([\d.]+) utt/s, ([\d.]+) audio s/s, padding efficiency ([\d.]+)")
 
 
@@ -44,13 +46,9 @@ def main() -> None:
     parser.add_argument("--utterances-per-session", type=int, default=60)
     args = parser.parse_args()
 
-    from emotrain.data.prepare import prepare
-    from emotrain.data.synth import synthesize_release
-
     with tempfile.TemporaryDirectory(prefix="emotrain-train-bench-") as tmp:
         work = Path(tmp)
-        synthesize_release(work / "release", seed=0, utterances_per_session=args.utterances_per_session)
-        prepare(work / "release", work / "prepared", workers=1)
+        corpus = synthetic_prepared(work, args.utterances_per_session)
         modes = {
             "fixed, 8 per batch": ["data.batching=fixed", "train.batch_size=8"],
             # The same worst-case padded audio per batch as fixed-8 with 15 s crops (8 x 15 s).
@@ -60,7 +58,7 @@ def main() -> None:
         print("| batching | utterances/s | audio s/s | padding efficiency | windows |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for name, extra in modes.items():
-            windows = run(work / "prepared", work / name.split(",")[0], args.steps, extra)
+            windows = run(corpus, work / name.split(",")[0], args.steps, extra)
             utt, audio, eff = (statistics.mean(w[i] for w in windows) for i in range(3))
             print(f"| {name} | {utt:.1f} | {audio:.1f} | {eff:.2f} | {len(windows)} |")
 

@@ -21,10 +21,8 @@ for all four (`emotrain.train.evaluation.evaluate` on fold 1's validation speake
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_overhead import TINY  # noqa: E402
+
+from runs import REPO, synthetic_prepared, train  # noqa: E402
 
 WARMUP_STEPS = 10
 
@@ -45,12 +44,7 @@ def overrides(corpus: Path, out: Path, epochs: int, extra: list[str]) -> list[st
 
 
 def emotrain_run(corpus: Path, out: Path, epochs: int, extra: list[str]) -> dict:
-    command = [sys.executable, "-m", "emotrain.cli", "train", str(REPO / "configs/smoke.yaml"),
-               *overrides(corpus, out, epochs, [*extra, "logging.log_every_steps=5"])]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
-    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    rows = train(overrides(corpus, out, epochs, [*extra, "logging.log_every_steps=5"]))
     windows = [r for r in rows if "perf/step_seconds" in r and r["train/step"] > WARMUP_STEPS]
     validation = [r for r in rows if "validation/ua" in r]
     return {
@@ -160,15 +154,9 @@ def main() -> None:
     parser.add_argument("--utterances-per-session", type=int, default=60)
     args = parser.parse_args()
 
-    from emotrain.data.prepare import prepare
-    from emotrain.data.synth import synthesize_release
-
     with tempfile.TemporaryDirectory(prefix="emotrain-trainer-bench-") as tmp:
         work = Path(tmp)
-        synthesize_release(work / "release", seed=0, utterances_per_session=args.utterances_per_session,
-                           duration_scale=1.0)
-        prepare(work / "release", work / "prepared", workers=1)
-        corpus = work / "prepared"
+        corpus = synthetic_prepared(work, args.utterances_per_session)  # IEMOCAP's durations (scale 1)
         results = {
             "emotrain, bucketed (<= 80 s padded, <= 8)": emotrain_run(corpus, work / "bucket", args.epochs,
                                                                       ["data.max_batch_audio_seconds=80",
