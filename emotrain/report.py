@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,10 @@ class Experiment:
     def folds(self) -> list[int]:
         return sorted({run.fold for run in self.finished})
 
+    @cached_property
     def dataset(self) -> DatasetInfo:
-        """The description of the data the runs trained on (IEMOCAP's when it cannot be read)."""
+        """The description of the data the runs trained on (IEMOCAP's when it cannot be read), read
+        once: every fold row and figure asks for it, and on object storage each read is a request."""
         for run in self.runs:
             try:
                 return read_dataset_info(str(run.config["data"]["path"]))
@@ -111,7 +114,7 @@ class Experiment:
 
     def test_text(self, fold: int) -> str:
         """What fold `fold` tests on: `session 3`, a group's folder name, `test`..."""
-        info = self.dataset()
+        info = self.dataset
         try:
             groups = [info.folder(g) for g in info.fold(fold).test]
         except (KeyError, StopIteration):
@@ -325,7 +328,7 @@ def protocol_text(experiments: list[Experiment]) -> str:
     runs = [run for e in experiments for run in e.finished]
     data = runs[0].config["data"]
     labels = experiments[0].label_names()
-    info = experiments[0].dataset()
+    info = experiments[0].dataset
     if any(spec.validation for spec in info.folds):
         validation = "the corpus' own validation split"
     elif data.get("validation") == "fraction" or not info.has_speakers:
@@ -434,7 +437,7 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
     table = side_by_side(experiments)
     sections = [
         "# Results", "",
-        f"Test metrics in %, mean ± sd over the folds ({experiments[0].dataset().fold_kind})"
+        f"Test metrics in %, mean ± sd over the folds ({experiments[0].dataset.fold_kind})"
         + (f"; Δ: paired per-fold difference against {experiments[0].name}, folds won = folds where it is higher." if len(experiments) > 1 else "."),
         "", table, "",
     ]
