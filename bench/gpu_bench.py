@@ -103,8 +103,7 @@ def run_emotrain(model, batches, seconds, tokens, device, precision, steps, chec
     model.set_gradient_checkpointing(checkpointing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                   fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
     prepared.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -122,7 +121,7 @@ def run_emotrain(model, batches, seconds, tokens, device, precision, steps, chec
         losses = utterance_losses(logits, batch["labels"])
         accelerator.backward(micro_batch_loss(losses, len(batch["labels"]), world_size=1, accumulation=1))
         norm = accelerator.clip_grad_norm_(prepared.parameters(), 1.0)
-        finish_optimizer_step(accelerator, optimizer, scheduler, norm, stop_requested=False)
+        finish_optimizer_step(accelerator, optimizer, norm, stop_requested=False)
         if k >= warmup:
             done["utterances"] += len(batch["labels"])
             done["useful"] += batch["useful"]

@@ -49,7 +49,7 @@ def bare_step_seconds(corpus: Path, steps: int) -> float:
     from emotrain.data.stream import build_train_stream
     from emotrain.model import build_model, build_processors
     from emotrain.train.evaluation import model_inputs
-    from emotrain.train.optim import build_optimizer_and_scheduler
+    from emotrain.train.optim import build_optimizer
 
     cfg = load_config(REPO / "configs/smoke.yaml", [f"data.path={corpus}", "output_dir=/tmp/unused",
                                                     f"train.max_steps={steps}", *TINY])
@@ -66,7 +66,7 @@ def bare_step_seconds(corpus: Path, steps: int) -> float:
     batches = batches[:steps]
     model = build_model(cfg.model)
     model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
-    optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.train, cfg.model, steps)
+    optimizer = build_optimizer(model, cfg.train, cfg.model)
     model.train()
     times = []
     for batch in batches:
@@ -75,7 +75,6 @@ def bare_step_seconds(corpus: Path, steps: int) -> float:
         F.cross_entropy(logits, batch["labels"]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
     return statistics.mean(times[10:])

@@ -70,7 +70,7 @@ def trainer_run(corpus: Path, out: Path, epochs: int, group_by_length: bool) -> 
     from emotrain.data.folds import split_from_config
     from emotrain.model import build_model, build_processors
     from emotrain.train.evaluation import evaluate
-    from emotrain.train.optim import build_optimizer_and_scheduler
+    from emotrain.train.optim import build_optimizer, lr_factor
 
     cfg = load_config(REPO / "configs/smoke.yaml", overrides(corpus, out, epochs, ["train.batch_size=8"]))
     torch.manual_seed(cfg.train.seed)
@@ -122,7 +122,10 @@ def trainer_run(corpus: Path, out: Path, epochs: int, group_by_length: bool) -> 
 
     model = build_model(cfg.model)
     steps = math.ceil(len(train_set) / 8) * epochs
-    optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.train, cfg.model, steps)
+    optimizer = build_optimizer(model, cfg.train, cfg.model)
+    # The Trainer steps a scheduler: emotrain's curve over equal steps (what the recipe's is, per step).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step / steps, (step + 1) / steps, warmup=cfg.train.warmup_ratio, schedule=cfg.train.lr_schedule))
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=epochs, seed=cfg.train.seed,
         max_grad_norm=cfg.train.max_grad_norm, report_to=[], save_strategy="no", eval_strategy="no",

@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from emotrain.train.step import NonFiniteStepApplied
 
     try:
-        return train(cfg)
+        return train(cfg, wrap=args.wrap_training)
     except (TooManyNonFiniteSteps, NonFiniteStepApplied, ResumeError) as err:
         print(f"emotrain train: error: {err}", file=sys.stderr)
         return 1
@@ -276,9 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, wrap_training=None) -> int:
+    """`wrap_training`: for `train`, a function that gets the run's parts after setup and may wrap
+    them (`emotrain.train.recipe.train`'s `wrap`; the tests' probes use it)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.wrap_training = wrap_training
     if extra:
         # `emotrain cv CONFIG --folds 1,2 key=value`: overrides may also follow the options.
         if args.verb != "cv" or any(item.startswith("-") for item in extra):

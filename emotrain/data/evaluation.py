@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from emotrain.config import DataConfig
+from emotrain.config import ConfigError, DataConfig
 from emotrain.data.audio import AudioDecodeError, decode_audio
 from emotrain.data.batching import Collator, cut_sorted, ladder_seconds
 from emotrain.data.folds import FoldSplit, Metadata
@@ -123,6 +123,25 @@ def build_eval_datasets(split: FoldSplit, sampling_rate: int = 16000) -> tuple[E
     validation = EvalDataset(split.meta, split.validation_ids, sampling_rate, name="validation")
     test = None if split.test_ids is None else EvalDataset(split.meta, split.test_ids, sampling_rate, name="test")
     return validation, test
+
+
+def check_validation_set(dataset: EvalDataset, fold: int) -> None:
+    """Refuse, before training, a validation set that could never score a model: empty, or with no
+    utterance that decodes (model selection would fail after the first epoch). Decodes utterances
+    until one succeeds: one, normally."""
+    if len(dataset) == 0:
+        raise ConfigError("data.validation", f"fold {fold} has no validation utterances: hold out more "
+                          "(data.validation_speakers, data.validation_fraction) or check the data's groups")
+    reasons = {}
+    for utt_id, audio in zip(dataset.ids, dataset.audio):
+        try:
+            decode_audio(audio.as_py(), dataset.sampling_rate)
+            return
+        except AudioDecodeError as err:
+            reasons[utt_id] = str(err)
+    first = next(iter(reasons))
+    raise ConfigError("data.path", f"none of the {len(dataset)} validation utterances of fold {fold} can be decoded "
+                      f"(e.g. {first}: {reasons[first]}): the prepared audio is damaged; prepare the data again")
 
 
 FILLER_ID = "<filler>"

@@ -1,7 +1,10 @@
 """Checkpoint folders: atomic save, journaled replacement, crash recovery, `resume=auto`, rotation.
 
+This is the folder store, torch-free; what goes into a folder is the training state
+(`emotrain.train.state.TrainingState.save`, which calls `partial_dir`, `finalize` and `rotate`).
+
     output_dir/checkpoints/
-      step-000200/           Accelerate state (model, optimizer, scheduler, scaler, RNG of every rank),
+      step-000200/           Accelerate state (model, optimizer, scaler, RNG of every rank),
                              stream-rank{r}.json (data position of every rank), loop_state.json,
                              config.yaml, and COMPLETE, written last
       .partial-step-000400/  being written: never picked by resume
@@ -42,13 +45,11 @@ deletion cut short never leaves something that looks complete.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,7 +62,6 @@ _PARTIAL_PREFIX = ".partial-"
 _ASIDE_PREFIX = ".replaced-"
 _NAME = re.compile(r"^step-(\d{6,})$")
 _ANY_NAME = re.compile(r"^(\.partial-|\.replaced-)?step-(\d{6,})$")  # every folder a save or a replacement makes
-_STREAM_NAME = re.compile(r"^stream-rank(\d+)\.json$")
 
 log = logging.getLogger("emotrain.train")
 
@@ -78,10 +78,6 @@ def partial_dir(checkpoints_dir: str | Path, step: int) -> Path:
 def aside_dir(checkpoints_dir: str | Path, step: int) -> Path:
     """Where the previous checkpoint `step` waits while a new one replaces it."""
     return Path(checkpoints_dir) / f"{_ASIDE_PREFIX}{checkpoint_name(step)}"
-
-
-def stream_state_path(folder: str | Path, rank: int) -> Path:
-    return Path(folder) / f"stream-rank{rank}.json"
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -348,157 +344,5 @@ def rotate(checkpoints_dir: str | Path, keep_last: int, keep_steps: set[int] = f
     return removed
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop's own state, and saving a whole checkpoint (every rank calls this).
-
-
-@dataclass
-class LoopState:
-    """Where the training loop stands; saved as JSON in every checkpoint."""
-
-    epoch: int = 0
-    """The epoch the data stream is in (the next one after an epoch-end checkpoint)."""
-    step: int = 0
-    """Optimizer steps taken."""
-    best_ua: float = -1.0
-    best_step: int | None = None
-    best_validation: dict | None = None
-    """The full validation metrics at best_step."""
-    evaluations_without_improvement: int = 0
-    consecutive_nonfinite: int = 0
-    nonfinite_steps: int = 0
-    """Optimizer steps skipped because a loss was NaN/inf (on any rank)."""
-    stop_reason: str | None = None
-    """Why training ended (max_epochs, max_steps, early_stopping); None while it goes on."""
-    run_id: str = ""
-    """The tracker run id (W&B), so a resumed run continues the same run."""
-    pending_evaluation: bool = False
-    """A stop request arrived on a step whose validation was due: the checkpoint was taken before
-    validating; the resumed run validates this step first."""
-    last_evaluation_step: int | None = None
-    """The step validated last (a step is validated once, whatever leads there twice)."""
-    log_window: dict | None = None
-    """Training sums since the last log line, over all ranks (loss, utterances, audio seconds...),
-    so that a resumed run logs the same figures at the next log step as an uninterrupted one."""
-    world_size: int = 1
-    """Processes that wrote the checkpoint (`save_checkpoint` records it)."""
-    distributed_type: str = "NO"
-    """Accelerate's distributed type name that wrote the checkpoint, e.g. "MULTI_GPU", "DEEPSPEED"."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage that wrote the checkpoint; 0 without DeepSpeed."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoopState":
-        """Fields missing from `data` (a checkpoint written before they existed) get their defaults;
-        an unknown field is an error rather than something silently dropped."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"loop state has unknown field(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))}")
-        return cls(**data)
-
-
-def _writer_fields(accelerator) -> dict[str, Any]:
-    """world_size / distributed_type / zero_stage of the processes saving now."""
-    distributed_type = getattr(accelerator, "distributed_type", "NO")
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    zero_stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
-    return {
-        "world_size": int(getattr(accelerator, "num_processes", 1)),
-        # DistributedType is a str enum: .value is the plain name ("MULTI_GPU"); str() is not, on 3.11+.
-        "distributed_type": str(getattr(distributed_type, "value", distributed_type)),
-        "zero_stage": int(zero_stage or 0),
-    }
-
-
-def save_checkpoint(
-    accelerator,
-    checkpoints_dir: str | Path,
-    step: int,
-    *,
-    stream_state: dict,
-    loop_state: LoopState,
-    config_yaml: str,
-    keep_last: int,
-) -> Path:
-    """Save model/optimizer/scheduler/scaler/RNG (Accelerate), this rank's stream state and the loop
-    state atomically, then rotate. A collective: every rank must call it at the same step. The saved
-    loop state records the writer (world size, distributed type, ZeRO stage) from `accelerator`;
-    `loop_state` itself is not modified."""
-    partial = partial_dir(checkpoints_dir, step)
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))  # DeepSpeed: every rank writes its partition
-    write_json(stream_state_path(partial, accelerator.process_index), stream_state)
-    accelerator.wait_for_everyone()
-    final = Path(checkpoints_dir) / checkpoint_name(step)
-    if accelerator.is_main_process:
-        saved_state = dataclasses.replace(loop_state, **_writer_fields(accelerator))
-        final = finalize(checkpoints_dir, step, saved_state.to_dict(), config_yaml)
-        best = {loop_state.best_step} if loop_state.best_step is not None else set()
-        rotate(checkpoints_dir, keep_last, keep_steps=best)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def read_loop_state(folder: str | Path) -> LoopState:
-    """The loop state of a checkpoint folder, without Accelerate: check world size / ZeRO stage before
-    `accelerator.load_state`."""
-    return LoopState.from_dict(read_json(Path(folder) / LOOP_STATE))
-
-
-def read_stream_states(folder: str | Path, world_size: int = 1) -> list[dict]:
-    """The data-stream state of every rank that wrote `folder`, ordered by rank. Ranks 0..n-1 must all
-    be there, n being the highest rank found + 1 and at least `world_size`."""
-    folder = Path(folder)
-    ranks = {int(m.group(1)): child for child in folder.iterdir() if (m := _STREAM_NAME.match(child.name))}
-    expected = max(world_size, max(ranks, default=-1) + 1)
-    missing = sorted(set(range(expected)) - set(ranks))
-    if missing:  # (no stream file at all: rank 0 is missing)
-        raise FileNotFoundError(
-            f"{folder} lacks the data-stream state of rank(s) {', '.join(map(str, missing))} "
-            f"({stream_state_path(folder, missing[0]).name} ...): not a whole checkpoint")
-    return [read_json(ranks[rank]) for rank in range(expected)]
-
-
-def load_checkpoint(accelerator, folder: str | Path) -> tuple[LoopState, list[dict]]:
-    """Restore Accelerate's state from `folder`; return the loop state and the stream state of every
-    rank that wrote it, ordered by rank (a run on a different number of processes needs them all)."""
-    folder = Path(folder)
-    loop_state = read_loop_state(folder)
-    stream_states = read_stream_states(folder, loop_state.world_size)  # checked before the slow load
-    accelerator.load_state(str(folder))
-    return loop_state, stream_states
-
-
 class ResumeError(RuntimeError):
     """A checkpoint this run cannot continue from; the message says why and what to do."""
-
-
-def check_resumable(saved: LoopState, distributed_type: str, world_size: int, zero_stage: int) -> None:
-    """Refuse, before anything is loaded, a checkpoint whose state cannot be restored here.
-
-    DDP (and one process) checkpoints hold whole model and optimizer states: any number of
-    processes can continue them (the data stream re-plans the rest of the epoch). DeepSpeed ZeRO
-    partitions the optimizer state (and at stage 3 the weights) over the ranks that wrote it.
-    """
-    was_deepspeed, is_deepspeed = saved.distributed_type == "DEEPSPEED", distributed_type == "DEEPSPEED"
-    if was_deepspeed != is_deepspeed:
-        raise ResumeError(
-            f"the checkpoint was written under {saved.distributed_type} and this run is {distributed_type}: "
-            "DeepSpeed and DDP checkpoints hold different files. Resume with the launch config it was "
-            "written with, or start a new run in another output_dir"
-        )
-    if is_deepspeed and (saved.world_size, saved.zero_stage) != (world_size, zero_stage):
-        raise ResumeError(
-            f"the checkpoint was written by {saved.world_size} DeepSpeed ZeRO-{saved.zero_stage} processes and this "
-            f"run has {world_size} (ZeRO-{zero_stage}): ZeRO partitions the optimizer state (and at stage 3 the "
-            "weights) over the processes that wrote it, and emotrain does not re-partition it. Resume with "
-            f"{saved.world_size} processes and ZeRO-{saved.zero_stage}, or start a new run in another output_dir"
-        )

@@ -64,3 +64,19 @@ def micro_batch_loss(losses: torch.Tensor, step_utterances: int, *, world_size: 
     if step_utterances < 1:
         raise ValueError(f"an optimizer step needs at least one utterance, got {step_utterances}")
     return losses.sum() * (world_size * accumulation / step_utterances)
+
+
+class StepLoss:
+    """A run's loss for one micro-batch: `(scalar to backward, [B] per-utterance losses) =
+    loss(logits, batch, step_utterances)`, with the run's class weights and label smoothing."""
+
+    def __init__(self, *, world_size: int, accumulation: int, class_weights: torch.Tensor | None = None,
+                 label_smoothing: float = 0.0):
+        self.world_size, self.accumulation = world_size, accumulation
+        self.class_weights, self.label_smoothing = class_weights, label_smoothing
+
+    def __call__(self, logits: torch.Tensor, batch: dict, step_utterances: int) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = utterance_losses(logits, batch["labels"], valid=batch["valid"], class_weights=self.class_weights,
+                                  label_smoothing=self.label_smoothing)  # [B]
+        scaled = micro_batch_loss(losses, step_utterances, world_size=self.world_size, accumulation=self.accumulation)
+        return scaled, losses

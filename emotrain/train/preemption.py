@@ -36,6 +36,7 @@ class PreemptionWatcher:
         self.signal_received: int | None = None
         self._previous: dict[int, object] = {}
         self._flag_seen = False
+        self._requested_by: str | None = None
         self._next_poll = 0.0
 
     def install(self) -> "PreemptionWatcher":
@@ -51,10 +52,14 @@ class PreemptionWatcher:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal_received = signum
 
+    def request(self, reason: str = "requested by the program") -> None:
+        """A stop request from code (a test, a program embedding the recipe): like a signal."""
+        self._requested_by = reason
+
     def requested(self) -> bool:
         """A signal came, or the flag file exists (looked for at most every `poll_seconds`: a `stat`
         per step would be metadata-server traffic on a parallel filesystem)."""
-        if self.signal_received is not None or self._flag_seen:
+        if self.signal_received is not None or self._flag_seen or self._requested_by:
             return True
         if self.flag_file is not None and time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + self.poll_seconds
@@ -66,7 +71,7 @@ class PreemptionWatcher:
             return f"signal {signal.Signals(self.signal_received).name}"
         if self.flag_file is not None and self.flag_file.exists():
             return f"flag file {self.flag_file}"
-        return "nothing"
+        return self._requested_by or "nothing"
 
     def __enter__(self) -> "PreemptionWatcher":
         return self.install()

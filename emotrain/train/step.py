@@ -33,9 +33,9 @@ class StepOutcome(NamedTuple):
     """Some rank was asked to stop (signal or flag file): every rank gets the same answer."""
 
 
-def finish_optimizer_step(accelerator, optimizer, scheduler, grad_norm, *, stop_requested: bool) -> StepOutcome:
-    """After the last micro-batch's backward and `clip_grad_norm_`: step the optimizer and the lr
-    schedule if the gradients are finite, clear the gradients either way, and agree on a stop
+def finish_optimizer_step(accelerator, optimizer, grad_norm, *, stop_requested: bool) -> StepOutcome:
+    """After the last micro-batch's backward and `clip_grad_norm_`: step the optimizer if the
+    gradients are finite, clear the gradients either way, and agree on a stop
     request. Call on every rank at every optimizer step (it holds the step's one collective).
 
     - DeepSpeed: the engine stepped inside `accelerator.backward` at the accumulation boundary; on a
@@ -67,7 +67,5 @@ def finish_optimizer_step(accelerator, optimizer, scheduler, grad_norm, *, stop_
         if all_finite or accelerator.scaler is not None:
             optimizer.step()
         applied = all_finite and not accelerator.optimizer_step_was_skipped
-    if applied:
-        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepOutcome(applied=applied, stop_requested=stops > 0)

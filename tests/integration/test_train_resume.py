@@ -251,7 +251,8 @@ def test_max_steps_with_class_weights_and_label_smoothing(synthetic_corpus, tmp_
     out = tmp_path / "run"
     proc = run_probe(tiny_overrides(synthetic_corpus, out, "train.max_steps=5", "train.max_epochs=3",
                                     "train.class_weights=balanced", "train.label_smoothing=0.1",
-                                    "train.checkpoint_every_steps=0", "logging.log_every_steps=1"),
+                                    "train.warmup_ratio=0.4", "train.checkpoint_every_steps=0",
+                                    "logging.log_every_steps=1"),
                      EMOTRAIN_PROBE_DIR=str(tmp_path / "probe"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     # The loss got the balanced weights of the training split's classes, and the smoothing.
@@ -268,6 +269,16 @@ def test_max_steps_with_class_weights_and_label_smoothing(synthetic_corpus, tmp_
     assert validations(proc.stderr) and [s for s, _ in validations(proc.stderr)] == [5]
     assert [s for s, _ in complete_checkpoints(out / "checkpoints")] == [5]
     assert "5 optimizer steps" in proc.stderr
+    # The lr each step was taken with: max_steps ends this run, so its progress is step / 5; warm-up
+    # over the first 40 % (2 steps, reaching the peak at the 2nd), then linear decay from where each
+    # step starts. Every group follows its own peak (train.head_lr=3e-3, the tiny encoders' too).
+    from emotrain.train.tracking import HISTORY_FILE, read_history
+
+    logged = {row["train/step"]: row for row in read_history(out / HISTORY_FILE) if "train/lr_head" in row}
+    assert sorted(logged) == [1, 2, 3, 4, 5]
+    factors = [0.5, 1.0, 1.0, 2 / 3, 1 / 3]
+    assert [logged[s]["train/lr_head"] for s in range(1, 6)] == pytest.approx([3e-3 * f for f in factors])
+    assert [logged[s]["train/lr_text_encoder"] for s in range(1, 6)] == pytest.approx([3e-3 * f for f in factors])
 
 
 def test_an_epoch_end_on_an_evaluation_step_is_evaluated_once(synthetic_corpus, tmp_path):

@@ -1,8 +1,9 @@
-"""The loop's parts: per-utterance loss weighting, the end-of-step decision, skipping a bad step."""
+"""The loop's parts: per-utterance loss weighting, the end-of-step decisions, skipping a bad step."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
 from emotrain.train.loss import balanced_class_weights, micro_batch_loss, utterance_losses
-from emotrain.train.schedule import StepEnd, step_end
+from emotrain.train.step_end import StepEnd, StepFacts, StepRule
 from emotrain.train.step import finish_optimizer_step
 from tests.faults import nan_gradient
 
@@ -98,47 +99,78 @@ def test_stand_ins_weigh_nothing_class_weights_and_label_smoothing():
 # ---------------------------------------------------------------------------------------------
 # The end-of-step decision.
 
-BASE = dict(epoch_ended=False, epochs_done=0, max_epochs=3, max_steps=0, eval_every_steps=5,
-            checkpoint_every_steps=4, log_every_steps=2, stop_requested=False)
+RULE = StepRule(max_epochs=3, max_steps=0, eval_every_steps=5, checkpoint_every_steps=4, log_every_steps=2,
+                early_stopping_patience=2, max_consecutive_nonfinite=3)
 
 
-def _end(step, **kw):
-    return step_end(step, **{**BASE, **kw})
+def _due(step, rule=RULE, **facts):
+    facts = StepFacts(step, **facts)
+    return {"log": rule.log_due(facts), "evaluate": rule.evaluation_due(facts)}
+
+
+def _end(step, rule=RULE, **facts):
+    return rule.step_end(StepFacts(step, **facts))
 
 
 def test_an_ordinary_step_does_what_its_cadences_say():
-    assert _end(1) == StepEnd()
-    assert _end(2) == StepEnd(log=True)
-    assert _end(4) == StepEnd(log=True, checkpoint=True)
-    assert _end(5) == StepEnd(evaluate=True, checkpoint=True)  # every evaluation is followed by a checkpoint
-    assert _end(5, eval_every_steps=0, checkpoint_every_steps=0) == StepEnd()
+    assert _due(1) == {"log": False, "evaluate": False} and _end(1) == StepEnd()
+    assert _due(2) == {"log": True, "evaluate": False} and _end(2) == StepEnd()
+    assert _end(4) == StepEnd(checkpoint=True)
+    assert _due(5) == {"log": False, "evaluate": True}
+    assert _end(5, validated=True) == StepEnd(checkpoint=True)  # every validation is followed by a checkpoint
+    quiet = dataclasses.replace(RULE, eval_every_steps=0, checkpoint_every_steps=0)
+    assert _due(5, quiet) == {"log": False, "evaluate": False} and _end(5, quiet) == StepEnd()
 
 
 def test_an_epoch_end_on_an_evaluation_step_evaluates_once():
-    end = _end(10, epoch_ended=True, epochs_done=1)
-    assert end == StepEnd(log=True, evaluate=True, checkpoint=True)
+    assert _due(10, epoch_ended=True, epochs_done=1) == {"log": True, "evaluate": True}
+    assert _end(10, epoch_ended=True, epochs_done=1, validated=True) == StepEnd(checkpoint=True)
 
 
 def test_the_last_step_evaluates_and_finishes():
-    assert _end(7, max_steps=7) == StepEnd(evaluate=True, checkpoint=True, finish="max_steps")
-    assert _end(9, epoch_ended=True, epochs_done=3) == StepEnd(evaluate=True, checkpoint=True, finish="max_epochs")
-    assert _end(9, epoch_ended=True, epochs_done=2).finish is None
+    assert _due(7, dataclasses.replace(RULE, max_steps=7))["evaluate"]
+    assert _end(7, dataclasses.replace(RULE, max_steps=7), validated=True) == StepEnd(checkpoint=True, finish="max_steps")
+    assert _due(9, epoch_ended=True, epochs_done=3)["evaluate"]
+    assert _end(9, epoch_ended=True, epochs_done=3, validated=True) == StepEnd(checkpoint=True, finish="max_epochs")
+    assert _end(9, epoch_ended=True, epochs_done=2, validated=True).finish is None
 
 
 def test_a_stop_request_saves_at_once_and_defers_a_due_evaluation():
     assert _end(3, stop_requested=True) == StepEnd(checkpoint=True, exit_preempted=True)
     # On an evaluation step (and an epoch end): checkpoint first, the resumed run validates this step.
     end = _end(10, epoch_ended=True, epochs_done=1, stop_requested=True)
-    assert end == StepEnd(log=True, defer_evaluation=True, checkpoint=True, exit_preempted=True)
-    end = _end(7, max_steps=7, stop_requested=True)
+    assert end == StepEnd(defer_evaluation=True, checkpoint=True, exit_preempted=True)
+    end = _end(7, dataclasses.replace(RULE, max_steps=7), stop_requested=True)
     assert end == StepEnd(defer_evaluation=True, checkpoint=True, exit_preempted=True, finish="max_steps")
+    # A step validated already (the rest of an epoch too small for a step) is not deferred again.
+    assert _end(10, epoch_ended=True, epochs_done=1, stop_requested=True, validated=True).defer_evaluation is False
+
+
+def test_early_stopping_is_decided_by_the_step_end_after_a_validation():
+    # The patience-th validation without improvement finishes the run at that step, after its checkpoint.
+    assert _end(5, validated=True, evaluations_without_improvement=1).finish is None
+    assert _end(5, validated=True, evaluations_without_improvement=2) == StepEnd(checkpoint=True, finish="early_stopping")
+    # Only a validation counts: a step without one never stops early, whatever the count says.
+    assert _end(6, evaluations_without_improvement=2).finish is None
+    # A limit reached at the same step is the reason given; patience 0 never stops early.
+    assert _end(7, dataclasses.replace(RULE, max_steps=7), validated=True,
+                evaluations_without_improvement=2).finish == "max_steps"
+    assert _end(5, dataclasses.replace(RULE, early_stopping_patience=0), validated=True,
+                evaluations_without_improvement=9).finish is None
+
+
+def test_too_many_non_finite_steps_in_a_row_abort_before_anything_else():
+    assert _end(4, consecutive_nonfinite=2).abort is None
+    end = _end(4, consecutive_nonfinite=3, stop_requested=True)
+    assert end.abort and "3 steps in a row with non-finite gradients at step 4" in end.abort
+    assert not (end.checkpoint or end.exit_preempted or end.finish)  # no checkpoint of a diverged run
 
 
 # ---------------------------------------------------------------------------------------------
 # A bad step leaves nothing behind.
 
 
-def _one_step(accelerator, model, optimizer, scheduler, x, y, poison: bool):
+def _one_step(accelerator, model, optimizer, x, y, poison: bool):
     for i, (xb, yb) in enumerate(((x[:4], y[:4]), (x[4:], y[4:]))):
         with accelerator.accumulate(model):
             losses = utterance_losses(model(xb), yb)
@@ -147,7 +179,7 @@ def _one_step(accelerator, model, optimizer, scheduler, x, y, poison: bool):
             accelerator.backward(micro_batch_loss(losses, len(y), world_size=1, accumulation=2))
             if accelerator.sync_gradients:
                 norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                applied, stop = finish_optimizer_step(accelerator, optimizer, scheduler, norm, stop_requested=poison)
+                applied, stop = finish_optimizer_step(accelerator, optimizer, norm, stop_requested=poison)
                 assert stop is poison  # the stop request travels with the verdict
     return applied
 
@@ -158,33 +190,28 @@ def test_a_step_with_non_finite_gradients_is_skipped_whole(accelerator_factory):
     accelerator = accelerator_factory(gradient_accumulation_steps=2)
     model = nn.Linear(6, 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
-    assert _one_step(accelerator, model, optimizer, scheduler, x, y, poison=False)
+    assert _one_step(accelerator, model, optimizer, x, y, poison=False)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = copy.deepcopy(optimizer.state_dict())
-    lr = scheduler.get_last_lr()
 
-    assert not _one_step(accelerator, model, optimizer, scheduler, x, y, poison=True)
+    assert not _one_step(accelerator, model, optimizer, x, y, poison=True)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # nothing applied
     after = optimizer.state_dict()
     for key, state in moments["state"].items():  # Adam's moments and step count untouched
         for name, value in state.items():
             assert torch.equal(torch.as_tensor(after["state"][key][name]), torch.as_tensor(value)), name
-    assert scheduler.get_last_lr() == lr
     assert all(p.grad is None for p in model.parameters())  # nothing left for the next step
 
     # The next step is exactly the step a run without the bad one would take.
     clean = copy.deepcopy(model)
     clean_optimizer = torch.optim.AdamW(clean.parameters(), lr=0.1)
     clean_optimizer.load_state_dict(moments)
-    assert _one_step(accelerator, model, optimizer, scheduler, x, y, poison=False)
+    assert _one_step(accelerator, model, optimizer, x, y, poison=False)
     losses = utterance_losses(clean(x[:4]), y[:4]).sum() + utterance_losses(clean(x[4:]), y[4:]).sum()
     (losses / len(y)).backward()
     torch.nn.utils.clip_grad_norm_(clean.parameters(), 1.0)
-    for group in clean_optimizer.param_groups:
-        group["lr"] = lr[0]
     clean_optimizer.step()
     for a, b in zip(model.parameters(), clean.parameters()):
         torch.testing.assert_close(a, b)

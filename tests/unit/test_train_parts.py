@@ -1,4 +1,4 @@
-"""Checkpoint folders, preemption requests, parameter groups and the lr schedule."""
+"""Checkpoint folders, preemption requests, parameter groups, trackers."""
 
 from __future__ import annotations
 
@@ -7,15 +7,13 @@ import os
 import signal
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from accelerate.utils import DistributedType
 from torch import nn
 
 from emotrain.config import TrainConfig
 from emotrain.train import checkpoint as ckpt
-from emotrain.train.optim import lr_factor, parameter_groups
+from emotrain.train.optim import parameter_groups
 from emotrain.train.preemption import STOP_SIGNALS, PreemptionWatcher
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,22 +148,6 @@ def test_a_complete_partial_or_aside_folder_counts_as_a_run_s_results(tmp_path):
     check_run_folder(out, load_config(None, ["train.lr=2e-3"]))  # the same config resumes it
 
 
-def test_check_resumable_refuses_what_cannot_be_restored():
-    ddp = ckpt.LoopState(distributed_type="MULTI_GPU", world_size=2, zero_stage=0)
-    ckpt.check_resumable(ddp, "MULTI_GPU", 4, 0)  # DDP onto another world size: the stream re-plans
-    ckpt.check_resumable(ddp, "NO", 1, 0)
-    zero2 = ckpt.LoopState(distributed_type="DEEPSPEED", world_size=2, zero_stage=2)
-    ckpt.check_resumable(zero2, "DEEPSPEED", 2, 2)
-    with pytest.raises(ckpt.ResumeError, match="DeepSpeed and DDP checkpoints hold different files"):
-        ckpt.check_resumable(zero2, "MULTI_GPU", 2, 0)
-    with pytest.raises(ckpt.ResumeError, match="DeepSpeed and DDP checkpoints hold different files"):
-        ckpt.check_resumable(ddp, "DEEPSPEED", 2, 2)
-    with pytest.raises(ckpt.ResumeError, match=r"written by 2 DeepSpeed ZeRO-2 processes and this run has 4 \(ZeRO-2\)"):
-        ckpt.check_resumable(zero2, "DEEPSPEED", 4, 2)
-    with pytest.raises(ckpt.ResumeError, match=r"this run has 2 \(ZeRO-3\)"):
-        ckpt.check_resumable(zero2, "DEEPSPEED", 2, 3)
-
-
 def test_a_deepspeed_config_that_would_apply_non_finite_steps_is_refused():
     from emotrain.config import ConfigError
     from emotrain.train.deepspeed_config import check_skips_nonfinite_steps
@@ -281,78 +263,6 @@ def test_a_crash_while_replacing_a_step_never_loses_it(tmp_path, monkeypatch):
     assert _names(root) == ["step-000100"] and _weights(root / "step-000100") == b"newest"
 
 
-def test_loop_state_from_older_checkpoints_and_unknown_fields():
-    old = {"epoch": 2, "step": 300, "best_ua": 0.6, "best_step": 200, "best_validation": None,
-           "evaluations_without_improvement": 1, "consecutive_nonfinite": 0, "nonfinite_steps": 0,
-           "stop_reason": None, "run_id": "abc"}
-    state = ckpt.LoopState.from_dict(old)
-    assert (state.step, state.run_id) == (300, "abc")
-    assert (state.pending_evaluation, state.world_size, state.distributed_type, state.zero_stage) == (
-        False, 1, "NO", 0)
-    again = ckpt.LoopState(step=5, pending_evaluation=True, world_size=4, distributed_type="DEEPSPEED", zero_stage=3)
-    assert ckpt.LoopState.from_dict(json.loads(json.dumps(again.to_dict()))) == again
-    with pytest.raises(ValueError, match="unknown field.*learning_rate"):
-        ckpt.LoopState.from_dict({**old, "learning_rate": 1e-5})
-
-
-class _FakeAccelerator:
-    """One process, as far as save_checkpoint / load_checkpoint can tell."""
-
-    def __init__(self, distributed_type=DistributedType.NO, num_processes=1, zero_stage=None):
-        self.is_main_process, self.process_index, self.num_processes = True, 0, num_processes
-        self.distributed_type = distributed_type
-        plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage is not None else None
-        self.state = SimpleNamespace(deepspeed_plugin=plugin)
-        self.loaded = []
-
-    def wait_for_everyone(self):
-        pass
-
-    def save_state(self, folder):
-        (ckpt.Path(folder) / "model.safetensors").write_bytes(b"weights")
-
-    def load_state(self, folder):
-        self.loaded.append(folder)
-
-
-def test_save_and_load_a_whole_checkpoint(tmp_path):
-    root = tmp_path / "checkpoints"
-    accelerator = _FakeAccelerator(DistributedType.DEEPSPEED, num_processes=1, zero_stage=2)
-    loop = ckpt.LoopState(step=100, best_step=100, run_id="abc")
-    ckpt.partial_dir(root, 100).mkdir(parents=True)  # debris of a killed save
-    (ckpt.partial_dir(root, 100) / "junk").write_text("")
-    folder = ckpt.save_checkpoint(accelerator, root, 100, stream_state={"epoch": 0, "position": 7},
-                                  loop_state=loop, config_yaml="experiment: x\n", keep_last=1)
-    assert folder == root / "step-000100" and not (folder / "junk").exists()
-    assert loop.world_size == 1 and loop.distributed_type == "NO"  # the caller's state is left alone
-    saved = ckpt.read_loop_state(folder)
-    assert (saved.step, saved.run_id, saved.distributed_type, saved.zero_stage) == (100, "abc", "DEEPSPEED", 2)
-    loop_state, streams = ckpt.load_checkpoint(accelerator, folder)
-    assert loop_state == saved and streams == [{"epoch": 0, "position": 7}] and accelerator.loaded == [str(folder)]
-
-
-def test_load_returns_the_stream_state_of_every_rank_in_rank_order(tmp_path):
-    folder = tmp_path / "step-000100"
-    folder.mkdir()
-    ckpt.write_json(folder / ckpt.LOOP_STATE, ckpt.LoopState(step=100, world_size=11).to_dict())
-    for rank in range(11):  # rank 10 sorts before rank 2 by name
-        ckpt.write_json(ckpt.stream_state_path(folder, rank), {"rank": rank})
-    accelerator = _FakeAccelerator()
-    _, streams = ckpt.load_checkpoint(accelerator, folder)
-    assert streams == [{"rank": rank} for rank in range(11)]
-
-    ckpt.stream_state_path(folder, 3).unlink()
-    with pytest.raises(FileNotFoundError, match="rank.*3"):
-        ckpt.load_checkpoint(accelerator, folder)
-    ckpt.stream_state_path(folder, 10).unlink()  # ranks 0..9 minus 3: still one missing
-    with pytest.raises(FileNotFoundError, match="rank.*3"):
-        ckpt.load_checkpoint(accelerator, folder)
-    ckpt.write_json(ckpt.stream_state_path(folder, 3), {"rank": 3})  # 0..9 whole, but 11 wrote it
-    with pytest.raises(FileNotFoundError, match="10"):
-        ckpt.load_checkpoint(accelerator, folder)
-    assert accelerator.loaded == [str(folder)]  # checked before the (slow) load_state
-
-
 def test_preemption_by_signal_and_flag_file(tmp_path):
     def previous(signum, frame):  # a handler someone installed before: it must come back exactly
         pass
@@ -435,16 +345,6 @@ def test_parameter_groups_split_encoders_head_and_decay():
     assert lrs(own, pretrained)["text_encoder"] == 2e-5 and lrs(own, pretrained)["head"] == 1e-3
 
 
-def test_lr_schedule_warms_up_then_decays():
-    factors = [lr_factor(s, 100, 10, "linear") for s in range(100)]
-    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.5)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
-    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
-    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
-    assert lr_factor(70, 100, 10, "constant") == 1.0
-
-
 def test_tracker_config_is_flat_scalars():
     from emotrain.config import load_config
     from emotrain.train.tracking import flat_config, init_kwargs
@@ -463,10 +363,10 @@ def test_the_fused_optimizer_is_chosen_by_config():
     import torch
 
     from emotrain.config import ModelConfig
-    from emotrain.train.optim import build_optimizer_and_scheduler
+    from emotrain.train.optim import build_optimizer
 
     model = nn.Sequential(nn.Linear(4, 4))
-    fused, _ = build_optimizer_and_scheduler(model, TrainConfig(fused_optimizer=True), ModelConfig(), 10)
+    fused = build_optimizer(model, TrainConfig(fused_optimizer=True), ModelConfig())
     assert fused.defaults["fused"] is True
-    auto, _ = build_optimizer_and_scheduler(model, TrainConfig(), ModelConfig(), 10)
+    auto = build_optimizer(model, TrainConfig(), ModelConfig())
     assert bool(auto.defaults["fused"]) is torch.cuda.is_available()

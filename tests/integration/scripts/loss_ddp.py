@@ -1,9 +1,10 @@
 """Run under `accelerate launch` with 2 processes (tests/integration/test_train_distributed.py).
 
-argv: OUT_DIR. One optimizer step where rank 0 holds 3 utterances and rank 1 holds 7, with the
-recipe's own loss functions; rank 0 compares the DDP gradient with one process accumulating the same
-two micro-batches (accumulation 2) and with the mean over the 10 utterances as one batch, and writes
-OUT_DIR/result.json.
+argv: OUT_DIR CONFIG [overrides...]. The recipe's own setup builds the run (2 ranks, the real plan),
+and its own `train_step` takes the first optimizer step; the gradient the optimizer is given (DDP's,
+all-reduced) is compared on rank 0 with one process scoring the same two ranks' batches as one
+batch (the mean over their utterances, with plain `F.cross_entropy`), and with what a mean per
+batch would give. Writes OUT_DIR/result.json.
 """
 
 from __future__ import annotations
@@ -16,50 +17,70 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from torch import nn
 
-from emotrain.train.loss import micro_batch_loss, utterance_losses
+from emotrain.config import load_config
+from emotrain.data.stream import build_train_stream
+from emotrain.train.evaluation import model_inputs
+from emotrain.train.recipe import setup, train_step
+
+
+class GradientSpy:
+    """The run's optimizer, keeping the gradient it is asked to apply."""
+
+    def __init__(self, optimizer, parameters):
+        self._optimizer, self._parameters, self.gradient = optimizer, list(parameters), None
+
+    def __getattr__(self, name):
+        return getattr(self._optimizer, name)
+
+    def step(self, *args, **kwargs):
+        self.gradient = torch.cat([p.grad.detach().flatten().clone() for p in self._parameters if p.grad is not None])
+        return self._optimizer.step(*args, **kwargs)
 
 
 def main() -> None:
     out_dir = Path(sys.argv[1])
-    accelerator = Accelerator()
+    cfg = load_config(sys.argv[2], sys.argv[3:])
+    training = setup(cfg)
+    accelerator, stream = training.accelerator, training.state.stream
     assert accelerator.num_processes == 2, f"expected 2 processes, got {accelerator.num_processes}"
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(10, 6, generator=g), torch.randint(0, 4, (10,), generator=g)
-    micro_batches = [(x[:3], y[:3]), (x[3:], y[3:])]
-    torch.manual_seed(0)
-    reference = nn.Linear(6, 4)
-    model = accelerator.prepare(copy.deepcopy(reference))
-
-    # DDP: each rank its own micro-batch, one step, the step's utterance count over both ranks.
-    xb, yb = micro_batches[accelerator.process_index]
-    accelerator.backward(micro_batch_loss(utterance_losses(model(xb), yb), 10, world_size=2, accumulation=1))
-    ddp = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model = training.state.model
+    model.eval()  # no dropout or masking: the reference must see the same function
+    before = copy.deepcopy(accelerator.unwrap_model(model))
+    spy = GradientSpy(training.state.optimizer, model.parameters())
+    training.state.optimizer = spy
+    stream.set_epoch(0)
+    step_utterances = stream.step_utterances()  # what `fit` passes: the plan's utterances per step, all ranks
+    train_step(training, iter(stream), int(step_utterances[0]))
 
     if accelerator.is_main_process:
-        # One process accumulating the same two micro-batches (what Accelerate's accumulate does:
-        # every backward divided by the accumulation count).
-        single = copy.deepcopy(reference)
-        for xb, yb in micro_batches:
-            (micro_batch_loss(utterance_losses(single(xb), yb), 10, world_size=1, accumulation=2) / 2).backward()
-        accumulated = torch.cat([p.grad.flatten() for p in single.parameters()])
-        whole = copy.deepcopy(reference)
-        F.cross_entropy(whole(x), y).backward()
-        one_batch = torch.cat([p.grad.flatten() for p in whole.parameters()])
-        naive = copy.deepcopy(reference)
-        sum(F.cross_entropy(naive(xb), yb) / 2 for xb, yb in micro_batches).backward()
-        naive_grad = torch.cat([p.grad.flatten() for p in naive.parameters()])
+        # The same first batches, read by one process from both ranks' plans.
+        feature_extractor, tokenizer = training.processors
+        batches = [next(iter(build_train_stream(cfg, training.split, feature_extractor=feature_extractor,
+                                                tokenizer=tokenizer, rank=rank, world_size=2)))
+                   for rank in range(2)]
+        sizes = [len(batch["ids"]) for batch in batches]
+
+        def gradient(loss_of) -> torch.Tensor:
+            reference = copy.deepcopy(before)
+            loss_of(reference).backward()
+            return torch.cat([p.grad.flatten() for p in reference.parameters() if p.grad is not None])
+
+        def losses(reference, batch):
+            return F.cross_entropy(reference(**model_inputs(batch)).logits, batch["labels"], reduction="none")
+
+        one_batch = gradient(lambda m: sum(losses(m, b).sum() for b in batches) / sum(sizes))
+        naive = gradient(lambda m: sum(losses(m, b).mean() for b in batches) / 2)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "result.json").write_text(json.dumps({
             "world": accelerator.num_processes,
-            "max_diff_ddp_vs_accumulation": float((ddp - accumulated).abs().max()),
-            "max_diff_ddp_vs_one_batch": float((ddp - one_batch).abs().max()),
-            "max_diff_naive_vs_one_batch": float((naive_grad - one_batch).abs().max()),
+            "batch_sizes": sizes,
+            "step_utterances": int(step_utterances[0]),
+            "max_diff_recipe_vs_one_batch": float((spy.gradient - one_batch).abs().max()),
+            "max_diff_naive_vs_one_batch": float((naive - one_batch).abs().max()),
         }))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    training.close()
 
 
 if __name__ == "__main__":

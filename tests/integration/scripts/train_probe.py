@@ -2,23 +2,24 @@
 
     python tests/integration/scripts/train_probe.py train configs/smoke.yaml ...          (or under accelerate launch)
 
-Without any EMOTRAIN_PROBE_* variable it is exactly `python -m emotrain.cli`. The probes patch the
-recipe's own names (nothing in the package knows about them):
+Without any EMOTRAIN_PROBE_* variable it is exactly `python -m emotrain.cli`. The probes wrap the
+run's own parts after `emotrain.train.recipe.setup` (through `train`'s `wrap`): the data stream,
+the loss and the step rule of the `Training` it built; nothing in the package is patched.
 
 - EMOTRAIN_PROBE_DIR=DIR: every rank appends one JSON line per training batch it yields to
   DIR/rank<k>.jsonl: {"epoch", "position", "ids", "valid", "param_sum"}; param_sum is the float64 sum
   of the rank's local parameters when the batch starts an optimizer step (null otherwise, and under
   ZeRO-3 where a rank holds a partition only). And one line per micro-batch loss to
   DIR/rank<k>.loss.jsonl: {"epoch", "position", "step_utterances", "class_weights",
-  "label_smoothing"}, what the recipe passed to its loss functions.
+  "label_smoothing"}, what the recipe's loss was called with.
 - EMOTRAIN_PROBE_FAULT=ID@EPOCH:KIND: on the batch holding utterance ID in EPOCH (one rank only,
   whichever holds it), KIND `loss` makes the batch's loss NaN; `grad` keeps the loss finite but makes
   its gradients NaN.
-- EMOTRAIN_PROBE_STOP_AT_STEP=N: a stop request arrives at step N, on every rank, exactly as an agreed
-  preemption would (the end-of-step decision sees stop_requested=True).
+- EMOTRAIN_PROBE_STOP_AT_STEP=N: a stop request arrives during step N on every rank, through the
+  run's own preemption watcher, exactly as a signal would (the step ends with stop_requested=True).
 - EMOTRAIN_PROBE_COUNT_SYNCS=1 (with EMOTRAIN_PROBE_DIR): every rank appends one JSON line per
-  optimizer step to DIR/rank<k>.syncs.jsonl: {"epoch", "step_in_epoch", "end" (the end-of-step
-  decision: log, evaluate, checkpoint...), "syncs", "collectives"}, the places (file:line) where the
+  optimizer step to DIR/rank<k>.syncs.jsonl: {"epoch", "step_in_epoch", "end" (what the step rule
+  decided: log, evaluate, checkpoint...), "syncs", "collectives"}, the places (file:line) where the
   training step read a tensor on the host (`item`, `bool`, `float`, `int`, `tolist`, `numpy`, `cpu`,
   and kernels that must wait for the device: nonzero, masked_select, boolean indexing) and where it
   called a torch.distributed collective (DDP's gradient buckets run in C++ and are not counted).
@@ -37,8 +38,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository: `tests.faults`
 
 import emotrain.cli  # noqa: E402
-from emotrain.data.stream import TrainStream  # noqa: E402
-from emotrain.train import recipe  # noqa: E402
 from tests.faults import nan_gradient  # noqa: E402
 
 CURRENT: dict = {}
@@ -135,28 +134,19 @@ def _install_sync_counting(probe_dir: str) -> None:
     atexit.register(lambda: (COUNT.update(active=False), flush()))
 
 
-def install() -> None:
-    probe_dir = os.environ.get("EMOTRAIN_PROBE_DIR")
-    fault = os.environ.get("EMOTRAIN_PROBE_FAULT")
-    stop_at = os.environ.get("EMOTRAIN_PROBE_STOP_AT_STEP")
+class RecordingStream:
+    """The run's training stream, recording each batch it yields (and requesting the probe's stop)."""
 
-    build_model = recipe.build_model
+    def __init__(self, stream, training, probe_dir: str | None, stop_at: int | None, count_syncs: bool):
+        self._stream, self._training = stream, training
+        self._probe_dir, self._stop_at, self._count_syncs = probe_dir, stop_at, count_syncs
 
-    def recording_build_model(*args, **kwargs):
-        model = build_model(*args, **kwargs)
-        MODELS.append(model)
-        return model
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
-    recipe.build_model = recording_build_model
-
-    count_syncs = bool(os.environ.get("EMOTRAIN_PROBE_COUNT_SYNCS"))
-    if count_syncs:
-        _install_sync_counting(probe_dir)
-    original_iter = TrainStream.__iter__
-
-    def batches_of(stream):
+    def _batches(self):
         """The stream's batches, with the sync counting paused while the stream works."""
-        iterator = original_iter(stream)
+        iterator = iter(self._stream)
         while True:
             COUNT["in_data"] = True
             try:
@@ -167,68 +157,101 @@ def install() -> None:
                 COUNT["in_data"] = False
             yield batch
 
-    def recording_iter(self):
-        for batch in batches_of(self):
-            position = self.position - 1
-            if count_syncs and position % self.accumulation == 0:  # a step starts: the last one is done
+    def __iter__(self):
+        stream, accumulation = self._stream, self._stream.accumulation
+        for batch in self._batches():
+            position = stream.position - 1
+            starts_step = position % accumulation == 0
+            step = self._training.state.progress.step + 1  # the step this batch belongs to
+            if self._count_syncs and starts_step:  # a step starts: the last one is done
                 COUNT["flush"]()
-                COUNT.update(active=True, step=(self.epoch, position // self.accumulation + 1))
-            CURRENT.update(epoch=self.epoch, position=position, ids=list(batch["ids"]))
+                COUNT.update(active=True, step=(stream.epoch, position // accumulation + 1))
+            if self._stop_at is not None and starts_step and step == self._stop_at:
+                self._training.watcher.request(f"probe: stop at step {step}")
+            CURRENT.update(epoch=stream.epoch, position=position, ids=list(batch["ids"]))
             COUNT["in_data"] = True  # the probe's own reads below are not the training step's
-            if probe_dir:
-                starts_step = position % self.accumulation == 0
-                record = {"epoch": self.epoch, "position": position, "ids": list(batch["ids"]),
+            if self._probe_dir:
+                record = {"epoch": stream.epoch, "position": position, "ids": list(batch["ids"]),
                           "valid": batch["valid"].tolist(), "param_sum": _param_sum() if starts_step else None}
-                Path(probe_dir).mkdir(parents=True, exist_ok=True)
-                with open(Path(probe_dir) / f"rank{_rank()}.jsonl", "a") as handle:
+                Path(self._probe_dir).mkdir(parents=True, exist_ok=True)
+                with open(Path(self._probe_dir) / f"rank{_rank()}.jsonl", "a") as handle:
                     handle.write(json.dumps(record) + "\n")
             COUNT["in_data"] = False
             yield batch
 
-    TrainStream.__iter__ = recording_iter
 
-    utterance_losses, micro_batch_loss = recipe.utterance_losses, recipe.micro_batch_loss
-    target, epoch, kind = None, None, None
-    if fault:
-        target, rest = fault.split("@")
-        epoch, kind = rest.split(":")
+class ProbedLoss:
+    """The run's loss, recording what it is called with and injecting the probe's fault."""
 
-    def probed_losses(*args, **kwargs):
-        weights = kwargs.get("class_weights")
-        COUNT["in_data"] = True  # the probe's own read
-        CURRENT.update(class_weights=None if weights is None else weights.tolist(),
-                       label_smoothing=kwargs.get("label_smoothing"))
+    def __init__(self, loss, probe_dir: str | None, fault: str | None):
+        self._loss, self._probe_dir = loss, probe_dir
+        self._target = self._epoch = self._kind = None
+        if fault:
+            self._target, rest = fault.split("@")
+            epoch, self._kind = rest.split(":")
+            self._epoch = int(epoch)
+
+    def __call__(self, logits, batch, step_utterances):
+        weights = self._loss.class_weights
+        COUNT["in_data"] = True  # the probe's own reads
+        record = {"epoch": CURRENT.get("epoch"), "position": CURRENT.get("position"),
+                  "class_weights": None if weights is None else weights.tolist(),
+                  "label_smoothing": self._loss.label_smoothing, "step_utterances": step_utterances}
         COUNT["in_data"] = False
-        losses = utterance_losses(*args, **kwargs)
-        if fault and CURRENT.get("epoch") == int(epoch) and target in CURRENT.get("ids", ()):
-            print(f"probe: {kind} fault on rank {_rank()} (batch with {target})", file=sys.stderr, flush=True)
-            if kind == "loss":
-                return losses * float("nan")
-            return losses + 0 * nan_gradient(losses)  # finite loss, NaN gradients
-        return losses
+        if self._probe_dir:
+            with open(Path(self._probe_dir) / f"rank{_rank()}.loss.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        scaled, losses = self._loss(logits, batch, step_utterances)
+        if self._target is not None and CURRENT.get("epoch") == self._epoch and self._target in CURRENT.get("ids", ()):
+            print(f"probe: {self._kind} fault on rank {_rank()} (batch with {self._target})", file=sys.stderr, flush=True)
+            if self._kind == "loss":
+                return scaled * float("nan"), losses * float("nan")
+            return scaled + 0 * nan_gradient(scaled), losses  # finite loss, NaN gradients
+        return scaled, losses
 
-    def probed_micro_batch_loss(losses, step_utterances, **kwargs):
-        if probe_dir:
-            record = {key: CURRENT.get(key) for key in ("epoch", "position", "class_weights", "label_smoothing")}
-            with open(Path(probe_dir) / f"rank{_rank()}.loss.jsonl", "a") as handle:
-                handle.write(json.dumps({**record, "step_utterances": step_utterances}) + "\n")
-        return micro_batch_loss(losses, step_utterances, **kwargs)
 
-    recipe.utterance_losses, recipe.micro_batch_loss = probed_losses, probed_micro_batch_loss
+class RecordingRule:
+    """The run's step rule, recording what it decided for the step (the sync counts' "end")."""
 
-    step_end = recipe.step_end
+    def __init__(self, rule):
+        self._rule = rule
 
-    def probed_step_end(step, **kwargs):
-        if stop_at and step == int(stop_at):
-            kwargs["stop_requested"] = True
-        decision = step_end(step, **kwargs)
-        if count_syncs and COUNT["step"] is not None:
-            COUNT["end"] = {key: value for key, value in dataclasses.asdict(decision).items() if value}
-        return decision
+    def __getattr__(self, name):
+        return getattr(self._rule, name)
 
-    recipe.step_end = probed_step_end
+    def _note(self, **decided) -> None:
+        if COUNT["step"] is not None:
+            COUNT["end"] = {**(COUNT["end"] or {}), **{key: value for key, value in decided.items() if value}}
+
+    def log_due(self, facts):
+        due = self._rule.log_due(facts)
+        self._note(log=due)
+        return due
+
+    def evaluation_due(self, facts):
+        due = self._rule.evaluation_due(facts)
+        self._note(evaluate=due and not facts.stop_requested)
+        return due
+
+    def step_end(self, facts):
+        end = self._rule.step_end(facts)
+        self._note(**dataclasses.asdict(end))
+        return end
+
+
+def wrap(training) -> None:
+    """Put the probes around the run's parts, as the environment asks."""
+    probe_dir = os.environ.get("EMOTRAIN_PROBE_DIR")
+    stop_at = os.environ.get("EMOTRAIN_PROBE_STOP_AT_STEP")
+    count_syncs = bool(os.environ.get("EMOTRAIN_PROBE_COUNT_SYNCS"))
+    MODELS.append(training.state.model)
+    if count_syncs:
+        _install_sync_counting(probe_dir)
+        training.rule = RecordingRule(training.rule)
+    training.state.stream = RecordingStream(training.state.stream, training, probe_dir,
+                                            int(stop_at) if stop_at else None, count_syncs)
+    training.loss = ProbedLoss(training.loss, probe_dir, os.environ.get("EMOTRAIN_PROBE_FAULT"))
 
 
 if __name__ == "__main__":
-    install()
-    sys.exit(emotrain.cli.main())
+    sys.exit(emotrain.cli.main(wrap_training=wrap))
