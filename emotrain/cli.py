@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from emotrain.config import ConfigError, describe_fields, load_config
+from emotrain.config import NUM_SHARDS_PER_GROUP, ConfigError, describe_fields, load_config
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +47,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from emotrain.data.asr import RecogniserError
     from emotrain.data.prepare import NothingToPrepareError, summarize
     from emotrain.data.sources import prepare_source
     from emotrain.data.sources.manifest import ManifestError, parse_mapping
-    from emotrain.predict import InputError
 
     try:
         report = prepare_source(
@@ -67,7 +67,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             audio_format=args.audio_format,
             workers=args.workers,
         )
-    except (NothingToPrepareError, FileNotFoundError, ManifestError, InputError) as err:
+    except (NothingToPrepareError, FileNotFoundError, ManifestError, RecogniserError) as err:
         print(f"emotrain prepare: error: {err}", file=sys.stderr)
         return 2
     print(summarize(report))
@@ -129,8 +129,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     results_out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # standard output is the JSON alone, whatever libraries print
+        from emotrain.metrics import format_results
         from emotrain.predict import InputError, evaluate_model
-        from emotrain.train.recipe import format_results
 
         try:
             results = evaluate_model(args.model_dir, args.data_dir, sessions=[args.session] if args.session else None,
@@ -158,18 +158,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace, results_out) -> int:
     import json
 
-    import torch
+    from emotrain.predict import InputError, load, predict_manifest
 
-    from emotrain.model import EmotionModel
-    from emotrain.predict import InputError, Predictor, Transcriber, check_model_folder, predict_manifest
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        check_model_folder(args.model_dir)
-        model = EmotionModel.from_pretrained(args.model_dir, device=device)
-        asr = Transcriber(args.asr, device=device) if args.asr and model.uses_text else None
-        predictor = Predictor(model, asr=asr, max_full_seconds=args.max_full_seconds,
-                              window_seconds=args.window_seconds, batch_size=args.batch_size)
+        predictor = load(args.model_dir, device=args.device, asr=args.asr, max_full_seconds=args.max_full_seconds,
+                         window_seconds=args.window_seconds, batch_size=args.batch_size)
         if args.audio is not None:
             print(json.dumps(predictor.predict(args.audio, text=args.text), indent=2), file=results_out)
             return 0
@@ -214,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr", help="transcribe utterances without a transcript with this speech recogniser (a hub "
                                  "name or a local folder, as `emotrain predict --asr`)")
     p.add_argument("--splits", help="Hub: the splits to read (default: all)")
-    p.add_argument("--num-shards", type=int, default=8, help="shards per group (default 8)")
+    p.add_argument("--num-shards", type=int, default=NUM_SHARDS_PER_GROUP,
+                   help=f"shards per group (default {NUM_SHARDS_PER_GROUP})")
     p.add_argument("--audio-format", choices=["flac", "wav"], default="flac")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=cmd_prepare)

@@ -33,6 +33,10 @@ prepared dataset that does not name its own (`dataset.json`, written by `emotrai
 SAMPLING_RATE = 16_000
 """The rate prepared audio is stored at and the encoders take (the one definition of it)."""
 
+NUM_SHARDS_PER_GROUP = 8
+"""Parquet shards per group folder written by `emotrain prepare` (`--num-shards`): any fold's four
+training sessions then give 32 shards, a count that divides 1, 2, 4, 8, 16 and 32 ranks."""
+
 TINY_ENCODER = "tiny"
 """The encoder name that builds a randomly initialised encoder instead of loading pretrained weights."""
 

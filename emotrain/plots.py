@@ -1,6 +1,7 @@
 """The report's pictures (matplotlib, no display needed): confusion matrices, curves, the UA bar chart.
 
-    write_all(experiments, out)   # → [Path, ...] of the PNGs written under `out`
+Each function draws one figure from plain numbers into one PNG and returns its path; which figures
+a report holds, and the numbers in them, are `emotrain.report.write_figures`' business.
 """
 
 from __future__ import annotations
@@ -92,29 +93,3 @@ def ua_bar_figure(names: list[str], fold_values: list[dict[int, float]], path: P
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def write_all(experiments, out: Path) -> list[Path]:
-    """Every figure of the report (see `emotrain.report`)."""
-    from emotrain.report import curves
-
-    written: list[Path] = []
-    for experiment in experiments:
-        folder = out / experiment.name
-        folder.mkdir(parents=True, exist_ok=True)
-        labels = experiment.label_names()
-        pooled = np.zeros((len(labels), len(labels)))
-        for fold in experiment.folds():
-            runs = [run for run in experiment.finished if run.fold == fold]
-            confusion = sum(np.asarray(run.test["confusion"], dtype=np.float64) for run in runs)
-            pooled += confusion
-            seeds = "" if len(runs) == 1 else f", {len(runs)} seeds summed"
-            written.append(confusion_figure(confusion, labels, f"{experiment.name}: fold {fold} (test {experiment.test_text(fold)}{seeds})",
-                                            folder / f"confusion_fold{fold}.png"))
-            written.append(curves_figure(curves(runs[0]), f"{experiment.name}: fold {fold}, seed {runs[0].seed}",
-                                         folder / f"curves_fold{fold}.png"))
-        written.append(confusion_figure(pooled, labels, f"{experiment.name}: pooled over folds {experiment.folds()}",
-                                        folder / "confusion_pooled.png"))
-    written.append(ua_bar_figure([e.name for e in experiments], [e.fold_values("ua") for e in experiments],
-                                 out / "ua_by_experiment.png"))
-    return written

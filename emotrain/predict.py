@@ -4,8 +4,8 @@
     emotrain predict runs/smoke/fold1/best --audio clip.wav --text "I can't believe it"
     emotrain predict runs/smoke/fold1/best --batch clips.csv --out predictions.jsonl [--asr MODEL]
 
-    model = EmotionModel.from_pretrained("runs/smoke/fold1/best")
-    model.predict("clip.wav", text="I can't believe it")   # {"predicted": "angry", "probabilities": {...}, ...}
+    predictor = emotrain.predict.load("runs/smoke/fold1/best")
+    predictor.predict("clip.wav", text="I can't believe it")   # {"predicted": "angry", "probabilities": {...}, ...}
 
 A model folder (`best/` of a run) carries its processors and how its inputs were prepared
 (`sampling_rate`, `max_text_tokens`, the training crop `max_audio_seconds`). Audio files of any
@@ -37,9 +37,11 @@ import soundfile as sf
 import soxr
 import torch
 
+from emotrain.data.asr import Transcriber
 from emotrain.data.audio import AudioDecodeError, decode_audio
 from emotrain.data.batching import Collator
-from emotrain.model.emotion_model import EmotionModel
+from emotrain.model.emotion_model import CONFIG_FILE, EmotionModel
+from emotrain.model.masks import audio_frame_lengths
 
 MAX_FULL_SECONDS = 60.0
 """Longer recordings are scored in windows (see the module docstring)."""
@@ -57,30 +59,6 @@ class PreparedInput:
     transcript: str | None
     transcript_source: str | None
     audio: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# Speech recognition for models that need text.
-
-
-class Transcriber:
-    """A speech recogniser through transformers' ASR pipeline (CTC or sequence-to-sequence)."""
-
-    def __init__(self, name_or_path: str, device: str | torch.device = "cpu"):
-        from transformers import pipeline
-
-        self.name = str(name_or_path)
-        try:
-            self.pipeline = pipeline("automatic-speech-recognition", model=self.name, device=torch.device(device))
-        except Exception as err:  # noqa: BLE001 - OSError, ValueError, KeyError (unknown architecture), ImportError...
-            raise InputError(f"cannot load the speech recogniser {self.name!r}: {type(err).__name__}: "
-                             f"{' '.join(str(err).split())}") from None
-
-    def __call__(self, samples: np.ndarray, sampling_rate: int) -> str:
-        seconds = len(samples) / sampling_rate
-        kwargs = {"chunk_length_s": 30.0} if seconds > 30.0 else {}  # long audio: chunked, with overlap
-        result = self.pipeline({"raw": samples, "sampling_rate": sampling_rate}, **kwargs)
-        return " ".join(result["text"].split())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +120,6 @@ class Predictor:
         self.device = next(model.parameters()).device
         self.min_samples = 1
         if model.uses_audio:  # the encoder's receptive field: shorter audio gives no frame at all
-            from emotrain.model.masks import audio_frame_lengths
-
             lengths = torch.arange(1, 2 * self.sampling_rate, dtype=torch.long)
             enough = torch.nonzero(audio_frame_lengths(model.audio_encoder, lengths) >= 1)
             self.min_samples = int(lengths[enough[0]]) if len(enough) else 1
@@ -201,7 +177,14 @@ class Predictor:
         }
 
     def predict(self, audio, text: str | None = None, *, sampling_rate: int | None = None) -> dict[str, Any]:
-        """One recording (a path, or an array at `sampling_rate`): see `EmotionModel.predict`."""
+        """Class probabilities for one recording: `audio` is a file path (any rate and channel count:
+        resampled and down-mixed) or a float array at `sampling_rate`; `text` its transcript (needed
+        by the fusion and text variants). Returns `{"predicted", "probabilities": {class: p},
+        "transcript", "transcript_source", "audio_info": {...how the audio was handled}}`, as
+        `emotrain predict` prints it. Raises InputError for an input that cannot be predicted.
+
+            load("runs/smoke/fold1/best").predict("clip.wav", text="I can't believe you did that")["predicted"]
+        """
         prepared = self.prepare(audio, text, sampling_rate)
         return self._result(prepared, self._probabilities([prepared])[0])
 
@@ -294,11 +277,28 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
 
 def check_model_folder(model_dir: str | Path) -> None:
     """Raise InputError unless `model_dir` is a model folder `EmotionModel.from_pretrained` loads."""
-    from emotrain.model.emotion_model import CONFIG_FILE
-
     if not (Path(model_dir) / CONFIG_FILE).is_file():
         raise InputError(f"{model_dir} is not a model folder (no {CONFIG_FILE}): give a run's best/ folder, "
                          "e.g. runs/smoke/fold1/best")
+
+
+def load(model_dir: str | Path, *, device: str | torch.device | None = None, asr: str | None = None,
+         max_full_seconds: float = MAX_FULL_SECONDS, window_seconds: float | None = None,
+         batch_size: int = 8) -> Predictor:
+    """A model folder (a run's `best/`) ready to predict, as `emotrain predict` loads it:
+
+        load("runs/smoke/fold1/best").predict("clip.wav", text="I can't believe you did that")
+
+    device: default the GPU when there is one, else the CPU. asr: a speech recogniser (hub name or
+    local folder) for inputs without a transcript, loaded only when the model takes text.
+    Raises InputError for a folder that is no model folder, RecogniserError for a recogniser that
+    cannot be loaded."""
+    check_model_folder(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = EmotionModel.from_pretrained(model_dir, device=device)
+    transcriber = Transcriber(asr, device=device) if asr and model.uses_text else None
+    return Predictor(model, asr=transcriber, max_full_seconds=max_full_seconds, window_seconds=window_seconds,
+                     batch_size=batch_size)
 
 
 def predict_manifest(predictor: Predictor, manifest: str | Path, out) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from emotrain import plots as plotting
 from emotrain.config import LABEL_NAMES
 from emotrain.data.shards import IEMOCAP_INFO, REPORT_FILE, DatasetInfo, join, read_dataset_info, read_prepare_report
 from emotrain.train.tracking import HISTORY_FILE, read_history
@@ -455,15 +456,38 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
     sections += ["## Runs (code and packages)", "", provenance_table(experiments), ""]
     images: list[Path] = []
     if plots:
-        from emotrain import plots as plotting
-
-        images = plotting.write_all(experiments, out)
+        images = write_figures(experiments, out)
         sections += ["## Figures", "", *(f"![{p.stem}]({p.relative_to(out)})" for p in images), ""]
     (out / "report.md").write_text("\n".join(sections))
     write_csvs(experiments, out)
     uses_wandb = "wandb" in (experiments[0].finished[0].config.get("logging", {}).get("report_to") or [])
     return {"experiments": experiments, "table": table, "status": status, "images": images, "out": out,
             "wandb": uses_wandb, "files": [out / "report.md", out / "summary.csv", out / "runs.csv", *images]}
+
+
+def write_figures(experiments: list[Experiment], out: Path) -> list[Path]:
+    """Every figure of the report (see the module docstring); returns the PNGs written under `out`."""
+    written: list[Path] = []
+    for experiment in experiments:
+        folder = out / experiment.name
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = experiment.label_names()
+        pooled = np.zeros((len(labels), len(labels)))
+        for fold in experiment.folds():
+            runs = [run for run in experiment.finished if run.fold == fold]
+            confusion = sum(np.asarray(run.test["confusion"], dtype=np.float64) for run in runs)
+            pooled += confusion
+            seeds = "" if len(runs) == 1 else f", {len(runs)} seeds summed"
+            written.append(plotting.confusion_figure(
+                confusion, labels, f"{experiment.name}: fold {fold} (test {experiment.test_text(fold)}{seeds})",
+                folder / f"confusion_fold{fold}.png"))
+            written.append(plotting.curves_figure(curves(runs[0]), f"{experiment.name}: fold {fold}, seed {runs[0].seed}",
+                                                  folder / f"curves_fold{fold}.png"))
+        written.append(plotting.confusion_figure(pooled, labels, f"{experiment.name}: pooled over folds {experiment.folds()}",
+                                                 folder / "confusion_pooled.png"))
+    written.append(plotting.ua_bar_figure([e.name for e in experiments], [e.fold_values("ua") for e in experiments],
+                                          out / "ua_by_experiment.png"))
+    return written
 
 
 def say_report(report: dict, out: Path, wandb: bool | None = None) -> None:

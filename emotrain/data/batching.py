@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2FeatureExtractor
 
+from emotrain.config import SAMPLING_RATE
+
 TENSOR_KEYS = ("input_values", "audio_lengths", "input_ids", "attention_mask", "labels")
 """Entries of a batch that are tensors for the model (evaluation batches add `valid`)."""
 AUDIO_QUANTUM = 320
@@ -188,7 +190,7 @@ class Collator:
     preprocessor config (`return_attention_mask: false`) would otherwise make the extractor do.
     """
 
-    def __init__(self, feature_extractor, tokenizer, max_text_tokens: int, sampling_rate: int = 16000, *,
+    def __init__(self, feature_extractor, tokenizer, max_text_tokens: int, sampling_rate: int = SAMPLING_RATE, *,
                  length_ladder: int = 0, max_audio_samples: int | None = None):
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from emotrain.config import ConfigError, DataConfig
+from emotrain.config import SAMPLING_RATE, ConfigError, DataConfig
 from emotrain.data.audio import AudioDecodeError, decode_audio
 from emotrain.data.batching import Collator, cut_sorted, ladder_seconds
 from emotrain.data.folds import FoldSplit, Metadata
@@ -70,7 +70,7 @@ class EvalDataset(Dataset):
     """Utterances `ids` of the prepared rows in `meta`, sorted by (duration, id); `__getitem__`
     decodes one (full length)."""
 
-    def __init__(self, meta: Metadata, ids: tuple[str, ...] | list[str], sampling_rate: int = 16000, name: str = "eval"):
+    def __init__(self, meta: Metadata, ids: tuple[str, ...] | list[str], sampling_rate: int = SAMPLING_RATE, name: str = "eval"):
         self.name = name
         self.sampling_rate = sampling_rate
         self.skipped: list[str] = []
@@ -118,7 +118,7 @@ class EvalDataset(Dataset):
         return {"id": utt_id, "array": samples, "text": self.texts[i], "label": int(self.labels[i]), "valid": valid}
 
 
-def build_eval_datasets(split: FoldSplit, sampling_rate: int = 16000) -> tuple[EvalDataset, EvalDataset | None]:
+def build_eval_datasets(split: FoldSplit, sampling_rate: int = SAMPLING_RATE) -> tuple[EvalDataset, EvalDataset | None]:
     """(validation, test) datasets of a fold; test is None for fold 0."""
     validation = EvalDataset(split.meta, split.validation_ids, sampling_rate, name="validation")
     test = None if split.test_ids is None else EvalDataset(split.meta, split.test_ids, sampling_rate, name="test")

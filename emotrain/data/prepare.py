@@ -1,11 +1,12 @@
 """`emotrain prepare`: utterance records from any source → Parquet shards, one folder per group.
 
 Every source (`emotrain.data.sources`: the IEMOCAP release, a Hub dataset, a manifest, EmoBox's
-fold lists) ends here, in `write_prepared`: the same layout, schema, `dataset.json` and
-`prepare_report.json` whatever the source. Audio is read with soundfile (from a file or from the
-bytes a Hub dataset carries), down-mixed to mono, resampled to 16 kHz with soxr when needed and
-stored as encoded bytes (FLAC by default: lossless, about half the size of WAV). Reading and
-encoding run in a process pool over all cores; the full corpus (7 h of kept audio) takes minutes.
+fold lists) ends here, as a `Scan` of records (`emotrain.data.records`), in `write_prepared`: the
+same layout, schema, `dataset.json` and `prepare_report.json` whatever the source. Audio is read
+with soundfile (from a file or from the bytes a Hub dataset carries), down-mixed to mono, resampled
+to 16 kHz with soxr when needed and stored as encoded bytes (FLAC by default: lossless, about half
+the size of WAV). Reading and encoding run in a process pool over all cores; the full corpus (7 h
+of kept audio) takes minutes.
 `out_dir` may be a local folder or an fsspec URL (`s3://bucket/prefix`): shards and report are
 written there directly (`emotrain.data.shards`).
 """
@@ -14,20 +15,20 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-from emotrain.config import LABEL_NAMES, SAMPLING_RATE, check_no_credentials
+from emotrain.config import LABEL_NAMES, NUM_SHARDS_PER_GROUP, SAMPLING_RATE, check_no_credentials
+from emotrain.data.asr import Transcriber
+from emotrain.data.records import AudioInput, Scan
 from emotrain.data.shards import (
     REPORT_FILE,
     DatasetInfo,
@@ -39,6 +40,7 @@ from emotrain.data.shards import (
     write_session_shards,
     write_text,
 )
+from emotrain.data.sources.release import scan_release_records
 
 AUDIO_FORMATS = ("flac", "wav")
 MIN_SECONDS = 0.1
@@ -57,58 +59,6 @@ class EncodedAudio:
     error: str | None = None
     samples: np.ndarray | None = None
     """The 16 kHz mono samples, kept only when a speech recogniser will transcribe them."""
-
-
-@dataclass(frozen=True)
-class AudioInput:
-    """Where an utterance's audio is: a file (optionally a segment of it), or encoded bytes."""
-
-    path: str | None = None
-    data: bytes | None = None
-    start: float | None = None
-    end: float | None = None
-    """Seconds into the file (EmoBox's segments of longer recordings); None: the whole file."""
-
-
-@dataclass
-class Record:
-    """One labelled utterance as a source yields it, before its audio is read."""
-
-    id: str
-    session: int
-    """The group number (a session, a speaker group, a split): the `session` column."""
-    speaker: str
-    label: int
-    """Index into the dataset's labels."""
-    emotion: str
-    """The label as the source wrote it (`exc`, `Happy`, 3, ...)."""
-    text: str | None
-    """The transcript; None when the source has none for it."""
-    audio: AudioInput
-    dialog: str = ""
-    valence: float = math.nan
-    activation: float = math.nan
-    dominance: float = math.nan
-
-
-@dataclass
-class Scan:
-    """What a source found: the records to prepare, the rows it could not use, and the dataset's
-    description (groups and folds over the records' group numbers)."""
-
-    source: str
-    records: list[Record]
-    info: DatasetInfo
-    read: int
-    """Rows (utterances) the source read, kept or not."""
-    skipped: list[dict] = field(default_factory=list)
-    """`{"id", "reason"}` for rows left out before their audio was read."""
-    dropped_labels: dict[str, int] = field(default_factory=dict)
-    """Rows whose label is outside the label set, per label (not prepared, not a fault)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Source-specific report entries (e.g. a mirror's counts against the published ones)."""
-    lines: list[str] = field(default_factory=list)
-    """Source-specific lines for the console summary."""
 
 
 def to_mono_16k(samples: np.ndarray, rate: int) -> np.ndarray:
@@ -163,8 +113,8 @@ def _without_empty_groups(info: DatasetInfo, kept_groups: set[int]) -> DatasetIn
     return replace(info, groups=groups, folds=tuple(folds))
 
 
-def write_prepared(scan: Scan, out_dir: str | Path, *, num_shards: int = 8, audio_format: str = "flac",
-                   workers: int | None = None, asr: str | None = None, started: float | None = None) -> dict:
+def write_prepared(scan: Scan, out_dir: str | Path, *, num_shards: int = NUM_SHARDS_PER_GROUP,
+                   audio_format: str = "flac", workers: int | None = None, asr: str | None = None, started: float | None = None) -> dict:
     """Encode the scan's audio, write its shards, `dataset.json` and `prepare_report.json`; return
     the report. `asr`: a speech recogniser (hub name or local folder, as `emotrain predict --asr`)
     that transcribes every record the source gave no transcript."""
@@ -179,8 +129,6 @@ def write_prepared(scan: Scan, out_dir: str | Path, *, num_shards: int = 8, audi
     candidates = list(scan.records)
     transcriber = None
     if asr is not None and any(not r.text for r in candidates):
-        from emotrain.predict import Transcriber  # transformers' ASR pipeline, as `emotrain predict --asr`
-
         transcriber = Transcriber(asr)
 
     workers = workers or os.cpu_count() or 1
@@ -285,13 +233,11 @@ def prepare(
     release_root: str | Path,
     out_dir: str | Path,
     *,
-    num_shards: int = 8,
+    num_shards: int = NUM_SHARDS_PER_GROUP,
     audio_format: str = "flac",
     workers: int | None = None,
 ) -> dict:
     """Prepare an IEMOCAP_full_release tree: write the dataset and `prepare_report.json`; return the report."""
-    from emotrain.data.sources.release import scan_release_records
-
     started = time.perf_counter()
     open_output(out_dir)
     return write_prepared(scan_release_records(release_root), out_dir, num_shards=num_shards,

@@ -14,9 +14,10 @@ corpus, a split (`train/`, `validation/`, `test/`) or a set of utterances EmoBox
 alike. A row's `session` column is its group's number in `dataset.json`. A folder prepared before
 `dataset.json` existed is IEMOCAP's: `session1..5`, the 4-class labels, leave-one-session-out.
 
-Each session is split into the same number of shards (8 by default) so that any fold's four
-training sessions give 32 shards: a count that divides 1, 2, 4, 8, 16 and 32 ranks, which lets
-`split_dataset_by_node` hand whole shards to ranks instead of reading everything on every rank.
+Each session is split into the same number of shards (`emotrain.config.NUM_SHARDS_PER_GROUP`, 8
+by default) so that any fold's four training sessions give 32 shards: a count that divides 1, 2,
+4, 8, 16 and 32 ranks, which lets `split_dataset_by_node` hand whole shards to ranks instead of
+reading everything on every rank.
 
 Where it lives. `OUT_DIR` (`data.path`) is a local folder or an fsspec URL: `s3://bucket/prefix`,
 `gs://...`, `hf://datasets/<user>/<repo>/...` and the like. Everything here goes through fsspec, and

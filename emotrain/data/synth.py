@@ -60,6 +60,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from emotrain.config import SAMPLING_RATE
+
 CODE_TO_LABEL = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
 """The 4-class protocol (exc merges into happy)."""
 FOUR_CLASS_CODES = tuple(CODE_TO_LABEL)
@@ -556,7 +558,7 @@ def synthesize_release(
     seed: int = 0,
     utterances_per_session: int = 60,
     duration_scale: float = 1.0,
-    sampling_rate: int = 16000,
+    sampling_rate: int = SAMPLING_RATE,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write a synthetic IEMOCAP release into `out_dir` (which plays `IEMOCAP_full_release/`).

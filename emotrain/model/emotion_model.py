@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 from transformers.utils import ModelOutput
 
-from emotrain.config import LABEL_NAMES, ModelConfig
+from emotrain.config import LABEL_NAMES, SAMPLING_RATE, ModelConfig
 from emotrain.model.cross_attention import CrossModalAttention
 from emotrain.model.encoders import (
     audio_encoder_takes_attention_mask,
@@ -50,7 +50,7 @@ TEXT_ENCODER_DIR = "text_encoder"  # the text encoder's HF config.json
 FEATURE_EXTRACTOR_DIR = "feature_extractor"
 TOKENIZER_DIR = "tokenizer"
 FORMAT = "emotrain.EmotionModel/1"
-DEFAULT_PREPROCESSING = {"sampling_rate": 16000, "max_text_tokens": 64, "max_audio_seconds": 15.0}
+DEFAULT_PREPROCESSING = {"sampling_rate": SAMPLING_RATE, "max_text_tokens": 64, "max_audio_seconds": 15.0}
 
 
 @dataclass
@@ -297,7 +297,8 @@ class EmotionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> EmotionModel:
         """Load a folder written by `save_pretrained`: needs neither the hub nor the encoders' source
-        folders (encoders are rebuilt from their saved HF configs, then all weights are loaded)."""
+        folders (encoders are rebuilt from their saved HF configs, then all weights are loaded).
+        Predictions from recordings: `emotrain.predict.load(directory).predict(path, text=...)`."""
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_FILE).read_text())
         if meta.get("format") != FORMAT:
@@ -315,21 +316,6 @@ class EmotionModel(nn.Module):
         model._processors = load_processors(directory)
         model.preprocessing.update(meta.get("preprocessing") or {})
         return model.to(device)
-
-    @torch.no_grad()
-    def predict(self, audio, text: str | None = None, *, sampling_rate: int | None = None) -> dict:
-        """Class probabilities for one recording: `audio` is a file path (any rate and channel count:
-        resampled and down-mixed) or a float array at `sampling_rate`; `text` its transcript (needed
-        by the fusion and text variants). Returns `{"predicted", "probabilities": {class: p},
-        "transcript", "transcript_source", "audio_info": {...how the audio was handled}}`, as
-        `emotrain predict` prints it.
-
-            model = EmotionModel.from_pretrained("runs/smoke/fold1/best")
-            model.predict("clip.wav", text="I can't believe you did that")["predicted"]
-        """
-        from emotrain.predict import Predictor  # the inference pipeline (decoding, windows, batching)
-
-        return Predictor(self).predict(audio, text=text, sampling_rate=sampling_rate)
 
 
 PREPARED_MASK_MODELS = frozenset({"bert", "roberta", "xlm-roberta", "electra", "albert", "distilbert", "mpnet"})

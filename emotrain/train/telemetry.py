@@ -20,10 +20,12 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from emotrain.config import SAMPLING_RATE
+
 
 @torch.no_grad()
 def flops_per_utterance(model, feature_extractor, tokenizer, *, seconds: float, tokens: int,
-                        sampling_rate: int = 16000) -> float:
+                        sampling_rate: int = SAMPLING_RATE) -> float:
     """Forward FLOPs of `model` (an EmotionModel, unwrapped) for one utterance of `seconds` of audio
     and `tokens` tokens. Runs on the model's device, in eval mode, with the RNG left untouched."""
     device = next(model.parameters()).device

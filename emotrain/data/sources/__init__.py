@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from emotrain.config import NUM_SHARDS_PER_GROUP
+
 KINDS = ("auto", "release", "manifest", "emobox", "hub")
 
 
@@ -32,7 +34,8 @@ def detect_kind(source: str) -> str:
 def prepare_source(source: str, out_dir: str | Path, *, kind: str = "auto", columns: dict[str, str] | None = None,
                    label_map: dict[str, str] | None = None, labels: list[str] | None = None,
                    download_root: str | None = None, asr: str | None = None, splits: list[str] | None = None,
-                   num_shards: int = 8, audio_format: str = "flac", workers: int | None = None) -> dict:
+                   num_shards: int = NUM_SHARDS_PER_GROUP, audio_format: str = "flac",
+                   workers: int | None = None) -> dict:
     """`emotrain prepare SOURCE OUT`: scan the source, write the prepared layout; return the report."""
     from emotrain.data.prepare import open_output, write_prepared
 

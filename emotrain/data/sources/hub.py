@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from emotrain.config import LABEL_NAMES
-from emotrain.data.prepare import AudioInput, Record, Scan
+from emotrain.data.records import AudioInput, Record, Scan
 from emotrain.data.shards import DatasetInfo, FoldSpec
 from emotrain.data.sources.manifest import ROLES, SPLIT_NAMES, SPLIT_NUMBERS, ManifestError, order_labels
 from emotrain.data.sources.release import iemocap_info, parse_utterance_id

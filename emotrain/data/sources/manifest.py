@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from emotrain.config import LABEL_NAMES
-from emotrain.data.prepare import AudioInput, Record, Scan
+from emotrain.data.records import AudioInput, Record, Scan
 from emotrain.data.shards import DatasetInfo, FoldSpec, leave_one_out_folds
+from emotrain.data.sources.release import parse_utterance_id
 
 DEFAULT_COLUMNS = {
     "id": ("id", "key", "utterance_id"),
@@ -243,8 +244,6 @@ def read_stm_speakers(path: Path) -> dict[str, str]:
 def scan_emobox(folder: str | Path, download_root: str | Path | None, *, label_map: dict[str, str] | None = None,
                 labels: list[str] | None = None, text_column: str | None = None, asr: bool = False) -> Scan:
     """EmoBox's lists for one corpus (`data/<corpus>`), with wav paths under `download_root`."""
-    from emotrain.data.sources.release import parse_utterance_id
-
     folder = Path(folder)
     if download_root is None:
         raise ManifestError(f"{folder} is an EmoBox folder: give --download-root, the folder its `wav` paths "

@@ -15,13 +15,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from emotrain.config import LABEL_NAMES
+from emotrain.data.records import AudioInput, Record, Scan
 from emotrain.data.shards import DatasetInfo, leave_one_out_folds
-
-if TYPE_CHECKING:
-    from emotrain.data.prepare import Scan
 
 CODE_TO_LABEL = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
 """The 4-class protocol: excited is merged into happy."""
@@ -154,8 +151,6 @@ def iemocap_info(sessions, source: str, **changes) -> DatasetInfo:
 
 def scan_release_records(root: str | Path) -> Scan:
     """The release as records for the shared writer (`emotrain.data.prepare.write_prepared`)."""
-    from emotrain.data.prepare import AudioInput, Record, Scan
-
     utterances, dropped = scan_release(root)
     records, skipped = [], []
     for utt in utterances:
