@@ -230,9 +230,9 @@ def test_predict_agrees_with_evaluate_and_takes_any_rate_and_channels(killed_and
         assert p == pytest.approx(predictions[utt]["probabilities"][name], abs=0.02), (name, result)
 
     # From Python: one documented call.
-    from emotrain.model import EmotionModel
+    import emotrain.predict
 
-    python = EmotionModel.from_pretrained(model).predict(str(folder / f"{utt}.wav"), text=text)
+    python = emotrain.predict.load(model).predict(str(folder / f"{utt}.wav"), text=text)
     assert python["predicted"] == predictions[utt]["predicted"]
     assert python["probabilities"] == pytest.approx(predictions[utt]["probabilities"], abs=1e-6)
 
