@@ -579,6 +579,22 @@ def synthesize_release(
     if sampling_rate < 1000:
         raise ValueError(f"sampling_rate must be >= 1000, got {sampling_rate}")
     root = Path(out_dir)
+    _clear_sessions(root, overwrite)
+    audio = _AudioSettings(
+        sampling_rate=sampling_rate,
+        step=sampling_rate // math.gcd(sampling_rate, _TICKS),
+        duration_scale=duration_scale,
+        voices={(k, g): _voice(seed, k, g) for k in range(1, 6) for g in "FM"},
+    )
+    tally = _Tally()
+    for session in range(1, 6):
+        _synthesize_session(np.random.default_rng([seed, session]), root, session, utterances_per_session, audio,
+                            tally)
+    return {"root": str(root), "seed": seed, "sampling_rate": sampling_rate, **tally.summary()}
+
+
+def _clear_sessions(root: Path, overwrite: bool) -> None:
+    """Make `root` a folder without Session1..5: remove them when `overwrite`, else refuse them."""
     existing = [root / f"Session{k}" for k in range(1, 6) if (root / f"Session{k}").exists()]
     if existing:
         if not overwrite:
@@ -587,100 +603,144 @@ def synthesize_release(
             shutil.rmtree(path)
     root.mkdir(parents=True, exist_ok=True)
 
-    sr = sampling_rate
-    step = sr // math.gcd(sr, _TICKS)  # samples per whole number of ticks
-    voices = {(k, g): _voice(seed, k, g) for k in range(1, 6) for g in "FM"}
-    summary_codes: dict[int, dict[str, int]] = {}
-    summary_labels: dict[int, dict[str, int]] = {}
-    n_wavs = n_four = n_dialogs = n_xx = 0
-    seconds = four_seconds = 0.0
 
-    for session in range(1, 6):
-        rng = np.random.default_rng([seed, session])
-        counts = _class_counts(utterances_per_session, session)
-        n_hap = int(round(HAP_SHARE * counts["happy"]))
-        codes = (
-            ["neu"] * counts["neutral"] + ["hap"] * n_hap + ["exc"] * (counts["happy"] - n_hap)
-            + ["sad"] * counts["sad"] + ["ang"] * counts["angry"]
-        )  # fmt: skip
-        n_other = int(round(OTHER_FRACTION * utterances_per_session))
-        codes += [str(c) for c in rng.choice(OTHER_CODES, size=n_other, p=OTHER_CODE_WEIGHTS)]
-        codes = [codes[i] for i in rng.permutation(len(codes))]
-        n_dlg = max(1, min(math.ceil(len(codes) / _UTTERANCES_PER_DIALOG), len(codes) // 2, 30))
-        dialogs = _dialog_names(session, n_dlg)
-        session_dir = root / f"Session{session}"
-        eval_dir = session_dir / "dialog" / "EmoEvaluation"
-        trans_dir = session_dir / "dialog" / "transcriptions"
-        for d in (eval_dir / "Categorical", eval_dir / "Attribute", eval_dir / "Self-evaluation", trans_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        summary_codes[session] = {c: 0 for c in FOUR_CLASS_CODES + OTHER_CODES}
-        summary_labels[session] = {label: 0 for label in LABELS}
+@dataclass(frozen=True)
+class _AudioSettings:
+    """How every utterance's audio is made: its rate, its length quantum and the speakers' voices."""
 
-        for d_index, (dialog, chunk) in enumerate(zip(dialogs, np.array_split(np.array(codes), len(dialogs)))):
-            chunk = [str(c) for c in chunk]
-            # who speaks each labelled turn: alternating, sometimes the same speaker again; both
-            # speakers always speak when the dialog has 2+ turns
-            speakers = [str(rng.choice(["F", "M"]))]
-            for _ in chunk[1:]:
-                other = "M" if speakers[-1] == "F" else "F"
-                speakers.append(speakers[-1] if (len(speakers) > 1 and rng.random() < 0.25) else other)
-            # unlabelled XX lines (at least one in the first dialog of each session)
-            n_xx_here = int(rng.integers(0, 3)) + (1 if d_index == 0 else 0)
-            xx_after = sorted(rng.integers(0, len(chunk), size=n_xx_here).tolist())
-            turns: list[_Turn] = []
-            counters = {"F": 0, "M": 0}
-            xx_counters = {"F": 0, "M": 0}
-            t = int(rng.uniform(1.0, 8.0) * _TICKS)
-            wav_dir = session_dir / "sentences" / "wav" / dialog
-            wav_dir.mkdir(parents=True, exist_ok=True)
-            for i, (code, spk) in enumerate(zip(chunk, speakers)):
-                seconds_raw = float(np.clip(rng.lognormal(_DUR_MU, _DUR_SIGMA), _DUR_MIN, _DUR_MAX))
-                dur = max(seconds_raw * duration_scale, MIN_SECONDS)
-                n = max(step, int(round(dur * sr / step)) * step)
-                if code in CODE_TO_LABEL:
-                    label = CODE_TO_LABEL[code]
-                    arousal, valence = AROUSAL[label], VALENCE[label]
-                else:
-                    arousal, valence = _other_arousal_valence(rng, code)
-                utt_id = f"{dialog}_{spk}{counters[spk]:03d}"
-                counters[spk] += 1
-                audio = _synth_audio(rng, n, sr, arousal, voices[(session, spk)])
-                sf.write(wav_dir / f"{utt_id}.wav", _to_pcm16(audio), sr, subtype="PCM_16", format="WAV")
-                vad, lines = _annotations(rng, code, spk)
-                end = t + n * _TICKS // sr
-                turns.append(_Turn(utt_id, t, end, _sentence(rng, valence), code, vad, lines))
-                t = end + int(rng.uniform(0.1, 1.5) * _TICKS)
-                summary_codes[session][code] += 1
-                n_wavs += 1
-                seconds += n / sr
-                if code in CODE_TO_LABEL:
-                    summary_labels[session][CODE_TO_LABEL[code]] += 1
-                    n_four += 1
-                    four_seconds += n / sr
-                for _ in range(xx_after.count(i)):
-                    xs = str(rng.choice(["F", "M"]))
-                    xx_len = int(rng.uniform(0.3, 1.5) * _TICKS)
-                    xx_id = f"{dialog}_{xs}XX{xx_counters[xs]}"
-                    xx_counters[xs] += 1
-                    turns.append(_Turn(xx_id, t, t + xx_len, _pick(rng, _XX_TEXTS)))
-                    t += xx_len + int(rng.uniform(0.1, 1.0) * _TICKS)
-                    n_xx += 1
-            _write_dialog(eval_dir, trans_dir, dialog, turns)
-            n_dialogs += 1
+    sampling_rate: int
+    step: int
+    """Samples in a whole number of ticks: lengths are multiples of it, so the 4-decimal times are exact."""
+    duration_scale: float
+    voices: dict[tuple[int, str], _Voice]
+    """(session, "F" or "M") → the voice."""
 
-    return {
-        "root": str(root),
-        "seed": seed,
-        "sampling_rate": sr,
-        "codes": summary_codes,
-        "labels": summary_labels,
-        "utterances": n_wavs,
-        "four_class_utterances": n_four,
-        "seconds": round(seconds, 4),
-        "four_class_seconds": round(four_seconds, 4),
-        "dialogs": n_dialogs,
-        "xx_lines": n_xx,
-    }
+
+@dataclass
+class _Tally:
+    """What has been written, counted as it is (the summary `synthesize_release` returns)."""
+
+    codes: dict[int, dict[str, int]] = field(default_factory=dict)
+    labels: dict[int, dict[str, int]] = field(default_factory=dict)
+    utterances: int = 0
+    four_class_utterances: int = 0
+    seconds: float = 0.0
+    four_class_seconds: float = 0.0
+    dialogs: int = 0
+    xx_lines: int = 0
+
+    def start_session(self, session: int) -> None:
+        self.codes[session] = {c: 0 for c in FOUR_CLASS_CODES + OTHER_CODES}
+        self.labels[session] = {label: 0 for label in LABELS}
+
+    def add_utterance(self, session: int, code: str, seconds: float) -> None:
+        self.codes[session][code] += 1
+        self.utterances += 1
+        self.seconds += seconds
+        if code in CODE_TO_LABEL:
+            self.labels[session][CODE_TO_LABEL[code]] += 1
+            self.four_class_utterances += 1
+            self.four_class_seconds += seconds
+
+    def summary(self) -> dict[str, Any]:
+        return {"codes": self.codes, "labels": self.labels, "utterances": self.utterances,
+                "four_class_utterances": self.four_class_utterances, "seconds": round(self.seconds, 4),
+                "four_class_seconds": round(self.four_class_seconds, 4), "dialogs": self.dialogs,
+                "xx_lines": self.xx_lines}
+
+
+def _session_codes(rng: np.random.Generator, utterances_per_session: int, session: int) -> list[str]:
+    """The emotion codes of one session's utterances, shuffled: the balanced 4-class ones (happy
+    split between hap and exc) and the others on top."""
+    counts = _class_counts(utterances_per_session, session)
+    n_hap = int(round(HAP_SHARE * counts["happy"]))
+    codes = (
+        ["neu"] * counts["neutral"] + ["hap"] * n_hap + ["exc"] * (counts["happy"] - n_hap)
+        + ["sad"] * counts["sad"] + ["ang"] * counts["angry"]
+    )  # fmt: skip
+    n_other = int(round(OTHER_FRACTION * utterances_per_session))
+    codes += [str(c) for c in rng.choice(OTHER_CODES, size=n_other, p=OTHER_CODE_WEIGHTS)]
+    return [codes[i] for i in rng.permutation(len(codes))]
+
+
+def _synthesize_session(rng: np.random.Generator, root: Path, session: int, utterances_per_session: int,
+                        audio: _AudioSettings, tally: _Tally) -> None:
+    """`Session<k>/`: its utterances shared out over dialogs, each dialog's wavs and text files."""
+    codes = _session_codes(rng, utterances_per_session, session)
+    n_dialogs = max(1, min(math.ceil(len(codes) / _UTTERANCES_PER_DIALOG), len(codes) // 2, 30))
+    dialogs = _dialog_names(session, n_dialogs)
+    session_dir = root / f"Session{session}"
+    eval_dir = session_dir / "dialog" / "EmoEvaluation"
+    trans_dir = session_dir / "dialog" / "transcriptions"
+    for d in (eval_dir / "Categorical", eval_dir / "Attribute", eval_dir / "Self-evaluation", trans_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    tally.start_session(session)
+    for d_index, (dialog, chunk) in enumerate(zip(dialogs, np.array_split(np.array(codes), len(dialogs)))):
+        wav_dir = session_dir / "sentences" / "wav" / dialog
+        wav_dir.mkdir(parents=True, exist_ok=True)
+        turns = _synthesize_dialog(rng, session, dialog, [str(c) for c in chunk], wav_dir, audio, tally,
+                                   first_of_session=d_index == 0)
+        _write_dialog(eval_dir, trans_dir, dialog, turns)
+        tally.dialogs += 1
+
+
+def _turn_speakers(rng: np.random.Generator, count: int) -> list[str]:
+    """Who speaks each labelled turn: alternating, sometimes the same speaker again; both speakers
+    always speak when the dialog has 2+ turns."""
+    speakers = [str(rng.choice(["F", "M"]))]
+    for _ in range(count - 1):
+        other = "M" if speakers[-1] == "F" else "F"
+        speakers.append(speakers[-1] if (len(speakers) > 1 and rng.random() < 0.25) else other)
+    return speakers
+
+
+def _synthesize_dialog(rng: np.random.Generator, session: int, dialog: str, codes: list[str], wav_dir: Path,
+                       audio: _AudioSettings, tally: _Tally, *, first_of_session: bool) -> list[_Turn]:
+    """One dialog's turns in time order, each labelled one's wav written to `wav_dir`, with
+    unlabelled XX lines between them (at least one in the first dialog of each session)."""
+    speakers = _turn_speakers(rng, len(codes))
+    n_xx = int(rng.integers(0, 3)) + (1 if first_of_session else 0)
+    xx_after = sorted(rng.integers(0, len(codes), size=n_xx).tolist())
+    turns: list[_Turn] = []
+    counters = {"F": 0, "M": 0}
+    xx_counters = {"F": 0, "M": 0}
+    t = int(rng.uniform(1.0, 8.0) * _TICKS)
+    for i, (code, spk) in enumerate(zip(codes, speakers)):
+        utt_id = f"{dialog}_{spk}{counters[spk]:03d}"
+        counters[spk] += 1
+        turn, seconds = _labelled_turn(rng, utt_id, code, spk, t, wav_dir, audio, audio.voices[(session, spk)])
+        turns.append(turn)
+        t = turn.end + int(rng.uniform(0.1, 1.5) * _TICKS)
+        tally.add_utterance(session, code, seconds)
+        for _ in range(xx_after.count(i)):
+            xs = str(rng.choice(["F", "M"]))
+            xx_len = int(rng.uniform(0.3, 1.5) * _TICKS)
+            xx_id = f"{dialog}_{xs}XX{xx_counters[xs]}"
+            xx_counters[xs] += 1
+            turns.append(_Turn(xx_id, t, t + xx_len, _pick(rng, _XX_TEXTS)))
+            t += xx_len + int(rng.uniform(0.1, 1.0) * _TICKS)
+            tally.xx_lines += 1
+    return turns
+
+
+def _labelled_turn(rng: np.random.Generator, utt_id: str, code: str, speaker: str, start: int, wav_dir: Path,
+                   audio: _AudioSettings, voice: _Voice) -> tuple[_Turn, float]:
+    """(the turn, its seconds) of one labelled utterance starting at tick `start`: its IEMOCAP-shaped
+    duration, its wav (prosody from the code's arousal) written, its annotations and sentence."""
+    sr = audio.sampling_rate
+    seconds_raw = float(np.clip(rng.lognormal(_DUR_MU, _DUR_SIGMA), _DUR_MIN, _DUR_MAX))
+    duration = max(seconds_raw * audio.duration_scale, MIN_SECONDS)
+    n = max(audio.step, int(round(duration * sr / audio.step)) * audio.step)
+    if code in CODE_TO_LABEL:
+        label = CODE_TO_LABEL[code]
+        arousal, valence = AROUSAL[label], VALENCE[label]
+    else:
+        arousal, valence = _other_arousal_valence(rng, code)
+    samples = _synth_audio(rng, n, sr, arousal, voice)
+    sf.write(wav_dir / f"{utt_id}.wav", _to_pcm16(samples), sr, subtype="PCM_16", format="WAV")
+    vad, lines = _annotations(rng, code, speaker)
+    end = start + n * _TICKS // sr
+    return _Turn(utt_id, start, end, _sentence(rng, valence), code, vad, lines), n / sr
 
 
 def _write_dialog(eval_dir: Path, trans_dir: Path, dialog: str, turns: list[_Turn]) -> None:
