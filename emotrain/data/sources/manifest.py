@@ -241,15 +241,10 @@ def read_stm_speakers(path: Path) -> dict[str, str]:
     return speakers
 
 
-def scan_emobox(folder: str | Path, download_root: str | Path | None, *, label_map: dict[str, str] | None = None,
-                labels: list[str] | None = None, text_column: str | None = None, asr: bool = False) -> Scan:
-    """EmoBox's lists for one corpus (`data/<corpus>`), with wav paths under `download_root`."""
-    folder = Path(folder)
-    if download_root is None:
-        raise ManifestError(f"{folder} is an EmoBox folder: give --download-root, the folder its `wav` paths "
-                            "are relative to")
-    download_root = Path(download_root)
-    fold_dirs = sorted(((int(m[1]), p) for p in folder.iterdir() if (m := FOLD_DIR.match(p.name))), key=lambda t: t[0])
+def _read_fold_lists(folder: Path, fold_dirs: list[tuple[int, Path]],
+                     ) -> tuple[dict[str, dict], dict[str, dict[str, set[int]]]]:
+    """(key → its first list entry, key → {"train", "test", "validation": the folds whose list of
+    that role holds it}) over every `fold_<k>/*_{train,test,valid}_fold_<k>.jsonl`."""
     entries: dict[str, dict] = {}
     membership: dict[str, dict[str, set[int]]] = {}
     for k, fold_dir in fold_dirs:
@@ -267,6 +262,47 @@ def scan_emobox(folder: str | Path, download_root: str | Path | None, *, label_m
     both = [key for key, m in membership.items() if m["train"] & m["test"]]
     if both:
         raise ManifestError(f"{folder}: {len(both)} key(s) in the train and test lists of the same fold ({both[:3]})")
+    return entries, membership
+
+
+def _emobox_groups(membership: dict[str, dict[str, set[int]]], numbers: list[int],
+                   ) -> tuple[dict[str, int], dict[int, str], list[FoldSpec]]:
+    """(key → group number, group number → folder name, the folds over the groups).
+
+    A group is the keys that the fold lists treat alike. Fold k's own test set, trained on by every
+    other fold, is `fold<k>`, numbered k; any other combination gets a group of its own."""
+    signatures: dict[tuple, int] = {}
+    group_names: dict[int, str] = {}
+    group_of: dict[str, int] = {}
+    for key in sorted(membership):
+        m = membership[key]
+        signature = (tuple(sorted(m["test"])), tuple(sorted(m["train"])), tuple(sorted(m["validation"])))
+        if signature not in signatures:
+            canonical = (len(m["test"]) == 1 and not m["validation"]
+                         and m["train"] == set(numbers) - m["test"])
+            number = next(iter(m["test"])) if canonical else 1000 + len(signatures)
+            signatures[signature] = number
+            group_names[number] = f"fold{number}" if canonical else f"group{len(signatures)}"
+        group_of[key] = signatures[signature]
+
+    def holding(k: int, role: str) -> tuple[int, ...]:
+        return tuple(sorted(number for (test, train, validation), number in signatures.items()
+                            if k in {"test": test, "train": train, "validation": validation}[role]))
+
+    folds = [FoldSpec(k, holding(k, "train"), holding(k, "test"), holding(k, "validation")) for k in numbers]
+    return group_of, group_names, folds
+
+
+def scan_emobox(folder: str | Path, download_root: str | Path | None, *, label_map: dict[str, str] | None = None,
+                labels: list[str] | None = None, text_column: str | None = None, asr: bool = False) -> Scan:
+    """EmoBox's lists for one corpus (`data/<corpus>`), with wav paths under `download_root`."""
+    folder = Path(folder)
+    if download_root is None:
+        raise ManifestError(f"{folder} is an EmoBox folder: give --download-root, the folder its `wav` paths "
+                            "are relative to")
+    download_root = Path(download_root)
+    fold_dirs = sorted(((int(m[1]), p) for p in folder.iterdir() if (m := FOLD_DIR.match(p.name))), key=lambda t: t[0])
+    entries, membership = _read_fold_lists(folder, fold_dirs)
     numbers = [k for k, _ in fold_dirs]
 
     # Label names: EmoBox's label_map.json (emo code → class), lower-cased, unless --label-map says.
@@ -285,27 +321,7 @@ def scan_emobox(folder: str | Path, download_root: str | Path | None, *, label_m
     stm_speakers = read_stm_speakers(stm) if stm.is_file() else {}
     has_speakers = bool(stm_speakers)
 
-    # Groups: the keys that the fold lists treat alike. Fold k's own test set, trained on by every
-    # other fold, is `fold<k>`, numbered k; any other combination gets a group of its own.
-    signatures: dict[tuple, int] = {}
-    group_names: dict[int, str] = {}
-    group_of: dict[str, int] = {}
-    for key in sorted(entries):
-        m = membership[key]
-        signature = (tuple(sorted(m["test"])), tuple(sorted(m["train"])), tuple(sorted(m["validation"])))
-        if signature not in signatures:
-            canonical = (len(m["test"]) == 1 and not m["validation"]
-                         and m["train"] == set(numbers) - m["test"])
-            number = next(iter(m["test"])) if canonical else 1000 + len(signatures)
-            signatures[signature] = number
-            group_names[number] = f"fold{number}" if canonical else f"group{len(signatures)}"
-        group_of[key] = signatures[signature]
-    folds = []
-    for k in numbers:
-        def holding(role: str) -> tuple[int, ...]:
-            return tuple(sorted(number for (test, train, validation), number in signatures.items()
-                                if k in {"test": test, "train": train, "validation": validation}[role]))
-        folds.append(FoldSpec(k, holding("train"), holding("test"), holding("validation")))
+    group_of, group_names, folds = _emobox_groups(membership, numbers)
 
     records, skipped, dropped = [], [], Counter()
     corrected = 0
