@@ -291,8 +291,8 @@ def load(model_dir: str | Path, *, device: str | torch.device | None = None, asr
 
     device: default the GPU when there is one, else the CPU. asr: a speech recogniser (hub name or
     local folder) for inputs without a transcript, loaded only when the model takes text.
-    Raises InputError for a folder that is no model folder, RecogniserError for a recogniser that
-    cannot be loaded."""
+    Raises InputError for a folder that is no model folder, `emotrain.data.asr.RecogniserError` (a
+    ValueError) for a recogniser that cannot be loaded."""
     check_model_folder(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = EmotionModel.from_pretrained(model_dir, device=device)
