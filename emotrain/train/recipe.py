@@ -58,6 +58,7 @@ from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets,
 from emotrain.data.folds import FoldSplit, check_config_fits_dataset, split_from_config
 from emotrain.data.shards import read_dataset_info
 from emotrain.data.stream import build_train_stream
+from emotrain.metrics import format_results
 from emotrain.model import build_model, build_processors
 from emotrain.model.encoders import check_data_fits_model
 from emotrain.train import tracking
@@ -556,21 +557,3 @@ def _export_best(t: Training) -> None:
                                     max_audio_seconds=cfg.data.max_audio_seconds)
     best_model.save_pretrained(t.output_dir / "best", processors=t.processors, state_dict=state_dict)
     save_config(cfg, t.output_dir / "best" / "config.yaml", provenance=t.run_provenance)
-
-
-def format_results(results: dict) -> str:
-    """A small table: WA, UA, macro-F1 and recall per class for validation and test."""
-    labels = next((list(results[s]["per_class_recall"]) for s in ("validation", "test") if results.get(s)), [])
-    width = max(9, *(len(name) + 1 for name in labels)) if labels else 9
-    header = f"{'split':<11}{'n':>6}{'WA':>8}{'UA':>8}{'F1':>8}" + "".join(f"{name:>{width}}" for name in labels)
-    lines = [header]
-    for split in ("validation", "test"):
-        m = results.get(split)
-        if not m:
-            continue
-        recalls = "".join(
-            f"{m['per_class_recall'][name]:>{width}.3f}" if m["per_class_recall"][name] is not None else f"{'-':>{width}}"
-            for name in labels
-        )
-        lines.append(f"{split:<11}{m['n']:>6}{m['wa']:>8.3f}{m['ua']:>8.3f}{m['macro_f1']:>8.3f}{recalls}")
-    return "\n".join(lines) + "\n(recall per class on the right)"
