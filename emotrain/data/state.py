@@ -2,10 +2,11 @@
 
 A rank's state is `{epoch, position}` (batches of the epoch already yielded) plus what the plan
 depends on: world size, accumulation, and fingerprints of the split, of the shard layout (files
-and the ids in each, in row order), of the labels and of the plan settings. (It also records the
-number of data workers, which shapes no batch: a resume with another count goes on exactly.) It is small and JSON (one file
-per rank in every checkpoint). Anything that shaped the plan and changed since is an error naming
-it: re-prepared shards would otherwise silently repeat some utterances and skip others.
+and the ids in each, in row order), of the labels and of the plan settings. It also records the
+number of data workers, which shapes no batch: a resume with another count goes on exactly. It is
+small and JSON (one file per rank in every checkpoint). Anything that shaped the plan and changed
+since is an error naming it: re-prepared shards would otherwise silently repeat some utterances and
+skip others.
 """
 
 from __future__ import annotations
