@@ -7,7 +7,7 @@
    4-class set (lognormal, median 3.58 s, mean 4.55 s, clipped to [0.59, 34.14] s), cropped at
    15 s as training does, batched by the planner the training stream uses. No audio involved.
 2. Throughput from prepared Parquet shards written here (FLAC, IEMOCAP-shaped durations):
-   soundfile decode alone, then the full training stream (datasets streaming read, decode,
+   soundfile decode alone, then the full training stream (row-group reads with pyarrow, decode,
    crop, tokenise, feature-extract, collate) with 0 and 2 DataLoader workers; and the cost of
    planning an epoch / restoring a mid-epoch state (metadata only).
 """
@@ -106,7 +106,7 @@ def throughput(utterances_per_session: int, workdir: Path, workers_counts: tuple
     settings = StreamSettings(seed=0, batch_size=8)  # the defaults: bucketed, 80 s, crop 15 s
     for workers in workers_counts:
         stream = TrainStream(split, settings, feature_extractor=fe, tokenizer=tok, num_workers=workers)
-        list(TrainStream(split, settings, feature_extractor=fe, tokenizer=tok).plan(0).sequence)  # warm imports
+        list(TrainStream(split, settings, feature_extractor=fe, tokenizer=tok).plan(0).batches)  # warm imports
         t = time.perf_counter()
         utts, audio, padded = 0, 0.0, 0.0
         for batch in stream:

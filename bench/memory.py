@@ -52,7 +52,7 @@ def largest_batch_seconds(overrides: list[str], steps: int, processes: int) -> f
     cfg = load_config(REPO / "configs/smoke.yaml", overrides)
     split = split_from_config(cfg.data, seed=cfg.train.seed)
     settings = StreamSettings.from_config(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    plan = plan_epoch(split, settings, processes, cfg.data.workers(processes), 0, 1)[0]
+    plan = plan_epoch(split, settings, processes, epoch=0)[0]
     seconds = cropped_seconds(split.meta.duration, cfg.data.max_audio_seconds)
     return max(len(b) * float(seconds[b].max()) for b in (plan.batch(p) for p in range(min(steps, len(plan)))))
 

@@ -1,8 +1,8 @@
-"""The epoch plan: which utterances every rank (and each of its data workers) trains on, in which
-batches and in which order. Pure functions of metadata (id, duration, file, row): an epoch is
-planned in milliseconds, replayed on resume, and never saved.
+"""The epoch plan: which utterances every rank trains on, in which batches and in which order.
+Pure functions of metadata (id, duration, file, row): an epoch is planned in milliseconds, replayed
+on resume, and never saved.
 
-    plans = plan_epoch(split, settings, world_size=4, num_workers=2, epoch=3, accumulation=2)
+    plans = plan_epoch(split, settings, world_size=4, epoch=3, accumulation=2)
     plans[rank].batch(position)        # metadata row indices of the rank's position-th batch
     step_utterances(plans, 2)          # utterances in each optimizer step, summed over all ranks
 
@@ -12,10 +12,12 @@ How one epoch is planned:
    validation rows removed, and rows already trained on in this epoch removed when resuming on a
    different number of processes) are dealt to ranks by `partition_shards`: whole shards when their
    count divides the world size, otherwise the largest shards whole and the few smallest split row
-   by row. The same rule splits a rank's shards over its DataLoader workers.
-2. Per (seed, epoch, rank, world size, worker) the worker's shard order is shuffled, rows go through
-   a simulated streaming shuffle buffer, then duration buckets under a padded-seconds budget (or
-   fixed-size batches).
+   by row.
+2. Per (seed, epoch, rank, world size) the rank's shard order is shuffled, rows go through a
+   simulated streaming shuffle buffer, then duration buckets under a padded-seconds budget (or
+   fixed-size batches): the batches one reader of the rank's shards would form, in order. The
+   number of DataLoader workers plays no part: they only share out the decoding of these batches
+   (the reader), so any worker count, decided per machine, trains on the same batches.
 3. Equal steps on every rank. Whole shards hold different numbers of utterances, so ranks get
    different numbers of batches; a rank that ran out first would end the epoch for everyone and the
    others' last batches would be dropped. Instead every rank gets the same number of batches, a
@@ -73,7 +75,7 @@ StreamSettings.__module__ = __name__  # (make_dataclass's own `module=` needs Py
 
 
 # ---------------------------------------------------------------------------------------------
-# Sharding (ranks, then workers).
+# Sharding.
 
 
 def partition_shards(shards: list[Shard], parts: int, index: int, whole: bool = True) -> list[Shard]:
@@ -133,55 +135,37 @@ def training_shards(split: "FoldSplit", exclude: np.ndarray | None = None) -> li
 
 
 @dataclass
-class WorkerPlan:
-    shards: list[Shard]
-    """The worker's shards in this epoch's read order."""
-    batches: list[np.ndarray]
-    """Batches of metadata row indices, in the order the worker yields them."""
-    canonical: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    """Position of each of these batches in the rank's yield sequence."""
-
-
-@dataclass
 class EpochPlan:
     epoch: int
-    workers: list[WorkerPlan]
-    sequence: list[tuple[int, int]] = field(default_factory=list)
-    """The rank's batches in yield order: (logical worker, its batch index), round-robin."""
+    shards: list[Shard]
+    """The rank's shards in this epoch's read order."""
+    batches: list[np.ndarray]
+    """The rank's batches of metadata row indices, in yield order."""
     dropped: int = 0
     """Utterances left out to give every rank the same number of batches (normally 0)."""
 
-    def __post_init__(self) -> None:
-        self.sequence = _round_robin(self.workers)
-
     def __len__(self) -> int:
-        return len(self.sequence)
+        return len(self.batches)
 
     def batch(self, position: int) -> np.ndarray:
-        w, j = self.sequence[position]
-        return self.workers[w].batches[j]
+        return self.batches[position]
 
     def batch_sizes(self) -> np.ndarray:
-        return np.array([len(self.batch(p)) for p in range(len(self))], dtype=np.int64)
+        return np.array([len(b) for b in self.batches], dtype=np.int64)
+
+    def utterances(self) -> int:
+        return sum(len(b) for b in self.batches)
 
     def rows(self, stop: int | None = None) -> np.ndarray:
         """Metadata rows of the batches at positions [0, stop), in yield order."""
-        parts = [self.batch(p) for p in range(len(self) if stop is None else stop)]
+        parts = self.batches[:stop]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def _round_robin(workers: list[WorkerPlan]) -> list[tuple[int, int]]:
-    """torch's DataLoader asks its workers in turn: worker 0's batch 0, worker 1's batch 0, ..."""
-    sequence: list[tuple[int, int]] = []
-    canonical: list[list[int]] = [[] for _ in workers]
-    for round_ in range(max((len(w.batches) for w in workers), default=0)):
-        for w, plan in enumerate(workers):
-            if round_ < len(plan.batches):
-                canonical[w].append(len(sequence))
-                sequence.append((w, round_))
-    for plan, positions in zip(workers, canonical):
-        plan.canonical = np.asarray(positions, dtype=np.int64)
-    return sequence
+ONE_READER = (0, 1)
+"""Trailing entries of a rank's seed: worker 0 of 1, what a rank's plan was seeded with when each
+DataLoader worker still planned shards of its own. Kept so that checkpoints of runs with 0 or 1
+worker written then replay the very same plan."""
 
 
 def plan_rank(
@@ -190,7 +174,6 @@ def plan_rank(
     settings: StreamSettings,
     rank: int,
     world_size: int,
-    num_workers: int,
     epoch: int,
     whole_shards: bool = True,
 ) -> EpochPlan:
@@ -198,32 +181,27 @@ def plan_rank(
     are evened out (see the module docstring). `whole_shards=False` deals rows to ranks instead."""
     meta = split.meta
     rank_shards = partition_shards(shards, world_size, rank, whole=whole_shards)
-    n_logical = max(1, num_workers)
     # What each utterance pads to in a batch: its cropped duration, up to the length ladder's rung.
     seconds = ladder_seconds(cropped_seconds(meta.duration, settings.max_audio_seconds), settings.length_ladder,
                              settings.sampling_rate, settings.max_audio_seconds)
-    workers = []
-    for w in range(n_logical):
-        shards = partition_shards(rank_shards, n_logical, w)
-        rng = np.random.default_rng([settings.seed, epoch, rank, world_size, w, n_logical])
-        shards = [shards[i] for i in rng.permutation(len(shards))]
-        read_order = np.concatenate([rows for _, rows in shards]) if shards else np.zeros(0, np.int64)
-        order = shuffle_buffer_order(read_order, settings.shuffle_buffer_size, rng)
-        if settings.batching == "bucket":
-            batches = bucket_batches(
-                order,
-                seconds[order],
-                buffer_size=settings.bucket_buffer_size,
-                max_batch_seconds=settings.max_batch_audio_seconds,
-                max_batch_size=settings.batch_size,
-                rng=rng,
-            )
-        elif settings.batching == "fixed":
-            batches = fixed_batches(order, settings.batch_size)
-        else:
-            raise ValueError(f"unknown batching {settings.batching!r}")
-        workers.append(WorkerPlan(shards=shards, batches=[b for b in batches if len(b)]))
-    return EpochPlan(epoch=epoch, workers=workers)
+    rng = np.random.default_rng([settings.seed, epoch, rank, world_size, *ONE_READER])
+    rank_shards = [rank_shards[i] for i in rng.permutation(len(rank_shards))]
+    read_order = np.concatenate([rows for _, rows in rank_shards]) if rank_shards else np.zeros(0, np.int64)
+    order = shuffle_buffer_order(read_order, settings.shuffle_buffer_size, rng)
+    if settings.batching == "bucket":
+        batches = bucket_batches(
+            order,
+            seconds[order],
+            buffer_size=settings.bucket_buffer_size,
+            max_batch_seconds=settings.max_batch_audio_seconds,
+            max_batch_size=settings.batch_size,
+            rng=rng,
+        )
+    elif settings.batching == "fixed":
+        batches = fixed_batches(order, settings.batch_size)
+    else:
+        raise ValueError(f"unknown batching {settings.batching!r}")
+    return EpochPlan(epoch=epoch, shards=rank_shards, batches=[b for b in batches if len(b)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,45 +214,32 @@ def split_largest_batches(plan: EpochPlan, extra: int) -> EpochPlan:
 
     Raises ValueError when the plan holds fewer utterances than the wanted number of batches.
     """
-    total = sum(len(b) for w in plan.workers for b in w.batches)
+    total = plan.utterances()
     if len(plan) + extra > total:
         raise ValueError(f"{total} utterances cannot fill {len(plan) + extra} batches")
-    pieces = [[1] * len(w.batches) for w in plan.workers]
-    # Max-heap on the current piece size; ties go to the earliest (worker, batch).
-    heap = [(-len(b), w, j) for w, wp in enumerate(plan.workers) for j, b in enumerate(wp.batches)]
+    pieces = [1] * len(plan)
+    # Max-heap on the current piece size; ties go to the earliest batch.
+    heap = [(-len(b), j) for j, b in enumerate(plan.batches)]
     heapq.heapify(heap)
     for _ in range(extra):
-        _, w, j = heapq.heappop(heap)
-        pieces[w][j] += 1
-        size = len(plan.workers[w].batches[j])
-        heapq.heappush(heap, (-size // pieces[w][j], w, j))  # -ceil(size / pieces)
-    workers = [
-        WorkerPlan(
-            shards=wp.shards,
-            batches=[piece for b, k in zip(wp.batches, pieces[w]) for piece in np.array_split(b, k)],
-        )
-        for w, wp in enumerate(plan.workers)
-    ]
-    return EpochPlan(epoch=plan.epoch, workers=workers, dropped=plan.dropped)
+        _, j = heapq.heappop(heap)
+        pieces[j] += 1
+        heapq.heappush(heap, (-len(plan.batches[j]) // pieces[j], j))  # -ceil(size / pieces)
+    batches = [piece for b, k in zip(plan.batches, pieces) for piece in np.array_split(b, k)]
+    return EpochPlan(epoch=plan.epoch, shards=plan.shards, batches=batches, dropped=plan.dropped)
 
 
 def truncate(plan: EpochPlan, length: int) -> EpochPlan:
-    """The first `length` batches of `plan` in yield order (each worker keeps a prefix of its own:
-    a prefix of the round-robin sequence is the round robin of the workers' prefixes)."""
-    keep = [0] * len(plan.workers)
-    for w, _ in plan.sequence[:length]:
-        keep[w] += 1
-    dropped = sum(len(b) for p in range(length, len(plan)) for b in [plan.batch(p)])
-    workers = [
-        WorkerPlan(shards=wp.shards, batches=wp.batches[: keep[w]]) for w, wp in enumerate(plan.workers)
-    ]
-    return EpochPlan(epoch=plan.epoch, workers=workers, dropped=plan.dropped + dropped)
+    """The first `length` batches of `plan`."""
+    dropped = sum(len(b) for b in plan.batches[length:])
+    return EpochPlan(epoch=plan.epoch, shards=plan.shards, batches=plan.batches[:length],
+                     dropped=plan.dropped + dropped)
 
 
 def even_out(plans: list[EpochPlan], accumulation: int) -> list[EpochPlan]:
     """Give every rank the same number of batches, a multiple of `accumulation` (module docstring)."""
     target = -(-max(len(p) for p in plans) // accumulation) * accumulation
-    utterances = [sum(len(b) for w in p.workers for b in w.batches) for p in plans]
+    utterances = [p.utterances() for p in plans]
     if min(utterances) < target:
         # A rank cannot fill `target` batches: the others give up their last ones instead.
         target = min(utterances) // accumulation * accumulation
@@ -288,7 +253,7 @@ def plan_epoch(
     split: "FoldSplit",
     settings: StreamSettings,
     world_size: int,
-    num_workers: int,
+    *,
     epoch: int,
     accumulation: int = 1,
     exclude: np.ndarray | None = None,
@@ -305,7 +270,7 @@ def plan_epoch(
     rest = exclude is not None
     if rest:
         shards = [shard for shard in shards if len(shard[1])]
-    plans = [plan_rank(split, shards, settings, rank, world_size, num_workers, epoch, whole_shards=not rest)
+    plans = [plan_rank(split, shards, settings, rank, world_size, epoch, whole_shards=not rest)
              for rank in range(world_size)]
     return even_out(plans, accumulation)
 

@@ -1,11 +1,15 @@
-"""The reader: streams one rank's planned batches from the Parquet shards and decodes them.
+"""The reader: reads one rank's planned batches from the Parquet shards and decodes them.
 
-Runs in DataLoader workers (or in the training process with `num_workers=0`). Each logical worker
-of the epoch plan streams its shards in plan order with `datasets`
-(`load_dataset("parquet", data_files=..., streaming=True)`, one shard at a time via `.shard`),
-keeps the bytes of rows whose batch is not complete yet (bounded by the shuffle and bucket
-buffers, as in a real shuffle buffer), and as soon as the next planned batch is complete decodes it
-(soundfile, soxr), crops it (seeded by (seed, epoch, id)), tokenises and collates it.
+Runs in DataLoader workers (or in the training process with `num_workers=0`). The rank's plan is
+one sequence of batches (`emotrain.data.plan`, the same whatever the worker count); the workers
+only share out its decoding: at a pass starting at batch `start`, worker k of n decodes the batches
+at positions start + k, start + k + n, ..., the order in which torch's DataLoader asks its workers
+(worker 0 first at every pass), so the batches arrive in plan order. Each worker goes through the
+rank's shards in the plan's read order and reads, with pyarrow through fsspec, only the row groups
+holding rows of its own batches, one row group at a time; it keeps those rows until their batch is
+complete (a bounded window: batches follow the read order through the plan's shuffle and bucket
+buffers), then decodes it (soundfile, soxr), crops it (seeded by (seed, epoch, id)), tokenises and
+collates it. Every worker thus reads most of the rank's compressed audio but decodes only its share.
 
 The workers are persistent: they are started once and read, at the start of every pass, which
 epoch and from which batch the pass covers (`PassControl`, shared memory the main process writes
@@ -19,14 +23,16 @@ leaves it out), is logged with its id and reported with the batch; the epoch goe
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 from typing import TYPE_CHECKING, Any, Iterator
 
-import datasets
-import datasets.config
+import fsspec
 import fsspec.asyn
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
 from emotrain.data.audio import AudioDecodeError, crop, crop_offset, decode_audio
@@ -36,9 +42,6 @@ if TYPE_CHECKING:
     from emotrain.data.batching import Collator
     from emotrain.data.folds import FoldSplit
     from emotrain.data.plan import StreamSettings
-
-# A shuffled Parquet stream otherwise sleeps 5 s at the end of every pass (arrow thread shutdown).
-datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
 
 logger = logging.getLogger("emotrain.data")
 
@@ -53,15 +56,6 @@ _FAILED = object()  # a row whose shard could not be read
 
 class StreamMismatchError(RuntimeError):
     """The Parquet shards no longer hold what the metadata (and so the plan) says."""
-
-
-def open_training_source(files: list[str]) -> datasets.IterableDataset:
-    """The `datasets` stream over the training shards (built once, before workers start)."""
-    source = datasets.load_dataset("parquet", data_files={"train": list(files)}, split="train", streaming=True,
-                                   columns=READ_COLUMNS)
-    if source.num_shards != len(files):
-        raise RuntimeError(f"datasets sees {source.num_shards} shards, expected {len(files)}")
-    return source
 
 
 class PassControl:
@@ -97,7 +91,6 @@ class EpochReader(IterableDataset):
         *,
         rank: int,
         world_size: int,
-        num_workers: int,
         accumulation: int,
         control: PassControl,
     ):
@@ -107,32 +100,26 @@ class EpochReader(IterableDataset):
         self.collator = collator
         self.rank = rank
         self.world_size = world_size
-        self.num_workers = num_workers
         self.accumulation = accumulation
         self.control = control
-        self.source = open_training_source(split.train_files)
-        self.source_index = {url: i for i, url in enumerate(split.train_files)}
 
     def __iter__(self):
         epoch, start, exclude = self.control.get()
-        plan = plan_epoch(self.split, self.settings, self.world_size, self.num_workers, epoch, self.accumulation,
-                          exclude)[self.rank]
+        plan = plan_epoch(self.split, self.settings, self.world_size, epoch=epoch, accumulation=self.accumulation,
+                          exclude=exclude)[self.rank]
         info = get_worker_info()
-        if info is None:
-            yield from self._produce(plan, 0, start)  # in-process: one logical worker (num_workers=0)
+        if info is None:  # in-process (num_workers=0): every batch
+            yield from self._produce(plan, range(start, len(plan)))
             return
         # A forked worker must not reuse the parent's fsspec event-loop lock (remote filesystems
-        # hang otherwise); datasets does the same in its own worker path, which we bypass.
+        # hang otherwise).
         fsspec.asyn.reset_lock()
-        # The DataLoader asks worker 0 first at every pass: worker 0 plays the logical worker whose
-        # batch comes next, and the rest follow in the canonical round-robin order.
-        rotation = plan.sequence[start][0] if start < len(plan) else 0
-        yield from self._produce(plan, (info.id + rotation) % len(plan.workers), start)
+        # The DataLoader asks worker 0 first at every pass, then 1, ...: round robin from `start`.
+        yield from self._produce(plan, range(start + info.id, len(plan), info.num_workers))
 
-    def _produce(self, plan: EpochPlan, w: int, start: int):
-        worker = plan.workers[w]
-        first = int(np.searchsorted(worker.canonical, start))  # this worker's batches already yielded
-        batches = worker.batches[first:]
+    def _produce(self, plan: EpochPlan, positions: range):
+        """Yields the batches of `plan` at `positions`, in that order, reading only their rows."""
+        batches = [plan.batch(p) for p in positions]
         if not batches:
             return
         meta = self.split.meta
@@ -143,26 +130,21 @@ class EpochReader(IterableDataset):
                 batch_of[m] = j
         held: dict[int, Any] = {}
         next_j = 0
-        for file_idx, rows in worker.shards:
+        for file_idx, rows in plan.shards:
             wanted = {int(meta.row[m]): int(m) for m in rows.tolist() if int(m) in batch_of}
             if not wanted:
-                continue  # everything this shard holds for us was consumed before the resume point
-            last_row = max(wanted)
+                continue  # nothing of this shard is in these batches (another worker's, or before the resume point)
             received: set[int] = set()
-            rows_iter = self._read_shard(file_idx)
-            row = -1
-            while row < last_row:
+            rows_iter = self._read_rows(file_idx, sorted(wanted))
+            while True:
                 try:
-                    record = next(rows_iter)
+                    row, record = next(rows_iter)
                 except StopIteration:
                     break
                 except Exception as err:  # an unreadable shard: skip its rows, keep the epoch going
                     logger.error("cannot read %s (%s): skipping its remaining rows", meta.files[file_idx], err)
                     break
-                row += 1
-                m = wanted.get(row)
-                if m is None:
-                    continue
+                m = wanted[row]
                 if record["id"] != meta.id[m]:
                     raise StreamMismatchError(
                         f"{meta.files[file_idx]} row {row} is {record['id']!r}, metadata says "
@@ -172,31 +154,34 @@ class EpochReader(IterableDataset):
                 received.add(m)
                 missing[batch_of[m]] -= 1
                 while next_j < len(batches) and missing[next_j] == 0:
-                    yield self._emit(plan.epoch, batches[next_j], worker.canonical[first + next_j], held)
+                    yield self._emit(plan.epoch, batches[next_j], positions[next_j], held)
                     next_j += 1
-            close = getattr(rows_iter, "close", None)
-            if close is not None:
-                close()
+            rows_iter.close()
             for m in wanted.values():
                 if m not in received:  # the shard ended early or failed: these rows stand in as silence
                     held[m] = _FAILED
                     missing[batch_of[m]] -= 1
             while next_j < len(batches) and missing[next_j] == 0:
-                yield self._emit(plan.epoch, batches[next_j], worker.canonical[first + next_j], held)
+                yield self._emit(plan.epoch, batches[next_j], positions[next_j], held)
                 next_j += 1
         if next_j != len(batches):  # cannot happen unless the plan and the shards disagree
-            raise RuntimeError(f"worker {w}: {len(batches) - next_j} planned batches never completed")
+            raise RuntimeError(f"{len(batches) - next_j} planned batches never completed")
 
-    def _read_shard(self, file_idx: int) -> Iterator[dict[str, Any]]:
-        """The rows of one Parquet shard, in file order, streamed by `datasets`."""
-        url = self.split.meta.files[file_idx]
-        shard = self.source.shard(num_shards=self.source.num_shards, index=self.source_index[url])
-        # `.iter(batch_size)`, not `iter(shard)`: inside a DataLoader worker `IterableDataset.__iter__`
-        # would split the (single) shard across workers a second time and starve all but one.
-        for rows in shard.iter(batch_size=64):
-            columns = list(rows)
-            for values in zip(*(rows[c] for c in columns)):
-                yield dict(zip(columns, values))
+    def _read_rows(self, file_idx: int, rows: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """`(row, record)` for the given rows (ascending) of one Parquet shard, reading only the row
+        groups that hold them, one at a time (a row group is the unit Parquet reads)."""
+        fs, path = fsspec.core.url_to_fs(self.split.meta.files[file_idx])
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+            groups = (np.searchsorted(starts, rows, side="right") - 1).tolist()
+            for g, members in itertools.groupby(zip(rows, groups), key=lambda row_group: row_group[1]):
+                in_group = [r for r, _ in members]
+                if g >= parquet.num_row_groups:
+                    raise IndexError(f"rows {in_group} are past the end of the file ({starts[-1]} rows)")
+                table = parquet.read_row_group(g, columns=READ_COLUMNS)
+                local = pa.array([r - int(starts[g]) for r in in_group], type=pa.int64())
+                yield from zip(in_group, table.take(local).to_pylist())
 
     def _emit(self, epoch: int, batch_rows: np.ndarray, position: int, held: dict[int, Any]):
         meta = self.split.meta

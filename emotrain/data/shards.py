@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from emotrain.config import LABEL_NAMES, SAMPLING_RATE, ConfigError
 
 ROW_GROUP_SIZE = 64
-"""Rows per Parquet row group (~5 MB of FLAC): the unit datasets reads at a time."""
+"""Rows per Parquet row group (~5 MB of FLAC): the unit the training reader and evaluation read at a time."""
 
 def features(labels: Sequence[str] = LABEL_NAMES) -> datasets.Features:
     """The prepared schema; only the `label` ClassLabel's names depend on the dataset."""

@@ -1,10 +1,12 @@
 """The training stream's resume state: what a rank saves, and what a saved state must agree on.
 
 A rank's state is `{epoch, position}` (batches of the epoch already yielded) plus what the plan
-depends on: world size, workers, accumulation, and fingerprints of the split, of the shard layout
-(files and the ids in each, in row order), of the labels and of the plan settings. It is small and JSON (one file
-per rank in every checkpoint). Anything that shaped the plan and changed since is an error naming
-it: re-prepared shards would otherwise silently repeat some utterances and skip others.
+depends on: world size, accumulation, and fingerprints of the split, of the shard layout (files
+and the ids in each, in row order), of the labels and of the plan settings. It also records the
+number of data workers, which shapes no batch: a resume with another count goes on exactly. It is
+small and JSON (one file per rank in every checkpoint). Anything that shaped the plan and changed
+since is an error naming it: re-prepared shards would otherwise silently repeat some utterances and
+skip others.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ import numpy as np
 from emotrain.data.folds import Metadata
 from emotrain.data.plan import StreamSettings
 
-STATE_FORMAT = "emotrain.train_stream/2"
+STATE_FORMAT = "emotrain.train_stream/3"
+"""/3: the rank's plan no longer depends on the number of data workers."""
+WORKER_PLANS_FORMAT = "emotrain.train_stream/2"
+"""States of the versions where each data worker planned shards of its own: with 0 or 1 worker
+that plan is the rank's plan now (the same seed), so they resume; with more, it cannot be replayed."""
 
 
 def layout_fingerprint(meta: Metadata) -> dict[str, Any]:
@@ -62,7 +68,13 @@ def check_states(states: list[dict[str, Any]]) -> None:
     if not states:
         raise ValueError("no stream state to resume from")
     for rank, state in enumerate(states):
-        if state.get("format") != STATE_FORMAT:
+        if state.get("format") == WORKER_PLANS_FORMAT and int(state.get("num_workers", 0)) > 1:
+            raise ValueError(
+                f"stream state of rank {rank} was written by an emotrain version whose batches depended on "
+                f"data.num_workers ({state['num_workers']} then): epoch {state.get('epoch')} cannot be resumed "
+                "exactly. Start a new run in another output_dir"
+            )
+        if state.get("format") not in (STATE_FORMAT, WORKER_PLANS_FORMAT):
             raise ValueError(
                 f"stream state of rank {rank} has format {state.get('format')!r}, expected {STATE_FORMAT!r} "
                 "(written by another emotrain version): start a new run in another output_dir"

@@ -13,19 +13,21 @@ Three parts, one module each:
   function of metadata that gives every rank the same number of batches, so every rank yields
   exactly `num_batches()` batches per epoch and the epoch ends everywhere at the same step
   without a collective;
-- the reader (`emotrain.data.reader`) streams and decodes what the plan asks for, in persistent
-  DataLoader workers (started at the first batch, kept for every later epoch);
+- the reader (`emotrain.data.reader`) reads and decodes what the plan asks for, in persistent
+  DataLoader workers (started at the first batch, kept for every later epoch) that share out the
+  decoding of the rank's batches: the worker count changes no batch, only how fast they come;
 - the state (`emotrain.data.state`) is what a checkpoint keeps per rank, and its checks.
 
 torch's DataLoader round-robins workers; batches carry their position in the rank's sequence and
 the stream yields them in that order. The stream is NOT passed through `accelerator.prepare`: it
 is sharded across ranks already, and Accelerate would shard (or dispatch) it a second time.
 
-Resume. Restoring on the same number of processes and workers replays the plan and skips, without
-decoding, the rows of already-yielded batches. Restoring on another number (a requeued job on
-fewer or more GPUs) collects every old rank's consumed rows, and plans the rest of that epoch over
-the new ranks: every utterance not yet seen in the epoch is seen exactly once; later epochs follow
-the new world size.
+Resume. Restoring on the same number of processes (and accumulation) replays the plan and skips,
+without decoding, the rows of already-yielded batches, whatever the number of data workers then and
+now (a requeued job on a node with other cores: the same batches). Restoring on another number of
+processes (a requeued job on fewer or more GPUs) collects every old rank's consumed rows, and plans
+the rest of that epoch over the new ranks: every utterance not yet seen in the epoch is seen exactly
+once; later epochs follow the new world size.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class TrainStream:
         self.position = 0
         self.consumed: np.ndarray | None = None
         """Rows (mask over split.meta) trained on in the current epoch before its plan began:
-        set when the epoch was resumed on another number of processes or workers."""
+        set when the epoch was resumed on another number of processes (or accumulation)."""
         self.skipped: list[str] = []
         """Ids of training utterances skipped because they could not be decoded (this run + restored)."""
         self._plans: tuple[int, list[EpochPlan]] | None = None
@@ -120,8 +122,8 @@ class TrainStream:
         epoch = self.epoch if epoch is None else epoch
         if self._plans is None or self._plans[0] != epoch:
             exclude = self.consumed if epoch == self.epoch else None
-            plans = plan_epoch(self.split, self.settings, self.world_size, self.num_workers, epoch,
-                               self.accumulation, exclude)
+            plans = plan_epoch(self.split, self.settings, self.world_size, epoch=epoch,
+                               accumulation=self.accumulation, exclude=exclude)
             if epoch != self.epoch:
                 return plans  # a look ahead (step counts): not worth keeping
             self._plans = (epoch, plans)
@@ -155,8 +157,7 @@ class TrainStream:
         if self._reader is None:
             control = PassControl(len(self.split.meta), self.multiprocessing_context)
             self._reader = EpochReader(self.split, self.settings, self.collator, rank=self.rank,
-                                       world_size=self.world_size, num_workers=self.num_workers,
-                                       accumulation=self.accumulation, control=control)
+                                       world_size=self.world_size, accumulation=self.accumulation, control=control)
         # Written before the pass starts; persistent workers read it when they begin the pass.
         self._reader.control.set(self.epoch, self.position, self.consumed)
         pin = torch.cuda.is_available()  # page-locked batches: the recipe's non_blocking copies overlap
@@ -195,7 +196,7 @@ class TrainStream:
         try:
             for position, batch, skipped in source:
                 pending[position] = (batch, skipped)
-                # Yield in canonical order, whatever order workers delivered in.
+                # Yield in plan order, whatever order workers delivered in.
                 while self.position in pending:
                     batch, skipped = pending.pop(self.position)
                     self.position += 1
@@ -247,26 +248,25 @@ class TrainStream:
 
     def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
         """Continue exactly where a checkpoint's ranks stopped; `states` holds every rank's
-        `state_dict()`, ordered by rank. Another world size or worker count is fine (the rest of the
-        epoch is planned anew over the utterances not yet seen); anything else that shaped the plan
-        is a ValueError naming what changed."""
+        `state_dict()`, ordered by rank. Another worker count changes nothing (the same plan goes
+        on); another world size or accumulation is fine (the rest of the epoch is planned anew over
+        the utterances not yet seen); anything else that shaped the plan is a ValueError naming what
+        changed."""
         check_states(states)
         first = states[0]
         check_identity(first, self.identity())
         self.epoch = int(first["epoch"])
         consumed = decode_mask(first.get("consumed"), len(self.split.meta))
         self._plans = None
-        if (first["world_size"], first["num_workers"], first["accumulation"]) == (
-            self.world_size, self.num_workers, self.accumulation,
-        ):
+        if (first["world_size"], first["accumulation"]) == (self.world_size, self.accumulation):
             self.position = int(first["position"])
             self.consumed = consumed
             self.skipped = list(states[self.rank].get("skipped", []))
             return
-        # Another number of processes (or workers): every old rank's consumed rows are this epoch's
-        # history, and the rest of the epoch is planned over the new ranks from position 0.
-        old_plans = plan_epoch(self.split, self.settings, first["world_size"], first["num_workers"], self.epoch,
-                               first["accumulation"], consumed)
+        # Another number of processes (or accumulation): every old rank's consumed rows are this
+        # epoch's history, and the rest of the epoch is planned over the new ranks from position 0.
+        old_plans = plan_epoch(self.split, self.settings, first["world_size"], epoch=self.epoch,
+                               accumulation=first["accumulation"], exclude=consumed)
         seen = np.zeros(len(self.split.meta), dtype=bool) if consumed is None else consumed.copy()
         for plan in old_plans:
             seen[plan.rows(int(first["position"]))] = True
@@ -289,8 +289,8 @@ def build_train_stream(
     """The rank's `TrainStream` from a config (batch size cap, seed and accumulation from `cfg.train`).
 
     Pass `rank=accelerator.process_index, world_size=accelerator.num_processes`, and do not wrap
-    the stream in `accelerator.prepare` (it is already sharded). `num_workers`: the worker count, the
-    same on every rank (it shapes the plan every rank computes); default `cfg.data.workers()` here.
+    the stream in `accelerator.prepare` (it is already sharded). `num_workers`: the DataLoader workers
+    that decode the rank's batches (any count gives the same batches); default `cfg.data.workers()` here.
     """
     return TrainStream(
         split,

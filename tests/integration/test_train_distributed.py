@@ -126,7 +126,7 @@ def _fault_target(corpus: Path) -> tuple[str, int]:
     cfg = _config(corpus)
     split = split_from_config(cfg.data, seed=cfg.train.seed)
     settings = StreamSettings.from_config(cfg.data, cfg.train.batch_size, cfg.train.seed)
-    rank1 = plan_epoch(split, settings, 2, cfg.data.workers(), 0, ACCUMULATION)[1]
+    rank1 = plan_epoch(split, settings, 2, epoch=0, accumulation=ACCUMULATION)[1]
     position = 2 * ACCUMULATION
     return str(split.meta.id[rank1.batch(position)[0]]), position
 
@@ -499,7 +499,7 @@ def test_resume_on_another_number_of_processes_sees_each_utterance_of_the_epoch_
     split = split_from_config(cfg.data, seed=cfg.train.seed)
     settings = StreamSettings.from_config(cfg.data, cfg.train.batch_size, cfg.train.seed)
     for epoch in range(1, EPOCHS):
-        plans = plan_epoch(split, settings, after, cfg.data.workers(), epoch, ACCUMULATION)
+        plans = plan_epoch(split, settings, after, epoch=epoch, accumulation=ACCUMULATION)
         for rank in range(after):
             trained = [r["ids"] for r in second[rank] if r["epoch"] == epoch]
             assert trained == [[str(i) for i in split.meta.id[plans[rank].batch(p)]] for p in range(len(plans[rank]))]

@@ -64,7 +64,7 @@ def test_shards_on_s3_read_back_as_the_same_dataset_as_on_local_disk(s3, both):
 
 
 def test_the_training_stream_reads_s3_in_dataloader_workers_as_it_reads_local_shards(s3, both):
-    """Two forked workers, each streaming its shards from the bucket with `datasets`, after the parent
+    """Two forked workers, each reading the row groups of its batches from the bucket, after the parent
     process already used the S3 filesystem (metadata): the same batches as from local disk."""
     fe, tok = toy_processors()
     settings = StreamSettings(seed=3, batch_size=4, batching="bucket", max_batch_audio_seconds=2.4, bucket_buffer_size=10,

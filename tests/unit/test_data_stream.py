@@ -9,16 +9,17 @@ import multiprocessing
 from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+import emotrain.data.shards as shard_layout
 from emotrain.config import Config
 from emotrain.data.batching import ladder_length
 from emotrain.data.folds import make_fold_split, read_metadata
 from emotrain.data.plan import (
     EpochPlan,
     StreamSettings,
-    WorkerPlan,
     even_out,
     partition_shards,
     plan_epoch,
@@ -112,18 +113,16 @@ def _reload(states):
 
 
 @pytest.mark.parametrize(
-    "fold,num_workers,worlds,accumulation",
-    [(1, 0, (1, 2, 4), 1), (0, 0, (1, 2, 4), 2), (1, 2, (1, 2, 3), 1), (0, 3, (2, 4), 3)],
-    ids=["12-shards", "15-shards-not-divisible-accum-2", "12-shards-2-workers", "15-shards-3-workers-accum-3"],
+    "fold,worlds,accumulation",
+    [(1, (1, 2, 3, 4), 1), (0, (1, 2, 4), 2), (0, (2, 4), 3)],
+    ids=["12-shards", "15-shards-not-divisible-accum-2", "15-shards-accum-3"],
 )
-def test_every_rank_gets_the_same_steps_and_the_epoch_is_every_utterance_once(
-    root, meta, fold, num_workers, worlds, accumulation
-):
+def test_every_rank_gets_the_same_steps_and_the_epoch_is_every_utterance_once(root, meta, fold, worlds, accumulation):
     split = _split(root, meta, fold=fold) if fold else make_fold_split(root, 0, seed=5, meta=meta)
     expected = sorted(split.train_ids())
     for world in worlds:
         for epoch in (0, 1):
-            plans = plan_epoch(split, _settings(), world, num_workers, epoch, accumulation)
+            plans = plan_epoch(split, _settings(), world, epoch=epoch, accumulation=accumulation)
             lengths = {len(p) for p in plans}
             assert len(lengths) == 1 and lengths.pop() % accumulation == 0, [len(p) for p in plans]
             union = [i for p in plans for i in _plan_ids(split, p)]
@@ -143,8 +142,7 @@ def test_every_rank_gets_the_same_steps_and_the_epoch_is_every_utterance_once(
 def test_ranks_with_fewer_batches_split_their_largest_batches():
     def plan(*sizes):
         rows = iter(range(1000))
-        return EpochPlan(epoch=0, workers=[WorkerPlan(shards=[], batches=[np.array([next(rows) for _ in range(n)])
-                                                                         for n in sizes])])
+        return EpochPlan(epoch=0, shards=[], batches=[np.array([next(rows) for _ in range(n)]) for n in sizes])
 
     short, long_ = plan(8, 2), plan(3, 3, 3, 3, 1)
     evened = even_out([short, long_], accumulation=2)
@@ -254,7 +252,6 @@ def test_resume_is_exact_with_two_workers(root, meta, processors):
     split = _split(root, meta)
     settings = _settings()
     reference = _run(_stream(split, processors, settings, num_workers=2), [0, 1])
-    # Workers change the stream (each reads its own shards) but not its content.
     flat = sorted(i for e, b in reference if e == 0 for i in b["ids"])
     assert flat == sorted(split.train_ids())
     n0 = sum(1 for e, _ in reference if e == 0)
@@ -264,6 +261,73 @@ def test_resume_is_exact_with_two_workers(root, meta, processors):
         resumed = _stream(split, processors, settings, num_workers=2)
         resumed.load_state_dicts(_reload([first.state_dict()]))
         tail = _run(resumed, range(resumed.epoch, 2))
+        assert len(head) + len(tail) == len(reference)
+        for a, b in zip(head + tail, reference):
+            _same(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_the_worker_count_changes_no_batch_and_a_resume_with_another_count_is_exact(root, meta, processors):
+    """num_workers 0, 1, 2 or 3: the same plan on every rank (batches in order, steps, step sizes) and
+    the same batches streamed, for a whole epoch and for one resumed mid-way from a state saved with
+    another worker count (the same plan, continued at the saved batch): the workers only share out
+    the decoding of the rank's batches (data.num_workers is result-neutral and decided per machine)."""
+    split = _split(root, meta)
+    settings = _settings()
+    accumulation = 2
+
+    def plan_of(num_workers, world):
+        streams = [_stream(split, processors, settings, rank=r, world_size=world, num_workers=num_workers,
+                           accumulation=accumulation) for r in range(world)]
+        return ([_plan_ids(split, s.plan()) for s in streams], [[len(s.plan().batch(p)) for p in range(s.num_batches())]
+                for s in streams], streams[0].steps_in_epoch(), streams[0].step_utterances().tolist())
+
+    for world in (1, 2, 3):
+        expected = plan_of(0, world)
+        for num_workers in (1, 2, 3):
+            assert plan_of(num_workers, world) == expected, (world, num_workers)
+
+    reference = _run(_stream(split, processors, settings, accumulation=accumulation), [0, 1])
+    n0 = sum(1 for e, _ in reference if e == 0)
+    for num_workers, stop_after, resume_workers in ((1, n0 // 2, 3), (2, 3, 0), (3, n0 + 3, 2)):
+        streamed = _run(_stream(split, processors, settings, num_workers=num_workers, accumulation=accumulation),
+                        [0, 1])
+        assert len(streamed) == len(reference)
+        for a, b in zip(streamed, reference):
+            _same(a, b)
+        first = _stream(split, processors, settings, num_workers=num_workers, accumulation=accumulation)
+        head = _run(first, [0, 1], stop_after=stop_after)
+        first.close()
+        resumed = _stream(split, processors, settings, num_workers=resume_workers, accumulation=accumulation)
+        resumed.load_state_dicts(_reload([first.state_dict()]))
+        assert resumed.position == first.position and resumed.consumed is None  # the same plan, not a re-plan
+        tail = _run(resumed, range(resumed.epoch, 2))
+        resumed.close()
+        assert len(head) + len(tail) == len(reference)
+        for a, b in zip(head + tail, reference):
+            _same(a, b)
+
+
+def test_shards_of_many_row_groups_stream_the_plan_in_process_and_in_workers(tmp_path, processors, monkeypatch):
+    """Each worker reads the row groups holding rows of its batches (real shards hold 64 rows a group;
+    the toy shards above hold one group): the batches are the plan's, with and without workers, also
+    resumed mid-epoch."""
+    monkeypatch.setattr(shard_layout, "ROW_GROUP_SIZE", 2)
+    root = write_toy_prepared(tmp_path / "p", per_session=[9, 11, 10, 12, 9], num_shards=1)
+    split = make_fold_split(str(root), 1, seed=0)
+    assert min(pq.ParquetFile(f).num_row_groups for f in split.train_files) >= 4
+    reference = _run(_stream(split, processors), [0, 1])
+    planned = [_plan_ids(split, _stream(split, processors).plan(e)) for e in (0, 1)]
+    assert [[i for e, b in reference if e == epoch for i in b["ids"]] for epoch in (0, 1)] == planned
+    assert all(b["valid"].all() for _, b in reference)
+    for num_workers in (0, 2):
+        first = _stream(split, processors, num_workers=num_workers)
+        head = _run(first, [0, 1], stop_after=3)
+        first.close()
+        resumed = _stream(split, processors, num_workers=2 - num_workers)
+        resumed.load_state_dicts(_reload([first.state_dict()]))
+        tail = _run(resumed, [0, 1])
+        resumed.close()
         assert len(head) + len(tail) == len(reference)
         for a, b in zip(head + tail, reference):
             _same(a, b)
@@ -359,7 +423,7 @@ def test_resume_on_another_number_of_processes_sees_the_rest_of_the_epoch_exactl
     for s in resumed:
         s.set_epoch(1)
         assert s.consumed is None
-    fresh = plan_epoch(split, _settings(), new_world, new_workers, 1, accumulation)
+    fresh = plan_epoch(split, _settings(), new_world, epoch=1, accumulation=accumulation)
     assert [_plan_ids(split, s.plan()) for s in resumed] == [_plan_ids(split, p) for p in fresh]
     # ... and what the (persistent) workers stream in it is that plan: the resumed epoch's
     # excluded rows do not leak into the next one.
@@ -392,6 +456,12 @@ def test_a_resume_state_names_what_changed(root, meta, processors, tmp_path):
         stream.load_state_dicts(states[:1])
     with pytest.raises(ValueError, match="format"):
         stream.load_state_dicts([{**states[0], "format": "emotrain.train_stream/1"}, states[1]])
+    # Written when each data worker planned its own shards: with one worker that plan is today's
+    # (the same seed), so it resumes; with more it cannot be replayed.
+    one_worker = [{**state, "format": "emotrain.train_stream/2", "num_workers": 1} for state in states]
+    stream.load_state_dicts(one_worker)
+    with pytest.raises(ValueError, match=r"depended on data.num_workers \(2 then\): epoch 0 cannot be resumed"):
+        stream.load_state_dicts([{**state, "num_workers": 2} for state in one_worker])
 
     # The same utterances re-prepared into another shard layout (the README's advice for many
     # ranks): the ids still match, the files and rows do not.
