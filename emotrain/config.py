@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -44,6 +45,25 @@ OUTPUT_DIR_PLACEHOLDERS = ("experiment", "fold", "seed", "variant")
 """What `output_dir` may contain: {experiment}, {fold} (data.fold), {seed} (train.seed), {variant}."""
 
 
+RESULT_NEUTRAL = "emotrain.result_neutral"
+"""Field metadata key: why the field (or a whole section) does not change a run's result (`neutral`)."""
+PLAN_SHAPING = "emotrain.plan_shaping"
+"""Field metadata key: the `DataConfig` field shapes the batch plan or the batches' content (`plan_shaping`)."""
+
+
+def neutral(default: Any = dataclasses.MISSING, *, why: str, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A field (or a whole section) whose value does not change a run's result, because `why`: a run
+    folder holding a run saved with another value accepts it (`result_neutral_keys`, the run folder's
+    conflict check). Anything not so marked changes the result."""
+    return field(default=default, default_factory=default_factory, metadata={RESULT_NEUTRAL: why})
+
+
+def plan_shaping(default: Any) -> Any:
+    """A `DataConfig` field that shapes the batch plan or the batches' content (`plan_fields`): part
+    of the training stream's resume check (`DataConfig.plan_fields`, `emotrain.data.plan.StreamSettings`)."""
+    return field(default=default, metadata={PLAN_SHAPING: True})
+
+
 class ConfigError(ValueError):
     """A config key is unknown, or its value has the wrong type or is not allowed."""
 
@@ -67,7 +87,8 @@ def check_no_credentials(path: str | Path, key: str) -> None:
 
 @dataclass
 class DataConfig:
-    path: str = "runs/synthetic/prepared"
+    path: str = neutral("runs/synthetic/prepared", why="the same prepared data, elsewhere (another mount, a copy, a "
+                        "URL); what a finished run trained on is checked by its data fingerprint instead")
     """Prepared dataset: a folder written by `emotrain prepare`, or an fsspec URL to one."""
     fold: int = 1
     """Fold of the prepared dataset's own folds (its `dataset.json`): for IEMOCAP, leave-one-session-out,
@@ -83,29 +104,32 @@ class DataConfig:
     """With validation=speakers: how many speakers (drawn by seed from the training sessions)."""
     validation_fraction: float = 0.1
     """With validation=fraction: the share of training utterances held out, drawn by seed."""
-    sampling_rate: int = SAMPLING_RATE
+    sampling_rate: int = plan_shaping(SAMPLING_RATE)
     """Audio sampling rate the encoder expects (prepared shards are stored at 16 kHz)."""
-    max_audio_seconds: float = 15.0
+    max_audio_seconds: float = plan_shaping(15.0)
     """Training utterances longer than this are cropped to it (evaluation sees full audio)."""
-    random_crop: bool = True
+    random_crop: bool = plan_shaping(True)
     """Crop training audio at a random offset (seeded); False crops from the start."""
-    max_text_tokens: int = 64
+    max_text_tokens: int = plan_shaping(64)
     """Transcripts are truncated to this many tokens, special tokens included."""
-    batching: Literal["bucket", "fixed"] = "bucket"
+    batching: Literal["bucket", "fixed"] = plan_shaping("bucket")
     """`bucket`: duration-bucketed dynamic batches under an audio budget; `fixed`: train.batch_size."""
-    max_batch_audio_seconds: float = 80.0
+    max_batch_audio_seconds: float = plan_shaping(80.0)
     """With batching=bucket: the budget of padded audio seconds per batch (batch size x longest)."""
-    bucket_buffer_size: int = 256
+    bucket_buffer_size: int = plan_shaping(256)
     """Examples gathered before sorting by duration and cutting into batches."""
-    shuffle_buffer_size: int = 512
+    shuffle_buffer_size: int = plan_shaping(512)
     """Size of the streaming shuffle buffer (examples), on top of shuffled shard order."""
-    num_workers: int | None = None
+    # Loader processes, like the number of ranks: an execution resource, deliberately allowed to change (a
+    # resumed job may get other CPUs). The batches of later epochs follow the new count (each utterance
+    # still once per epoch); the rest of the current one is re-planned.
+    num_workers: int | None = neutral(None, why="an execution resource, like the number of processes")
     """DataLoader worker processes per rank (training stream and evaluation). None (auto): with a GPU,
     min(4, CPU cores per rank - 1), so decoding overlaps the device's work; on CPU-only machines 0
     (workers only compete with the training for the same cores there: measured slower). The count
     shapes the epoch plan (which shards each worker streams): give it explicitly for runs to be
     compared batch for batch across machines."""
-    length_ladder: int = 0
+    length_ladder: int = plan_shaping(0)
     """Pad each batch's audio and text up to a ladder of lengths with this many rungs per octave (0: to the
     batch's longest). A few distinct shapes instead of one per batch, for a compiled model (Accelerate's
     dynamo config: each new shape compiles anew); costs up to 2^(1/rungs) - 1 more padding (4: 19%).
@@ -115,6 +139,11 @@ class DataConfig:
     eval_max_batch_audio_seconds: float = 160.0
     """Budget of padded audio seconds per evaluation batch (full-length utterances, sorted by
     duration; one longer than the budget is a batch alone). No backward: about twice training's."""
+
+    @classmethod
+    def plan_fields(cls) -> tuple[str, ...]:
+        """The fields marked `plan_shaping`, in declaration order (`emotrain.data.plan.PLAN_FIELDS`)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(PLAN_SHAPING))
 
     def workers(self, processes_per_node: int | None = None) -> int:
         """`num_workers`, with None (auto) decided for this machine (see its doc). `processes_per_node`:
@@ -178,7 +207,7 @@ class ModelConfig:
     """Dropout in cross-attention and the classifier."""
     classifier_hidden_size: int = 256
     """Width of the classifier MLP's hidden layer."""
-    attention: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    attention: Literal["sdpa", "eager", "flash_attention_2"] | None = neutral(None, why="the same attention, other kernels")
     """The encoders' attention kernels (transformers' `attn_implementation`); None: transformers'
     default, PyTorch's scaled-dot-product attention where the model supports it."""
     tiny_hidden_size: int = 32
@@ -246,22 +275,23 @@ class TrainConfig:
     """Seeds model init, data order, cropping and the validation split."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision (bf16 preferred; fp16 on CPU runs in fp32)."""
-    gradient_checkpointing: bool | Literal["audio", "text"] = False
+    gradient_checkpointing: bool | Literal["audio", "text"] = neutral(
+        False, why="recomputes the same activations (memory for time)")
     """Recompute encoder activations in backward (non-reentrant) to save memory: true (both
     encoders), `audio` or `text` (that encoder only: the audio encoder holds most activations)."""
-    fused_optimizer: bool | None = None
+    fused_optimizer: bool | None = neutral(None, why="the same update in one kernel launch")
     """AdamW's fused kernel (one launch for all parameters); None: on with a GPU, off on a CPU."""
-    resume: str = "auto"
+    resume: str = neutral("auto", why="how to continue, not what is trained")
     """`auto`: newest complete checkpoint in output_dir or fresh; `never`; or a checkpoint folder."""
     eval_every_steps: int = 0
     """Also evaluate on validation every N optimizer steps; 0: only at epoch ends."""
-    checkpoint_every_steps: int = 200
+    checkpoint_every_steps: int = neutral(200, why="when state is saved, not what is trained")
     """Save a checkpoint every N optimizer steps (and at every epoch end); 0: epoch ends only."""
-    keep_last_checkpoints: int = 2
+    keep_last_checkpoints: int = neutral(2, why="what is kept on disk, not what is trained")
     """Newest checkpoints kept on disk (the best is kept as well)."""
     early_stopping_patience: int = 5
     """Stop after this many evaluations without a better validation UA; 0 disables."""
-    max_consecutive_nonfinite: int = 20
+    max_consecutive_nonfinite: int = neutral(20, why="a safety stop: a run it would stop gives no result")
     """Stop with an error after this many non-finite losses in a row (each is skipped)."""
     class_weights: Literal["none", "balanced"] = "none"
     """Cross-entropy class weights: `none`, or `balanced` (class c weighs N / (C * n_c), counted over
@@ -339,14 +369,15 @@ class LoggingConfig:
 class Config:
     experiment: str = "smoke"
     """Experiment name: groups runs (W&B group) and names the output folder by default."""
-    output_dir: str = "runs/{experiment}/fold{fold}"
+    output_dir: str = neutral("runs/{experiment}/fold{fold}", why="the same run moved or reached under another path")
     """Where the run writes its resolved config, checkpoints/, best/, metrics.json and log. A
     template: {experiment}, {fold} (data.fold), {seed} (train.seed), {variant} (model.variant) are
     filled in when the config is loaded (after overrides); write a literal brace as {{ or }}."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    logging: LoggingConfig = neutral(default_factory=LoggingConfig,
+                                     why="trackers, names, tags, log frequency, progress bar")
 
     def __post_init__(self) -> None:
         # Resolved once, on the final values: the printed and saved config holds the real folder.
@@ -707,5 +738,46 @@ def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str
         else:
             # The declared default (output_dir's template, not an instance's resolved folder).
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((key, _describe(tp), default, docs.get(f.name, "")))
+            rows.append((key, _describe(tp), default, docs.get(f.name, "") + _neutral_note(key)))
     return rows
+
+
+def _neutral_note(key: str) -> str:
+    """For `emotrain config --keys`: whether a resumed or rerun run folder accepts another value."""
+    why = neutral_reason(key)
+    return f" Result-neutral: {why}; a run folder saved with another value accepts it." if why else ""
+
+
+def neutral_reason(key: str) -> str | None:
+    """Why the dotted `key` does not change a run's result (its own or its section's `neutral` mark);
+    None when it does."""
+    for neutral_key, why in _neutral_table():
+        if key == neutral_key or (neutral_key.endswith(".") and key.startswith(neutral_key)):
+            return why
+    return None
+
+
+@functools.cache
+def _neutral_table() -> tuple[tuple[str, str], ...]:
+    return tuple(_neutral_fields(Config))
+
+
+def _neutral_fields(cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, why) of every field marked `neutral`; a marked section's key ends with `.`."""
+    found = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        section = dataclasses.is_dataclass(hints[f.name])
+        key = f"{prefix}{f.name}" + ("." if section else "")
+        if RESULT_NEUTRAL in f.metadata:
+            found.append((key, f.metadata[RESULT_NEUTRAL]))
+        elif section:
+            found.extend(_neutral_fields(hints[f.name], key))
+    return found
+
+
+def result_neutral_keys() -> frozenset[str]:
+    """The dotted keys marked `neutral` in the tree: values that do not change a run's result. A key
+    ending in `.` (a marked section, e.g. `logging.`) covers every key under it."""
+    return frozenset(key for key, _ in _neutral_table())
+

@@ -12,9 +12,9 @@ own is its own experiment, `<experiment>-<variant>` (`paper` + `--variants audio
 `paper-audio`, exactly what configs/audio_only.yaml names). Each experiment folder gets `cv.json`
 (the folds and seeds it expects), which `emotrain report` reads.
 
-Rerunning the same command skips finished runs (their `metrics.json` holds test metrics, and their
-saved config is checked against the new one) and resumes an unfinished one from its newest
-checkpoint. Runs are subprocesses: a crash in one does not end the others (the exit code says so).
+Rerunning the same command skips finished runs (`RunFolder.is_finished`: their `metrics.json` holds
+test metrics; their saved config is checked against the new one, and the data they trained on
+against `data.path`'s) and resumes an unfinished one from its newest checkpoint. Runs are subprocesses: a crash in one does not end the others (the exit code says so).
 A stop request (SIGTERM, SIGINT, SIGUSR1, SIGHUP) is passed on to the running training as SIGTERM:
 it saves and exits with 75, and so does `cv`. If `cv` itself is killed, the training gets SIGTERM
 from the kernel (parent-death signal) and saves the same way; a rerun waits for it to finish saving
@@ -38,11 +38,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from emotrain.config import ConfigError, load_config, load_config_data
+from emotrain.config import Config, ConfigError, load_config, load_config_data
+from emotrain.data.folds import Metadata, read_metadata, split_from_config
 from emotrain.data.shards import read_dataset_info
+from emotrain.data.state import data_fingerprint
 from emotrain.report import CV_PLAN_FILE
 from emotrain.train.preemption import EXIT_PREEMPTED
-from emotrain.train.run_folder import check_run_folder, wait_until_free
+from emotrain.train.run_folder import RunFolder, wait_until_free
 
 TASKS_FILE = "cv-tasks.json"
 """With --slurm: the array's tasks (config and overrides of each), read by slurm/cv.sbatch; one file
@@ -204,20 +206,36 @@ def write_plans(runs: list[PlannedRun]) -> list[Path]:
     return dirs
 
 
-def check_finished_runs(runs: list[PlannedRun]) -> None:
-    """Raise RunFolderConflict for a finished run whose saved config differs in a result-changing key:
-    it is no result of this cross-validation, and skipping it would mix two experiments in the table."""
+class DataFingerprints:
+    """The `data_fingerprint` of each planned run's data (its fold's split of `data.path`), computed
+    when first asked; the metadata of a `data.path` is read once for all its runs."""
+
+    def __init__(self) -> None:
+        self._metadata: dict[str, Metadata] = {}
+
+    def of(self, cfg: Config) -> dict:
+        if cfg.data.path not in self._metadata:
+            self._metadata[cfg.data.path] = read_metadata(cfg.data.path)
+        return data_fingerprint(split_from_config(cfg.data, seed=cfg.train.seed, meta=self._metadata[cfg.data.path]))
+
+
+def check_finished_run(run: PlannedRun, fingerprints: DataFingerprints) -> str | None:
+    """Raise RunFolderConflict for a finished run whose saved config differs in a result-changing key,
+    or that trained on other data than this `data.path`'s: it is no result of this cross-validation,
+    and skipping it would mix two experiments in the table. Returns a note for a run that cannot be
+    checked (`RunFolder.check_data`)."""
+    cfg = load_config(run.config, run.overrides)
+    folder = RunFolder(run.output_dir)
+    folder.check_config(cfg)
+    return folder.check_data(cfg.data.path, lambda: fingerprints.of(cfg))
+
+
+def check_finished_runs(runs: list[PlannedRun], fingerprints: DataFingerprints | None = None) -> None:
+    """`check_finished_run` for every finished run, before anything trains."""
+    fingerprints = fingerprints or DataFingerprints()
     for run in runs:
-        if is_finished(run.output_dir):
-            check_run_folder(run.output_dir, load_config(run.config, run.overrides))
-
-
-def is_finished(output_dir: Path) -> bool:
-    """A run that wrote its final metrics (test metrics for folds 1-5)."""
-    try:
-        return "test" in json.loads((output_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
+        if RunFolder(run.output_dir).is_finished():
+            check_finished_run(run, fingerprints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +263,8 @@ def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) 
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)  # the launcher and its workers save and exit with 75
 
-    check_finished_runs(runs)  # before anything trains: a conflict would otherwise surface hours later
+    fingerprints = DataFingerprints()
+    check_finished_runs(runs, fingerprints)  # before anything trains: a conflict would otherwise surface hours later
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
     previous = {sig: signal.signal(sig, forward) for sig in forwarded}
     failed: list[PlannedRun] = []
@@ -258,11 +277,14 @@ def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) 
             wait_until_free(run.output_dir, say)
             if stop["signal"] is not None:
                 break
-            if is_finished(run.output_dir):
-                check_run_folder(run.output_dir, load_config(run.config, run.overrides))
-                say(f"[cv {i}/{len(runs)}] {run.describe()}: finished, skipped ({run.output_dir}/metrics.json)")
+            folder = RunFolder(run.output_dir)
+            if folder.is_finished():
+                note = check_finished_run(run, fingerprints)
+                if note is not None:
+                    say(f"[cv {i}/{len(runs)}] {run.describe()}: warning: {note}")
+                say(f"[cv {i}/{len(runs)}] {run.describe()}: finished, skipped ({folder.metrics})")
                 continue
-            resuming = (run.output_dir / "checkpoints").is_dir()
+            resuming = folder.checkpoints.is_dir()
             say(f"[cv {i}/{len(runs)}] {run.describe()}: {'resuming' if resuming else 'training'} in {run.output_dir}")
             started = time.perf_counter()
             process = subprocess.Popen([*launcher, "train", run.config, *run.overrides], start_new_session=True,
@@ -272,7 +294,7 @@ def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) 
                 os.killpg(process.pid, signal.SIGTERM)
             code = process.wait()
             child["process"] = None
-            if code == 0 or (is_finished(run.output_dir) and stop["signal"] is None):
+            if code == 0 or (folder.is_finished() and stop["signal"] is None):
                 # (A non-zero code with the final metrics written: the process failed on its way out,
                 # e.g. a gloo abort at interpreter exit, after the run itself had finished.)
                 note = "" if code == 0 else f" (it exited with {code} after writing its metrics)"
@@ -281,7 +303,7 @@ def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) 
                 say(f"[cv {i}/{len(runs)}] {run.describe()}: stopped (exit {code}); rerun the same command to continue")
                 return EXIT_PREEMPTED, failed
             else:
-                say(f"[cv {i}/{len(runs)}] {run.describe()}: FAILED with exit code {code} (see {run.output_dir}/train.log)")
+                say(f"[cv {i}/{len(runs)}] {run.describe()}: FAILED with exit code {code} (see {folder.log})")
                 failed.append(run)
     finally:
         for sig, handler in previous.items():
@@ -314,7 +336,7 @@ def submit_to_slurm(runs: list[PlannedRun], report_dirs: list[Path], report_out:
     train, report job id).
     """
     check_finished_runs(runs)
-    todo = [run for run in runs if not is_finished(run.output_dir)]
+    todo = [run for run in runs if not RunFolder(run.output_dir).is_finished()]
     array_id = None
     dependency = []
     if todo:

@@ -338,11 +338,12 @@ def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] 
     from emotrain.data.folds import read_metadata
     from emotrain.data.shards import read_dataset_info
     from emotrain.train.evaluation import evaluate
+    from emotrain.train.run_folder import CONFIG_FILE as RUN_CONFIG_FILE
 
     model_dir = Path(model_dir)
     check_model_folder(model_dir)
     # As the run evaluated: its training precision and its evaluation batches (best/config.yaml).
-    saved = model_dir / "config.yaml"
+    saved = model_dir / RUN_CONFIG_FILE
     run_config = (yaml.safe_load(saved.read_text()) if saved.is_file() else None) or {}
     run_data = run_config.get("data", {})
     if mixed_precision is None:

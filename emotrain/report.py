@@ -4,7 +4,7 @@
 
 An experiment folder holds one run folder per (fold, seed) — `runs/<experiment>/fold<k>` or
 `fold<k>-seed<s>`, as `emotrain train` and `emotrain cv` write them. A run is *finished* when its
-`metrics.json` holds test metrics; anything else there is *unfinished*, and a fold (or seed) the
+`metrics.json` holds test metrics (`RunFolder.is_finished`); anything else there is *unfinished*, and a fold (or seed) the
 experiment expects (its `cv.json`, written by `emotrain cv`, else folds 1-5) without a folder is
 *missing*. Both are named in the report, and only finished runs are counted.
 
@@ -38,7 +38,8 @@ import yaml
 from emotrain import plots as plotting
 from emotrain.config import LABEL_NAMES
 from emotrain.data.shards import IEMOCAP_INFO, REPORT_FILE, DatasetInfo, join, read_dataset_info, read_prepare_report
-from emotrain.train.tracking import HISTORY_FILE, read_history
+from emotrain.train.run_folder import BEST_DIR, CONFIG_FILE, RunFolder
+from emotrain.train.tracking import read_history
 
 CV_PLAN_FILE = "cv.json"
 """Written by `emotrain cv` into each experiment folder: the folds and seeds it expects."""
@@ -55,7 +56,7 @@ class Run:
     seed: int
     config: dict
     metrics: dict | None
-    """metrics.json when the run is finished (it holds `test`), else None."""
+    """metrics.json when the run is finished (`RunFolder.finished_metrics`), else None."""
 
     @property
     def finished(self) -> bool:
@@ -144,21 +145,18 @@ class ReportError(ValueError):
 
 
 def _is_run_folder(folder: Path) -> bool:
-    """A folder a training started in (it saves config.yaml first); `best/` holds a copy of it."""
-    return (folder / "config.yaml").is_file() and folder.name != "best"
+    """A folder a training started in; `best/` holds a copy of its config.yaml."""
+    return RunFolder(folder).is_started() and folder.name != BEST_DIR
 
 
 def read_run(folder: Path) -> Run:
     """A run folder's config and, when it finished, its metrics. Raises ReportError when its files
     cannot be read (say, a metrics.json cut short)."""
+    run_folder = RunFolder(folder)
     try:
-        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        config = run_folder.read_config()
         fold, seed = int(config["data"]["fold"]), int(config["train"]["seed"])
-        metrics = None
-        metrics_file = folder / "metrics.json"
-        if metrics_file.is_file():
-            loaded = json.loads(metrics_file.read_text())
-            metrics = loaded if loaded.get("test") else None  # fold 0 (no test) is nothing to report
+        metrics = run_folder.finished_metrics()  # fold 0 (no test) is never finished: nothing to report
     except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as err:
         raise ReportError(f"{folder}: unreadable run ({type(err).__name__}: {' '.join(str(err).split())})") from None
     return Run(folder=folder, fold=fold, seed=seed, config=config, metrics=metrics)
@@ -181,7 +179,7 @@ def read_experiment(folder: str | Path) -> Experiment:
     folder = Path(folder)
     if not folder.is_dir():
         raise ReportError(f"{folder}: no such experiment folder")
-    candidates = sorted({p.parent for p in folder.glob("*/config.yaml")} | {p.parent for p in folder.glob("*/*/config.yaml")})
+    candidates = sorted({p.parent for p in folder.glob(f"*/{CONFIG_FILE}")} | {p.parent for p in folder.glob(f"*/*/{CONFIG_FILE}")})
     runs, ignored = [], []
     for candidate in candidates:
         if _is_run_folder(candidate) and not _is_run_folder(candidate.parent):
@@ -540,7 +538,7 @@ def log_to_wandb(report: dict) -> str:
 
 def curves(run: Run) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value)]} from the run's history (training loss, validation WA/UA)."""
-    history = read_history(run.folder / HISTORY_FILE)
+    history = read_history(RunFolder(run.folder).history)
     series: dict[str, list[tuple[int, float]]] = {}
     for record in history:
         for key in ("train/loss", "validation/ua", "validation/wa"):

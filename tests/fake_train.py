@@ -3,7 +3,8 @@
     python tests/fake_train.py train CONFIG [overrides...]
 
 It resolves the config as `emotrain train` would, writes the run folder's config.yaml and a
-metrics.json whose test UA is FAKE_UA[variant] + 0.01 * fold, and exits 0. Environment:
+metrics.json whose test UA is FAKE_UA[variant] + 0.01 * fold (with the data it "trained" on, as the
+recipe records it: `RunFolder.write_metrics`), and exits 0. Environment:
 FAKE_TRAIN_LOG=FILE appends one line per call ("<experiment> <fold> <seed>"); FAKE_TRAIN_FAIL=
 <experiment>:<fold> exits 3 for that run; FAKE_TRAIN_WAIT=1 waits for SIGTERM after writing the
 config, then exits 75 as a preempted run does.
@@ -11,7 +12,6 @@ config, then exits 75 as a preempted run does.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -21,6 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emotrain.config import LABEL_NAMES, load_config, save_config  # noqa: E402
+from emotrain.data.folds import split_from_config  # noqa: E402
+from emotrain.train.run_folder import RunFolder  # noqa: E402
 
 FAKE_UA = {"fusion": 0.8, "audio": 0.5, "text": 0.6}
 
@@ -47,7 +49,8 @@ def main(argv: list[str]) -> int:
     confusion = [[10 if i == j else 0 for j in range(4)] for i in range(4)]
     test = {"wa": ua, "ua": ua, "macro_f1": ua, "per_class_recall": dict.fromkeys(LABEL_NAMES, ua),
             "confusion": confusion, "n": 40, "n_skipped": 0}
-    (out / "metrics.json").write_text(json.dumps({"validation": test, "test": test, "best_step": 1}))
+    RunFolder(out).write_metrics({"validation": test, "test": test, "best_step": 1}, data_path=cfg.data.path,
+                                 split=split_from_config(cfg.data, seed=cfg.train.seed))
     return 0
 
 

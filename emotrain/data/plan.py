@@ -51,9 +51,8 @@ Shard = tuple[int, np.ndarray]
 """(index into split.meta.files, metadata row indices of this shard that this part reads)."""
 
 
-PLAN_FIELDS = ("batching", "max_batch_audio_seconds", "bucket_buffer_size", "shuffle_buffer_size",
-               "max_audio_seconds", "random_crop", "max_text_tokens", "sampling_rate", "length_ladder")
-"""The `DataConfig` fields that shape the batch plan or the batches' content."""
+PLAN_FIELDS = DataConfig.plan_fields()
+"""The `DataConfig` fields that shape the batch plan or the batches' content (marked `plan_shaping` there)."""
 
 
 def _settings_from_config(cls, data: DataConfig, batch_size: int, seed: int) -> "StreamSettings":

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from emotrain.data.folds import Metadata
+from emotrain.data.folds import FoldSplit, Metadata
 from emotrain.data.plan import StreamSettings
 
 STATE_FORMAT = "emotrain.train_stream/3"
@@ -44,6 +44,36 @@ def labels_fingerprint(label_names: tuple[str, ...] | list[str], meta: Metadata)
     """The label set (names, in order) and every row's label: data re-prepared with the same rows
     but other labels (another order, a renamed class) would train on permuted classes."""
     return {"names": list(label_names), "rows": _digest(np.asarray(meta.label).tolist())}
+
+
+DATA_FINGERPRINT_KEYS = ("split", "layout", "labels")
+"""What `data_fingerprint` holds; a stream state holds the same keys (see `TrainStream.identity`)."""
+
+
+def data_fingerprint(split: FoldSplit) -> dict[str, Any]:
+    """What a run trained on, whatever the data's path: which ids train, validate and test (`split`),
+    the shard layout (`layout_fingerprint`) and the labels (`labels_fingerprint`). Small and JSON."""
+    return {"split": split.fingerprint(), "layout": layout_fingerprint(split.meta),
+            "labels": labels_fingerprint(split.label_names, split.meta)}
+
+
+def data_difference(saved: dict[str, Any], mine: dict[str, Any]) -> str | None:
+    """How two `data_fingerprint`s differ, in words (None when they are the same data)."""
+    old_layout, new_layout = saved.get("layout") or {}, mine.get("layout") or {}
+    if old_layout.get("names") != new_layout.get("names"):
+        return f"{old_layout.get('files')} shard files then, {new_layout.get('files')} now, under other names"
+    if old_layout.get("rows") != new_layout.get("rows"):
+        return "the same files hold other rows (or rows in another order)"
+    if old_layout.get("durations") != new_layout.get("durations"):
+        return "the same rows have other durations (re-encoded or trimmed audio)"
+    old_labels, new_labels = saved.get("labels") or {}, mine.get("labels") or {}
+    if old_labels != new_labels:
+        if old_labels.get("names") != new_labels.get("names"):
+            return f"the label set was {old_labels.get('names')}, now {new_labels.get('names')}"
+        return "the same rows have other labels"
+    if saved.get("split") != mine.get("split"):
+        return "another split (which utterances train, validate and test)"
+    return None
 
 
 def _digest(value: Any) -> str:

@@ -50,10 +50,9 @@ from emotrain.data.state import (
     STATE_FORMAT,
     check_identity,
     check_states,
+    data_fingerprint,
     decode_mask,
     encode_mask,
-    labels_fingerprint,
-    layout_fingerprint,
 )
 
 logger = logging.getLogger("emotrain.data")
@@ -223,12 +222,7 @@ class TrainStream:
     def identity(self) -> dict[str, Any]:
         """What a saved state must agree on: the split, the shard layout, the labels and the plan settings."""
         if self._identity is None:
-            self._identity = {
-                "split": self.split.fingerprint(),
-                "layout": layout_fingerprint(self.split.meta),
-                "labels": labels_fingerprint(self.split.label_names, self.split.meta),
-                "settings": asdict(self.settings),
-            }
+            self._identity = {**data_fingerprint(self.split), "settings": asdict(self.settings)}
         return self._identity
 
     def state_dict(self) -> dict[str, Any]:

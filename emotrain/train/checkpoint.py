@@ -28,7 +28,8 @@ higher sequences, so:
 Until the new branch has saved once, its sequence numbers cannot say which branch is current: so
 choosing `resume=never` or an explicit older checkpoint marks every checkpoint written after it
 `ABANDONED` at once (`abandon_after`), and neither `resume=auto` nor `rotate`'s recency count
-them; `rotate` deletes them.
+them; `rotate` deletes them (never the best step's). Choosing an abandoned checkpoint explicitly
+revives it and those written before it, its branch (`revive_until`).
 
 Replacing a step that exists already (a rerun that saves the same step) is journaled, so a crash
 never loses that step: rename the old folder aside to `.replaced-step-NNNNNN`, rename the partial
@@ -267,24 +268,55 @@ def current_checkpoints(checkpoints_dir: str | Path) -> list[Saved]:
     return [saved for saved in saved_checkpoints(checkpoints_dir) if not is_abandoned(saved.folder)]
 
 
+def _written_order(saved: Saved) -> tuple[int, int]:
+    return saved.sequence, saved.step
+
+
 def abandon_after(checkpoints_dir: str | Path, chosen: str | Path | None, reason: str) -> list[Path]:
-    """Mark `ABANDONED` every current checkpoint written after `chosen` (all of them when `chosen` is
-    None or in another folder): a run that starts over from `chosen` never continues them."""
-    found = current_checkpoints(checkpoints_dir)
-    chosen = Path(chosen).resolve() if chosen is not None else None
-    after = -1
-    for saved in found:
-        if chosen is not None and saved.folder.resolve() == chosen:
-            after = saved.sequence
+    """Make `chosen`'s branch the current one: mark `ABANDONED` every current checkpoint written after
+    `chosen` (all of them when `chosen` is None or in another folder), so a run that starts over from
+    `chosen` never continues them; and revive `chosen` and every checkpoint here written before it
+    (`revive_until`). Returns the folders marked."""
+    chosen_saved = _find(checkpoints_dir, chosen)
     marked = []
-    for saved in found:
-        if saved.sequence > after and (chosen is None or saved.folder.resolve() != chosen):
+    for saved in current_checkpoints(checkpoints_dir):
+        if chosen_saved is None or _written_order(saved) > _written_order(chosen_saved):
             (saved.folder / ABANDONED).write_text(reason + "\n")
             marked.append(saved.folder)
     if marked:
         log.warning("checkpoints %s belong to an abandoned branch (%s): never resumed, deleted at the next save",
                     ", ".join(f.name for f in marked), reason)
+    if chosen_saved is not None:  # (after marking the later ones: cut short, nothing later is current)
+        revive_until(checkpoints_dir, chosen_saved)
     return marked
+
+
+def _find(checkpoints_dir: str | Path, chosen: str | Path | None) -> Saved | None:
+    """The complete checkpoint of this folder that `chosen` names, abandoned or not (None: not here)."""
+    if chosen is None:
+        return None
+    chosen = Path(chosen).resolve()
+    return next((saved for saved in saved_checkpoints(checkpoints_dir) if saved.folder.resolve() == chosen), None)
+
+
+def revive_until(checkpoints_dir: str | Path, chosen: Saved) -> list[Path]:
+    """Remove the `ABANDONED` marker of `chosen` and of every checkpoint written before it: choosing a
+    checkpoint explicitly continues its branch, and those are its ancestors, the best step among them.
+    (Every save rotates abandoned folders away, so what is here was, at the last save, one branch:
+    what was written before `chosen` led to it.) Without this, a branch given up by mistake
+    (`resume=never`, killed before its first save) and then chosen again would lose its best
+    checkpoint to the next rotation. Returns the folders revived, `chosen` first."""
+    earlier = [saved for saved in saved_checkpoints(checkpoints_dir)
+               if _written_order(saved) < _written_order(chosen) and is_abandoned(saved.folder)]
+    revived = []
+    for saved in [chosen, *reversed(earlier)]:  # chosen first: cut short, resume=auto still picks it
+        if is_abandoned(saved.folder):
+            (saved.folder / ABANDONED).unlink()
+            revived.append(saved.folder)
+    if revived:
+        log.warning("checkpoints %s were abandoned and are current again: train.resume chose %s",
+                    ", ".join(f.name for f in revived), chosen.folder.name)
+    return revived
 
 
 def holds_checkpoint_state(checkpoints_dir: str | Path) -> bool:
@@ -324,14 +356,16 @@ def resolve_resume(resume: str, checkpoints_dir: str | Path) -> Path | None:
 
 
 def rotate(checkpoints_dir: str | Path, keep_last: int, keep_steps: set[int] = frozenset()) -> list[Path]:
-    """Delete complete checkpoints except the `keep_last` most recently written (by sequence, never
-    fewer than one: the checkpoint just written survives) and those whose step is in `keep_steps` (the
-    best), and incomplete partial folders of crashed saves. Complete partial folders are `recover`'s.
-    Main process only. Returns what was removed."""
+    """Delete complete checkpoints except the `keep_last` most recently written current ones (by
+    sequence, never fewer than one: the checkpoint just written survives) and those whose step is in
+    `keep_steps` (the best step the loop state refers to: kept even if marked abandoned, as a restart
+    cut short between its marker writes may leave it; deleting it cannot be undone, and the run
+    must load it at the end), and incomplete partial folders of crashed saves. Complete partial
+    folders are `recover`'s. Main process only. Returns what was removed."""
     found = saved_checkpoints(checkpoints_dir)
     current = [saved for saved in found if not is_abandoned(saved.folder)]
     keep = {saved.folder for saved in current[-max(keep_last, 1):]}
-    keep |= {saved.folder for saved in current if saved.step in keep_steps}
+    keep |= {saved.folder for saved in found if saved.step in keep_steps}
     removed = []
     for saved in found:
         if saved.folder not in keep:

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from emotrain.train.run_folder import RunFolder
+
 EXIT_PREEMPTED = 75
 """Exit code of a run that saved a checkpoint because it was asked to stop (EX_TEMPFAIL)."""
 
@@ -82,4 +84,4 @@ class PreemptionWatcher:
 
 def default_flag_file(output_dir: str | Path) -> Path:
     """`$EMOTRAIN_STOP_FILE` if set (the Slurm scripts set it), else `output_dir/STOP`."""
-    return Path(os.environ.get("EMOTRAIN_STOP_FILE") or Path(output_dir) / "STOP")
+    return Path(os.environ.get("EMOTRAIN_STOP_FILE") or RunFolder(output_dir).stop_file)

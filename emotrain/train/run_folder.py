@@ -1,57 +1,80 @@
-"""Refuse to train into a run folder whose saved config would give another result.
+"""The run folder: its layout, what "finished" means, its best model's atomic export, and the checks
+before a training writes into it.
 
-    check_run_folder(cfg.output_dir, cfg)   # before anything is written into output_dir
+    run = RunFolder(cfg.output_dir)
+    run.check_config(cfg)                       # before anything is written (`check_run_folder`)
+    run.recover()                               # main process, holding the lock: an interrupted best/ export
+    with run.writing_best() as folder:          # best/ replaced atomically
+        model.save_pretrained(folder, processors=..., state_dict=...)
+        save_config(cfg, folder / "config.yaml", provenance=...)
+    run.write_metrics(results, data_path=cfg.data.path, split=split)    # last: now the run is finished
 
-A run folder holds one experiment: its `config.yaml`, checkpoints, `best/` and metrics. Rerunning
-the same command resumes it (`train.resume=auto`); rerunning it with, say, another `train.lr` would
-resume the old run's checkpoint under the new settings, or overwrite part of its outputs, and
-`metrics.json` would then describe neither. Keys that change only speed, memory, logging, where
-things are read and written, or the execution resources (like the number of processes, the number
-of data workers) (`RESULT_NEUTRAL_KEYS`) may differ freely.
+    output_dir/
+      config.yaml       the resolved config (and its `provenance`), saved when a training starts
+      train.log, history.jsonl   the log, and every logged scalar (`emotrain report`'s curves)
+      checkpoints/      `emotrain.train.checkpoint`
+      best/             the best model (`EmotionModel.save_pretrained`) and its config.yaml
+      .partial-best/    a best/ being written; .replaced-best/ the previous best/ while the new one takes its place
+      metrics.json      written last, atomically, with `data`: what the run trained on (`data_fingerprint`)
+      .lock, STOP       held by the training writing the folder; a stop request
+
+*Finished* (`is_finished`, the one definition `emotrain cv` and `emotrain report` use): metrics.json
+holds test metrics, and no best/ export is cut short. best/ is published before metrics.json and
+never half-written: it is written into `.partial-best/` and swapped into place through a journal
+(old folder aside, new one into place, aside deleted); `recover` finishes or undoes a swap a crash
+interrupted.
+
+One experiment per folder. Rerunning the same command resumes it (`train.resume=auto`); rerunning
+it with, say, another `train.lr` would resume the old run's checkpoint under the new settings, or
+overwrite part of its outputs, and `metrics.json` would then describe neither. Keys that change only
+speed, memory, logging, where things are read and written, or the execution resources (like the
+number of processes, the number of data workers) (`RESULT_NEUTRAL_KEYS`, marked `neutral` in
+`emotrain.config`) may differ freely. `data.path` is one of them (the same data, moved): what a
+finished run trained on is checked by its data fingerprint instead (`check_data`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import yaml
 
-from emotrain.config import PROVENANCE_KEY, Config, ConfigError
-from emotrain.train.checkpoint import holds_checkpoint_state
+from emotrain.config import PROVENANCE_KEY, Config, ConfigError, neutral_reason, result_neutral_keys
+from emotrain.data.state import DATA_FINGERPRINT_KEYS, data_difference, data_fingerprint
+from emotrain.train.checkpoint import (
+    CONFIG as CHECKPOINT_CONFIG,
+    holds_checkpoint_state,
+    latest_checkpoint,
+    stream_state_path,
+)
 
 CONFIG_FILE = "config.yaml"
-"""What the recipe saves the resolved config as, in output_dir."""
+"""What the recipe saves the resolved config as, in output_dir (and in best/)."""
+METRICS_FILE = "metrics.json"
+BEST_DIR = "best"
+CHECKPOINTS_DIR = "checkpoints"
+HISTORY_FILE = "history.jsonl"
+"""Every logged scalar of a run, one JSON object per `accelerator.log` call (`emotrain report`'s curves)."""
+LOG_FILE = "train.log"
+LOCK_FILE = ".lock"
+"""Held (flock) by the training process that writes the folder, for its whole life."""
+STOP_FILE = "STOP"
+"""The flag file that asks the training to save and stop (unless $EMOTRAIN_STOP_FILE names another)."""
+_BEST_PARTIAL = ".partial-best"
+_BEST_ASIDE = ".replaced-best"
 
-RESULT_NEUTRAL_KEYS = frozenset(
-    {
-        "output_dir",  # the same run moved or reached under another path
-        "train.resume",  # how to continue, not what is trained
-        "data.path",  # the same prepared data, elsewhere (another mount, a copy, a URL)
-        # Loader processes, like the number of ranks: an execution resource, deliberately allowed to
-        # change (a resumed job may get other CPUs). The batches of later epochs follow the new count
-        # (each utterance still once per epoch); the rest of the current one is re-planned.
-        "data.num_workers",
-        "train.gradient_checkpointing",  # recomputes the same activations (memory for time)
-        "train.fused_optimizer",  # the same update in one kernel launch
-        "model.attention",  # the same attention, other kernels
-        "train.checkpoint_every_steps",  # when state is saved, not what is trained
-        "train.keep_last_checkpoints",
-        "train.max_consecutive_nonfinite",  # a safety stop: a run it would stop gives no result
-        "logging.",  # trackers, names, tags, log frequency, progress bar
-    }
-)
-"""Dotted config keys that do not change a run's result; an entry ending in `.` covers every key
-under it. Anything else that differs between a run folder's saved config and a new one is a
-conflict."""
+RESULT_NEUTRAL_KEYS = result_neutral_keys()
+"""Dotted config keys that do not change a run's result (marked `neutral` in `emotrain.config`, with
+why); an entry ending in `.` covers every key under it. Anything else that differs between a run
+folder's saved config and a new one is a conflict."""
 
 _MISSING = "<missing>"
-
-
-def _is_neutral(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESULT_NEUTRAL_KEYS)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -79,7 +102,7 @@ def config_differences(saved: dict, new: dict, defaults: dict | None = None) -> 
     default_flat = _flatten(defaults or {})
     differences = []
     for key in sorted(set(old_flat) | set(new_flat)):
-        if _is_neutral(key):
+        if neutral_reason(key) is not None:
             continue
         old, current = old_flat.get(key, _MISSING), new_flat.get(key, _MISSING)
         if old is _MISSING and key in default_flat and current == default_flat[key]:
@@ -96,51 +119,276 @@ class RunFolderConflict(ConfigError):
         super().__init__("output_dir", message)
 
 
+class RunFolder:
+    """One run's folder: where each of its files is, whether the run is finished, and writing its
+    results (see the module docstring). Paths only: nothing is created until something is written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # -- layout --------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    @property
+    def history(self) -> Path:
+        return self.path / HISTORY_FILE
+
+    @property
+    def log(self) -> Path:
+        return self.path / LOG_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_FILE
+
+    @property
+    def stop_file(self) -> Path:
+        return self.path / STOP_FILE
+
+    @property
+    def _best_partial(self) -> Path:
+        return self.path / _BEST_PARTIAL
+
+    @property
+    def _best_aside(self) -> Path:
+        return self.path / _BEST_ASIDE
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def is_started(self) -> bool:
+        """A training started here: it saves config.yaml before anything else."""
+        return self.config.is_file()
+
+    def read_config(self) -> dict[str, Any]:
+        """The saved config.yaml as plain data (its `provenance` section included). Raises OSError,
+        yaml.YAMLError, or ValueError when it holds no mapping."""
+        loaded = yaml.safe_load(self.config.read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{self.config} does not hold a config")
+        return loaded
+
+    def read_metrics(self) -> dict[str, Any] | None:
+        """metrics.json, or None before the run wrote it. Raises OSError or ValueError when it cannot
+        be read (say, one cut short by hand: the recipe writes it atomically)."""
+        try:
+            loaded = json.loads(self.metrics.read_text())
+        except FileNotFoundError:
+            return None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{self.metrics} does not hold metrics")
+        return loaded
+
+    def finished_metrics(self) -> dict[str, Any] | None:
+        """metrics.json when the run is finished (`is_finished`), else None; raises like `read_metrics`."""
+        metrics = self.read_metrics()
+        finished = metrics is not None and bool(metrics.get("test")) and not self._best_aside.exists()
+        return metrics if finished else None
+
+    def is_finished(self) -> bool:
+        """The run wrote its final metrics, test metrics included (fold 0, without a test, is never
+        finished), and best/ is whole: no export of it was cut short (a swap `recover` has not yet
+        finished or undone). Never raises: an unreadable metrics.json is not finished."""
+        try:
+            return self.finished_metrics() is not None
+        except (OSError, ValueError):
+            return False
+
+    def holds_results(self) -> bool:
+        """Whether a run left something another config would be mixed with: a complete checkpoint,
+        best/ or metrics.json. (A run that failed before its first checkpoint, e.g. on a config
+        value checked at model build, left only its config.yaml: the corrected command may reuse it.)"""
+        return (
+            self.metrics.is_file() or self.best.is_dir() or self._best_aside.is_dir()
+            # Partial and aside folders too: crash recovery would publish them before resume=auto picks one.
+            or holds_checkpoint_state(self.checkpoints)
+        )
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def check_config(self, cfg: Config) -> None:
+        """Raise RunFolderConflict if the folder holds a run's results (`holds_results`) and its
+        config.yaml differs from `cfg` in a key that changes the result (see RESULT_NEUTRAL_KEYS).
+        A folder without results passes, and so does one whose saved config differs only in neutral keys."""
+        if not self.holds_results():
+            return
+        todo = f"choose another output_dir, or delete {self.path} to start over"
+        if not self.config.is_file():
+            raise RunFolderConflict(f"{self.path} holds a run's results but no {CONFIG_FILE}: {todo}")
+        try:
+            saved = self.read_config()
+        except (OSError, yaml.YAMLError) as err:
+            reason = " ".join(str(err).split())
+            raise RunFolderConflict(f"cannot read the run's config {self.config} ({reason}): {todo}") from None
+        except ValueError:
+            raise RunFolderConflict(f"{self.config} does not hold a config: {todo}") from None
+        saved.pop(PROVENANCE_KEY, None)  # how the run was produced, not what it is
+        differences = config_differences(saved, cfg.to_dict(), defaults=Config().to_dict())
+        if differences:
+            if any(key == "train.seed" for key, _, _ in differences):
+                todo += (" (another seed in its own folder: output_dir=runs/{experiment}/fold{fold}-seed{seed}, "
+                         "what `emotrain cv --seeds` writes)")
+            listed = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences)
+            raise RunFolderConflict(
+                f"{self.path} holds a run with another config ({self.config}), resuming or overwriting it would mix "
+                f"two experiments. Differences: {listed}. To train this config, {todo}; to continue that "
+                "run, use its config."
+            )
+
+    def trained_data(self) -> dict[str, Any] | None:
+        """What the run trained on: `{"path": data.path then, **data_fingerprint}`, from metrics.json
+        (`write_metrics` records it), or for a run written before emotrain recorded it there, from
+        its newest current checkpoint (every rank's stream state holds the same fingerprint). None
+        when neither says."""
+        try:
+            recorded = (self.read_metrics() or {}).get("data")
+        except (OSError, ValueError):
+            recorded = None
+        if isinstance(recorded, dict) and all(key in recorded for key in DATA_FINGERPRINT_KEYS):
+            return recorded
+        checkpoint = latest_checkpoint(self.checkpoints)
+        if checkpoint is None:
+            return None
+        try:
+            state = json.loads(stream_state_path(checkpoint, 0).read_text())
+            saved_config = yaml.safe_load((checkpoint / CHECKPOINT_CONFIG).read_text())
+            path = saved_config["data"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not all(key in state for key in DATA_FINGERPRINT_KEYS):
+            return None
+        return {"path": path, **{key: state[key] for key in DATA_FINGERPRINT_KEYS}}
+
+    def check_data(self, data_path: str, fingerprint: Callable[[], dict[str, Any]]) -> str | None:
+        """Raise RunFolderConflict if the run trained on other data than `data_path`'s, whose
+        `data_fingerprint` `fingerprint()` computes (called only when the run says what it trained on).
+        `data.path` is result-neutral (the same data, moved, is the same run), the data is not.
+
+        A run that records no fingerprint (written before emotrain recorded one, its checkpoints
+        gone) cannot be checked: it is accepted, and the returned note says so (None otherwise).
+        Refusing it would leave every such result unusable without retraining it."""
+        recorded = self.trained_data()
+        if recorded is None:
+            return (f"{self.path} does not record the data it trained on (written by an older emotrain, "
+                    f"its checkpoints gone): not checked against data.path={data_path}")
+        difference = data_difference(recorded, fingerprint())
+        if difference is not None:
+            raise RunFolderConflict(
+                f"{self.path} holds a run trained on other data ({recorded.get('path')}) than data.path={data_path} "
+                f"({difference}): counting or continuing it would mix two datasets. To train on this data, "
+                f"choose another output_dir, or delete {self.path} to start over; to use that run, give its data."
+            )
+        return None
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write_metrics(self, results: dict[str, Any], *, data_path: str, split) -> None:
+        """Main process only, last: write metrics.json atomically (a run killed while writing must not
+        leave half a file that says "finished"), with `data`: what the run trained on (`data_path`
+        and `data_fingerprint(split)`, which `check_data` compares). `split`: the run's `FoldSplit`."""
+        content = {**results, "data": {"path": str(data_path), **data_fingerprint(split)}}
+        partial = self.metrics.with_name(METRICS_FILE + ".partial")
+        with open(partial, "w") as handle:
+            handle.write(json.dumps(content, indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, self.metrics)
+        _fsync_dir(self.path)
+
+    @contextmanager
+    def writing_best(self) -> Iterator[Path]:
+        """Main process only. Yields an empty folder to write the best model into (`.partial-best/`);
+        when the block ends normally, its files are synced and it replaces best/ through a journal:
+        best/ renamed aside, the new folder renamed into place, the aside deleted. A crash at any
+        moment leaves the old complete best/ or the new one (`recover` finishes or undoes the swap);
+        an exception in the block leaves best/ as it was. Never counts as finished half-way: the
+        recipe writes metrics.json after it, and `is_finished` waits for an interrupted swap."""
+        self.recover()
+        partial = self._best_partial
+        partial.mkdir(parents=True)
+        try:
+            yield partial
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        _fsync_tree(partial)
+        self._swap_best()
+
+    def _swap_best(self) -> None:
+        best, aside = self.best, self._best_aside
+        if best.exists():
+            os.rename(best, aside)
+            _fsync_dir(self.path)
+        os.rename(self._best_partial, best)
+        _fsync_dir(self.path)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def recover(self) -> list[str]:
+        """Main process, holding the lock, before anything is written (the recipe at setup;
+        `writing_best` too): finish or undo a best/ export a crash interrupted. Returns what was done.
+          - `.replaced-best/` beside best/: the swap was done, deleting the old folder was cut short: deleted;
+          - `.replaced-best/` without best/: cut short between the two renames: renamed back (the new
+            folder's run re-exports it: it wrote no metrics.json after it);
+          - `.partial-best/`: an export cut short, whole or not (nothing says): deleted."""
+        done = []
+        if self._best_aside.exists():
+            if self.best.exists():
+                shutil.rmtree(self._best_aside)
+                done.append(f"deleted {_BEST_ASIDE}: {BEST_DIR} had replaced it")
+            else:
+                os.rename(self._best_aside, self.best)
+                _fsync_dir(self.path)
+                done.append(f"renamed {_BEST_ASIDE} back to {BEST_DIR} (interrupted export rolled back)")
+        if self._best_partial.exists():
+            shutil.rmtree(self._best_partial)
+            done.append(f"deleted {_BEST_PARTIAL} (an export cut short)")
+        return done
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file under `folder`, then every folder, on disk: a renamed folder is whole after a power cut."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(folder)
+
+
 def holds_results(output_dir: str | Path) -> bool:
-    """Whether a run left something another config would be mixed with: a complete checkpoint,
-    `best/` or `metrics.json`. (A run that failed before its first checkpoint, e.g. on a config
-    value checked at model build, left only its config.yaml: the corrected command may reuse it.)"""
-    folder = Path(output_dir)
-    return (
-        (folder / "metrics.json").is_file() or (folder / "best").is_dir()
-        # Partial and aside folders too: crash recovery would publish them before resume=auto picks one.
-        or holds_checkpoint_state(folder / "checkpoints")
-    )
+    """`RunFolder(output_dir).holds_results()`."""
+    return RunFolder(output_dir).holds_results()
 
 
 def check_run_folder(output_dir: str | Path, cfg: Config) -> None:
-    """Raise RunFolderConflict if `output_dir` holds a run's results (`holds_results`) and its
-    `config.yaml` differs from `cfg` in a key that changes the result (see RESULT_NEUTRAL_KEYS).
-    A folder without results passes, and so does one whose saved config differs only in neutral keys."""
-    path = Path(output_dir) / CONFIG_FILE
-    if not holds_results(output_dir):
-        return
-    todo = f"choose another output_dir, or delete {output_dir} to start over"
-    if not path.is_file():
-        raise RunFolderConflict(f"{output_dir} holds a run's results but no {CONFIG_FILE}: {todo}")
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        reason = " ".join(str(err).split())
-        raise RunFolderConflict(f"cannot read the run's config {path} ({reason}): {todo}") from None
-    if not isinstance(saved, dict):
-        raise RunFolderConflict(f"{path} does not hold a config: {todo}")
-    saved.pop(PROVENANCE_KEY, None)  # how the run was produced, not what it is
-    differences = config_differences(saved, cfg.to_dict(), defaults=Config().to_dict())
-    if differences:
-        if any(key == "train.seed" for key, _, _ in differences):
-            todo += (" (another seed in its own folder: output_dir=runs/{experiment}/fold{fold}-seed{seed}, "
-                     "what `emotrain cv --seeds` writes)")
-        listed = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences)
-        raise RunFolderConflict(
-            f"{output_dir} holds a run with another config ({path}), resuming or overwriting it would mix "
-            f"two experiments. Differences: {listed}. To train this config, {todo}; to continue that "
-            "run, use its config."
-        )
-
-
-LOCK_FILE = ".lock"
-"""Held (flock) by the training process that writes the folder, for its whole life."""
+    """`RunFolder(output_dir).check_config(cfg)`."""
+    RunFolder(output_dir).check_config(cfg)
 
 
 class RunFolderBusy(ConfigError):
@@ -158,7 +406,7 @@ class RunFolderLock:
     """
 
     def __init__(self, output_dir: str | Path):
-        self.path = Path(output_dir) / LOCK_FILE
+        self.path = RunFolder(output_dir).lock
         self.fd: int | None = None
 
     def acquire(self, wait: bool = False) -> bool:
@@ -187,7 +435,7 @@ class RunFolderLock:
 
 def wait_until_free(output_dir: str | Path, say=print) -> None:
     """Block while a training process holds the run folder's lock (e.g. one saving after a stop)."""
-    if not (Path(output_dir) / LOCK_FILE).exists():
+    if not RunFolder(output_dir).lock.exists():
         return
     probe = RunFolderLock(output_dir)
     try:

@@ -20,10 +20,9 @@ from accelerate.tracking import GeneralTracker
 from tqdm.auto import tqdm
 
 from emotrain.config import Config
+from emotrain.train.run_folder import HISTORY_FILE, RunFolder  # noqa: F401 (HISTORY_FILE: also imported from here)
 
 STEP_METRIC = "train/step"
-HISTORY_FILE = "history.jsonl"
-"""Every logged scalar of a run, one JSON object per `accelerator.log` call (`emotrain report`'s curves)."""
 
 
 def new_run_id() -> str:
@@ -104,7 +103,7 @@ class HistoryTracker(GeneralTracker):
 
     def __init__(self, output_dir: str | Path):
         super().__init__()
-        self.path = Path(output_dir) / HISTORY_FILE
+        self.path = RunFolder(output_dir).history
         self.resumed_step: int | None = None
         self._handle = None
 
@@ -212,7 +211,7 @@ def setup_logging(output_dir: str | Path, is_main_process: bool) -> logging.Logg
         logger.setLevel(logging.INFO)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-        for handler in (_TqdmConsoleHandler(), logging.FileHandler(Path(output_dir) / "train.log")):
+        for handler in (_TqdmConsoleHandler(), logging.FileHandler(RunFolder(output_dir).log)):
             handler.setFormatter(formatter)
             logger.addHandler(handler)
     else:

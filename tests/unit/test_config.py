@@ -301,3 +301,14 @@ def test_flash_attention_needs_half_precision():
     with pytest.raises(ConfigError, match="model.attention: flash_attention_2 runs in half precision only"):
         load_config(None, ["model.attention=flash_attention_2", "train.mixed_precision=no"])
     assert load_config(None, ["model.attention=flash_attention_2", "train.mixed_precision=bf16"]).model.attention
+
+
+def test_keys_say_which_are_result_neutral_and_why(capsys):
+    assert main(["config", "--keys"]) == 0
+    keys = capsys.readouterr().out
+    assert ("data.num_workers  (int or null, default None)\n" in keys and "Result-neutral: an execution resource, "
+            "like the number of processes; a run folder saved with another value accepts it." in keys)
+    section = keys[keys.index("logging.tags  ("):]
+    assert "Result-neutral: trackers, names, tags" in section.split("\n")[1]  # the whole section is neutral
+    lr = keys[keys.index("train.lr  ("):]
+    assert "Result-neutral" not in lr.split("\n")[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,17 +15,18 @@ from pathlib import Path
 import pytest
 
 from emotrain.train.run_folder import RunFolderBusy, RunFolderLock, wait_until_free
+from tests.toyset import write_toy_prepared
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = f"{sys.executable} {REPO / 'tests' / 'fake_train.py'}"
 
 
-def _cv(tmp_path: Path, *args: str, env: dict | None = None, wait: bool = True):
-    # cv checks that the data is prepared before it starts; the stand-in trainer never reads it.
-    data = tmp_path / "prepared"
-    for session in range(1, 6):
-        (data / f"session{session}").mkdir(parents=True, exist_ok=True)
-        (data / f"session{session}" / "data-00000-of-00001.parquet").touch()
+def _cv(tmp_path: Path, *args: str, env: dict | None = None, wait: bool = True, data: Path | None = None):
+    # cv checks that the data is prepared before it starts; the stand-in trainer reads its metadata only.
+    if data is None:
+        data = tmp_path / "prepared"
+        if not data.is_dir():
+            write_toy_prepared(data, per_session=4, num_shards=1)
     command = [sys.executable, "-m", "emotrain.cli", "cv", str(REPO / "configs" / "smoke.yaml"), f"data.path={data}",
                f"output_dir={tmp_path}/{{experiment}}/fold{{fold}}", "--launcher", FAKE, *args]
     environment = {**os.environ, "FAKE_TRAIN_LOG": str(tmp_path / "calls.log"), **(env or {})}
@@ -116,3 +118,22 @@ def test_read_manifest_reports_malformed_rows_and_resolves_paths(tmp_path):
     (tmp_path / "c.csv").write_text("path,text\nx.wav,hi\n")
     with pytest.raises(InputError, match="needs an `audio` column"):
         list(read_manifest(tmp_path / "c.csv"))
+
+
+def test_a_finished_run_trained_on_other_data_is_refused_not_counted(tmp_path):
+    """`data.path` is result-neutral (the same data, moved), so comparing configs let a fold finished on
+    another corpus count in the table: the data it trained on is compared instead."""
+    assert _cv(tmp_path, "--folds", "1").returncode == 0
+    other = write_toy_prepared(tmp_path / "other", per_session=5, num_shards=1, seed=1)
+    proc = _cv(tmp_path, "--folds", "1", data=other)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "finished, skipped" not in proc.stdout and "| smoke |" not in proc.stdout
+    message = proc.stderr.strip().splitlines()[-1]
+    assert (f"{tmp_path}/smoke/fold1 holds a run trained on other data ({tmp_path}/prepared) than "
+            f"data.path={other}") in message
+    assert "delete" in message and "give its data" in message
+    assert len((tmp_path / "calls.log").read_text().splitlines()) == 1  # nothing trained either
+    # The same data elsewhere is the same run.
+    shutil.copytree(tmp_path / "prepared", tmp_path / "moved")
+    moved = _cv(tmp_path, "--folds", "1", data=tmp_path / "moved")
+    assert moved.returncode == 0 and "smoke fold 1 seed 42: finished, skipped" in moved.stdout, moved.stderr

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import pytest
 import yaml
 
@@ -12,6 +16,7 @@ from emotrain.train.run_folder import (
     check_run_folder,
     config_differences,
 )
+from tests.faults import KILLED, die_in_child
 
 
 def _earlier_run(folder, cfg) -> None:
@@ -117,3 +122,211 @@ def test_neutral_keys_are_real_config_keys():
         assert key in flat or (key.endswith(".") and any(k.startswith(key) for k in flat)), key
     saved = yaml.safe_load(_config().to_yaml())
     assert config_differences(saved, cfg) == []
+
+
+def test_the_neutral_keys_and_plan_fields_are_the_config_fields_marks():
+    """Declared on the fields themselves (`neutral(...)`, `plan_shaping(...)` in emotrain.config)."""
+    from emotrain.config import DataConfig, neutral_reason, result_neutral_keys
+    from emotrain.data.plan import PLAN_FIELDS, StreamSettings
+
+    assert RESULT_NEUTRAL_KEYS == result_neutral_keys() == {
+        "output_dir", "train.resume", "data.path", "data.num_workers", "train.gradient_checkpointing",
+        "train.fused_optimizer", "model.attention", "train.checkpoint_every_steps", "train.keep_last_checkpoints",
+        "train.max_consecutive_nonfinite", "logging.",
+    }
+    assert neutral_reason("logging.tags") == neutral_reason("logging.") and neutral_reason("train.lr") is None
+    assert PLAN_FIELDS == DataConfig.plan_fields()
+    assert set(PLAN_FIELDS) == {"batching", "max_batch_audio_seconds", "bucket_buffer_size", "shuffle_buffer_size",
+                                "max_audio_seconds", "random_crop", "max_text_tokens", "sampling_rate", "length_ladder"}
+    assert [f for f in StreamSettings.__dataclass_fields__ if f not in ("seed", "batch_size")] == list(PLAN_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# best/ is replaced atomically: a crash at any moment leaves the old whole folder or the new one.
+
+
+def _model_files(tag: str) -> dict[str, str]:
+    """What an export writes (EmotionModel.save_pretrained writes several files and folders)."""
+    return {"emotion_model.json": tag, "model.safetensors": tag * 100, "tokenizer/vocab.txt": tag, "config.yaml": tag}
+
+
+def _export(folder, tag: str, die=None) -> None:
+    for i, (name, text) in enumerate(_model_files(tag).items()):
+        if die is not None and i == 2:
+            die()  # half the files written
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def _contents(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A finished run: its best/ (written by an earlier export) and its metrics."""
+    from emotrain.train.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "run")
+    with run.writing_best() as folder:
+        _export(folder, "old")
+    run.metrics.write_text(json.dumps({"test": {"ua": 0.5}}))
+    assert _contents(run.best) == _model_files("old") and run.is_finished()
+    return run
+
+
+def _rename_dies_on_call(number: int):
+    def fault(die):
+        real, calls = os.rename, []
+
+        def rename(*args):
+            calls.append(args)
+            if len(calls) == number:
+                die()
+            real(*args)
+        os.rename = rename
+    return fault
+
+
+def test_a_crash_while_writing_best_leaves_the_old_best(finished_run):
+    run = finished_run
+
+    def reexport(die):
+        with run.writing_best() as folder:
+            _export(folder, "new", die)
+    assert die_in_child(reexport) == KILLED
+    assert _contents(run.best) == _model_files("old") and run.is_finished()
+    assert run.recover() == ["deleted .partial-best (an export cut short)"]
+    assert sorted(p.name for p in run.path.iterdir()) == ["best", "metrics.json"]
+
+
+def test_a_first_export_cut_short_leaves_no_best(tmp_path):
+    from emotrain.train.run_folder import RunFolder
+
+    run = RunFolder(tmp_path)
+
+    def export(die):
+        with run.writing_best() as folder:
+            _export(folder, "new", die)
+    assert die_in_child(export) == KILLED
+    assert not run.best.exists() and not run.holds_results()
+    with run.writing_best() as folder:  # the resumed run exports again (it cleans up first)
+        _export(folder, "new")
+    assert _contents(run.best) == _model_files("new") and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_a_crash_between_the_renames_rolls_back_to_the_old_best(finished_run):
+    run = finished_run
+
+    def reexport(die):
+        with run.writing_best() as folder:
+            _export(folder, "new")
+    assert die_in_child(reexport, fault=_rename_dies_on_call(2)) == KILLED  # old best/ aside, new one not in place
+    assert not run.best.exists() and not run.is_finished()  # never counts while the swap is cut short
+    assert run.holds_results()  # and the folder still holds that run's result
+    assert run.recover()[0] == "renamed .replaced-best back to best (interrupted export rolled back)"
+    assert _contents(run.best) == _model_files("old") and run.is_finished()
+    assert sorted(p.name for p in run.path.iterdir()) == ["best", "metrics.json"]
+
+
+def test_a_crash_after_the_swap_keeps_the_new_best(finished_run):
+    run = finished_run
+
+    def reexport(die):
+        shutil.rmtree = lambda *args, **kwargs: die()  # deleting the old folder
+        with run.writing_best() as folder:
+            _export(folder, "new")
+    assert die_in_child(reexport) == KILLED
+    assert _contents(run.best) == _model_files("new") and not run.is_finished()
+    assert run.recover() == ["deleted .replaced-best: best had replaced it"]
+    assert _contents(run.best) == _model_files("new") and run.is_finished()
+
+
+def test_an_error_while_writing_best_leaves_it_as_it_was(finished_run):
+    run = finished_run
+    with pytest.raises(RuntimeError, match="disk full"):
+        with run.writing_best() as folder:
+            _export(folder, "new")
+            raise RuntimeError("disk full")
+    assert _contents(run.best) == _model_files("old") and run.is_finished()
+    assert sorted(p.name for p in run.path.iterdir()) == ["best", "metrics.json"]
+
+
+def test_a_model_exported_through_writing_best_loads(tmp_path):
+    """What the recipe does: EmotionModel.save_pretrained into the folder writing_best gives (it
+    exists already, empty), and the run's config beside it."""
+    from emotrain.model import EmotionModel, build_model, build_processors
+    from emotrain.train.run_folder import RunFolder
+
+    cfg = _config("model.variant=audio", "model.hidden_size=16", "model.classifier_hidden_size=16")
+    model = build_model(cfg.model)
+    run = RunFolder(tmp_path)
+    with run.writing_best() as folder:
+        model.save_pretrained(folder, processors=build_processors(cfg.model))
+        save_config(cfg, folder / "config.yaml")
+    assert EmotionModel.from_pretrained(run.best).config == model.config
+    assert load_config(run.best / "config.yaml") == cfg and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a finished run trained on: recorded in metrics.json, compared with the new data's.
+
+
+@pytest.fixture(scope="module")
+def two_corpora(tmp_path_factory):
+    from tests.toyset import write_toy_prepared
+
+    root = tmp_path_factory.mktemp("corpora")
+    return (write_toy_prepared(root / "a", per_session=4, num_shards=1),
+            write_toy_prepared(root / "b", per_session=5, num_shards=1, seed=1))
+
+
+def _fingerprint(data_path):
+    from emotrain.data.folds import split_from_config
+    from emotrain.data.state import data_fingerprint
+
+    cfg = _config(f"data.path={data_path}")
+    return data_fingerprint(split_from_config(cfg.data, seed=cfg.train.seed))
+
+
+def test_a_finished_run_records_its_data_and_refuses_other_data(tmp_path, two_corpora):
+    from emotrain.data.folds import split_from_config
+    from emotrain.train.run_folder import RunFolder
+
+    a, b = two_corpora
+    run = RunFolder(tmp_path)
+    cfg = _config(f"data.path={a}")
+    run.write_metrics({"test": {"ua": 0.5}}, data_path=str(a), split=split_from_config(cfg.data, seed=cfg.train.seed))
+    recorded = json.loads(run.metrics.read_text())["data"]
+    assert recorded["path"] == str(a) and set(recorded) == {"path", "split", "layout", "labels"}
+    assert run.check_data(str(a), lambda: _fingerprint(a)) is None
+    shutil.copytree(a, tmp_path / "copy")  # the same data, elsewhere: the same run
+    assert run.check_data(str(tmp_path / "copy"), lambda: _fingerprint(tmp_path / "copy")) is None
+    with pytest.raises(RunFolderConflict) as err:
+        run.check_data(str(b), lambda: _fingerprint(b))
+    message = str(err.value)
+    assert message.startswith(f"output_dir: {tmp_path} holds a run trained on other data ({a}) than data.path={b} "
+                              "(the same files hold other rows")
+    assert "\n" not in message
+
+
+def test_an_older_run_is_checked_against_its_checkpoint_or_accepted_with_a_note(tmp_path, two_corpora):
+    """Written before metrics.json recorded the data: its newest checkpoint's stream state says what
+    it trained on; with its checkpoints gone nothing does, and it is accepted with a note."""
+    from emotrain.train.run_folder import RunFolder
+
+    a, b = two_corpora
+    run = RunFolder(tmp_path)
+    run.metrics.write_text(json.dumps({"test": {"ua": 0.5}}))
+    note = run.check_data(str(b), lambda: pytest.fail("nothing to compare with: not computed"))
+    assert note == (f"{tmp_path} does not record the data it trained on (written by an older emotrain, its "
+                    f"checkpoints gone): not checked against data.path={b}")
+    checkpoint = run.checkpoints / "step-000010"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "stream-rank0.json").write_text(json.dumps({"epoch": 1, "position": 0, **_fingerprint(a)}))
+    (checkpoint / "config.yaml").write_text(_config(f"data.path={a}").to_yaml())
+    (checkpoint / "loop_state.json").write_text("{}")
+    (checkpoint / "COMPLETE").write_text('{"step": 10, "sequence": 1}')
+    assert run.check_data(str(a), lambda: _fingerprint(a)) is None
+    with pytest.raises(RunFolderConflict, match=f"trained on other data \\({a}\\) than data.path={b}"):
+        run.check_data(str(b), lambda: _fingerprint(b))
