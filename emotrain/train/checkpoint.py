@@ -81,6 +81,11 @@ def aside_dir(checkpoints_dir: str | Path, step: int) -> Path:
     return Path(checkpoints_dir) / f"{_ASIDE_PREFIX}{checkpoint_name(step)}"
 
 
+def stream_state_path(folder: str | Path, rank: int) -> Path:
+    """Where rank `rank`'s data-stream position lives in a checkpoint folder."""
+    return Path(folder) / f"stream-rank{rank}.json"
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON durably: to a temporary name, fsync, then rename over the target."""
     path = Path(path)

@@ -73,7 +73,8 @@ from emotrain.train.evaluation import evaluate, model_inputs
 from emotrain.train.loss import StepLoss, balanced_class_weights
 from emotrain.train.optim import build_optimizer, epoch_shares, set_learning_rates, step_lr_factor
 from emotrain.train.preemption import EXIT_PREEMPTED, PreemptionWatcher, default_flag_file
-from emotrain.train.run_folder import RunFolderLock, check_run_folder
+from emotrain.data.state import data_fingerprint
+from emotrain.train.run_folder import CONFIG_FILE, RunFolder, RunFolderLock
 from emotrain.train.state import LogWindow, Progress, TrainingState
 from emotrain.train.step import StepOutcome, finish_optimizer_step
 from emotrain.train.step_end import StepEnd, StepFacts, StepRule
@@ -93,6 +94,8 @@ class Training:
 
     cfg: Config
     accelerator: Accelerator
+    run: RunFolder
+    """The run folder: its layout, and what "finished" means."""
     log: logging.Logger
     state: TrainingState
     rule: StepRule
@@ -110,20 +113,12 @@ class Training:
     peak_flops: float | None = None
 
     @property
-    def output_dir(self) -> Path:
-        return Path(self.cfg.output_dir)
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.output_dir / "checkpoints"
-
-    @property
     def labels(self) -> list[str]:
         return self.split.label_names
 
     def save(self) -> Path:
         """A checkpoint of the whole state (a collective: every rank)."""
-        return self.state.save(self.accelerator, self.checkpoints_dir, config_yaml=self.cfg.to_yaml(),
+        return self.state.save(self.accelerator, self.run.checkpoints, config_yaml=self.cfg.to_yaml(),
                                keep_last=self.cfg.train.keep_last_checkpoints)
 
     def close(self) -> None:
@@ -155,9 +150,10 @@ def setup(cfg: Config) -> Training:
     """Every part of the run, and its state restored when resuming (see the module docstring)."""
     history = tracking.HistoryTracker(cfg.output_dir)  # the run folder's own curves, whatever report_to says
     accelerator = _build_accelerator(cfg, history)
-    lock, log, run_provenance = _claim_run_folder(cfg, accelerator)
+    run = RunFolder(cfg.output_dir)
+    lock, log, run_provenance = _claim_run_folder(cfg, accelerator, run)
     # A stale flag from an earlier stop must not stop this run at once.
-    stop_flag = default_flag_file(cfg.output_dir)
+    stop_flag = default_flag_file(run.path)
     if accelerator.is_main_process:
         stop_flag.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
@@ -165,7 +161,7 @@ def setup(cfg: Config) -> Training:
     set_seed(cfg.train.seed)
     # What to resume: the main process decides (it also completes a replacement a crash interrupted),
     # so every rank loads the same folder.
-    resume_from = decided_by_main(accelerator, lambda: resolve_resume(cfg.train.resume, Path(cfg.output_dir) / "checkpoints"))
+    resume_from = decided_by_main(accelerator, lambda: resolve_resume(cfg.train.resume, run.checkpoints))
 
     # The data decides the label set (and whether this variant can train on it at all).
     check_config_fits_dataset(cfg.data, cfg.model, read_dataset_info(cfg.data.path))
@@ -173,6 +169,9 @@ def setup(cfg: Config) -> Training:
     log.info("fold %d: %s", cfg.data.fold, json.dumps(split.summary()))
     for note in split.notes:
         log.warning("fold %d: %s", cfg.data.fold, note)
+    # A finished run trained on other data is never counted as this one (data.path may move, the data not).
+    if (note := decided_by_main(accelerator, lambda: run.check_data(cfg.data.path, lambda: data_fingerprint(split)))):
+        log.warning("%s", note)
     feature_extractor, tokenizer = build_processors(cfg.model)
     world_size = accelerator.num_processes
     stream = build_train_stream(cfg, split, feature_extractor=feature_extractor, tokenizer=tokenizer,
@@ -198,14 +197,14 @@ def setup(cfg: Config) -> Training:
         state.restore(accelerator, resume_from)
         log.info("resumed from %s (epoch %d, step %d)", resume_from, state.progress.epoch, state.progress.step)
     else:
-        log.info("starting fresh in %s", cfg.output_dir)
+        log.info("starting fresh in %s", run.path)
     history.keep_until(state.progress.step if resume_from is not None else None)
     tracking.start(accelerator, cfg, state.progress.run_id)
 
     class_weights = (balanced_class_weights(split.meta.label[split.train_mask()], len(split.label_names))
                      if cfg.train.class_weights == "balanced" else None)
     training = Training(
-        cfg=cfg, accelerator=accelerator, log=log, state=state, rule=StepRule.from_config(cfg),
+        cfg=cfg, accelerator=accelerator, run=run, log=log, state=state, rule=StepRule.from_config(cfg),
         loss=StepLoss(world_size=world_size, accumulation=cfg.train.gradient_accumulation_steps,
                       class_weights=class_weights, label_smoothing=cfg.train.label_smoothing),
         split=split, validation_loader=validation_loader, test_loader=test_loader,
@@ -255,23 +254,26 @@ def decided_by_main(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
     return value[0]
 
 
-def _claim_run_folder(cfg: Config, accelerator: Accelerator) -> tuple[RunFolderLock, logging.Logger, dict | None]:
+def _claim_run_folder(cfg: Config, accelerator: Accelerator,
+                      run: RunFolder) -> tuple[RunFolderLock, logging.Logger, dict | None]:
     """One training per folder (rank 0 holds the lock for the whole run), and a folder holding a run
-    whose config would change the result is refused, before anything is written. Then the resolved
-    config is printed once and saved with how this run was produced."""
-    output_dir = Path(cfg.output_dir)
-    decided_by_main(accelerator, lambda: check_run_folder(output_dir, cfg))
-    lock = RunFolderLock(output_dir)
+    whose config would change the result is refused, before anything is written; an export of best/
+    a crash cut short is finished or undone. Then the resolved config is printed once and saved with
+    how this run was produced."""
+    decided_by_main(accelerator, lambda: run.check_config(cfg))
+    lock = RunFolderLock(run.path)
     decided_by_main(accelerator, lock.acquire)
-    log = tracking.setup_logging(output_dir, accelerator.is_main_process)
+    log = tracking.setup_logging(run.path, accelerator.is_main_process)
     run_provenance = None
     if accelerator.is_main_process:
+        for line in run.recover():
+            log.warning("run folder recovery: %s", line)
         run_provenance = provenance.merge_with_earlier(
             provenance.collect(world_size=accelerator.num_processes,
                                distributed_type=accelerator.distributed_type.value,
                                mixed_precision=accelerator.mixed_precision),
-            read_provenance(output_dir / "config.yaml"))
-        save_config(cfg, output_dir / "config.yaml", provenance=run_provenance)
+            read_provenance(run.config))
+        save_config(cfg, run.config, provenance=run_provenance)
         log.info("resolved config:\n%s", cfg.to_yaml().rstrip())
         log.info("%d process(es), %s, mixed precision %s", accelerator.num_processes, accelerator.distributed_type,
                  accelerator.mixed_precision)
@@ -522,11 +524,8 @@ def finish(t: Training) -> dict:
         results["test"] = evaluate(accelerator, t.state.model, t.test_loader, label_names=t.labels)
         tracking.log(accelerator, {f"test/{k}": results["test"][k] for k in ("wa", "ua", "macro_f1")}, progress.step)
         tracking.log_confusion(accelerator, t.cfg, "test", results["test"]["confusion"], t.labels, progress.step)
-    if accelerator.is_main_process:
-        # Atomically: a run killed while writing must not leave half a file that says "finished".
-        partial = t.output_dir / "metrics.json.partial"
-        partial.write_text(json.dumps(results, indent=2))
-        os.replace(partial, t.output_dir / "metrics.json")
+    if accelerator.is_main_process:  # last, atomically: with it the run is finished (with the data it trained on)
+        t.run.write_metrics(results, data_path=t.cfg.data.path, split=t.split)
         t.log.info("results (WA = accuracy, UA = mean per-class recall):\n%s", format_results(results))
     tracking.summarize(accelerator, t.cfg, {
         "best/validation_ua": progress.best_ua, "best/step": progress.best_step,
@@ -538,14 +537,15 @@ def finish(t: Training) -> dict:
 def _best_checkpoint(t: Training) -> Path:
     """The best step's checkpoint: this run's, or the run it was started from (train.resume=<folder>)."""
     best_name = checkpoint_name(t.state.progress.best_step)
-    for folder in (t.checkpoints_dir / best_name, t.resumed_from.parent / best_name if t.resumed_from else None):
+    for folder in (t.run.checkpoints / best_name, t.resumed_from.parent / best_name if t.resumed_from else None):
         if folder is not None and (folder / COMPLETE).is_file():
             return folder
-    raise ResumeError(f"the best checkpoint (step {t.state.progress.best_step}) is no longer in {t.checkpoints_dir}")
+    raise ResumeError(f"the best checkpoint (step {t.state.progress.best_step}) is no longer in {t.run.checkpoints}")
 
 
 def _export_best(t: Training) -> None:
-    """`best/`: the best weights under the model's own names, its processors and preprocessing, the config."""
+    """`best/`, written aside and swapped in atomically: the best weights under the model's own names,
+    its processors and preprocessing, the config."""
     accelerator, cfg = t.accelerator, t.cfg
     state_dict = accelerator.get_state_dict(t.state.model)  # a collective under ZeRO-3 (gathers the partitions)
     if not accelerator.is_main_process:  # (under ZeRO-3 only rank 0 receives the gathered weights)
@@ -555,5 +555,6 @@ def _export_best(t: Training) -> None:
     best_model = accelerator.unwrap_model(t.state.model, keep_torch_compile=False)
     best_model.preprocessing.update(sampling_rate=cfg.data.sampling_rate, max_text_tokens=cfg.data.max_text_tokens,
                                     max_audio_seconds=cfg.data.max_audio_seconds)
-    best_model.save_pretrained(t.output_dir / "best", processors=t.processors, state_dict=state_dict)
-    save_config(cfg, t.output_dir / "best" / "config.yaml", provenance=t.run_provenance)
+    with t.run.writing_best() as folder:
+        best_model.save_pretrained(folder, processors=t.processors, state_dict=state_dict)
+        save_config(cfg, folder / CONFIG_FILE, provenance=t.run_provenance)

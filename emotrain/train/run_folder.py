@@ -284,6 +284,8 @@ class RunFolder:
         A run that records no fingerprint (written before emotrain recorded one, its checkpoints
         gone) cannot be checked: it is accepted, and the returned note says so (None otherwise).
         Refusing it would leave every such result unusable without retraining it."""
+        if not self.holds_results():  # nothing trained here yet: nothing to mix
+            return None
         recorded = self.trained_data()
         if recorded is None:
             return (f"{self.path} does not record the data it trained on (written by an older emotrain, "

@@ -37,14 +37,11 @@ from emotrain.train.checkpoint import (
     partial_dir,
     read_json,
     rotate,
+    stream_state_path,
     write_json,
 )
 
 _STREAM_NAME = re.compile(r"^stream-rank(\d+)\.json$")
-
-
-def stream_state_path(folder: str | Path, rank: int) -> Path:
-    return Path(folder) / f"stream-rank{rank}.json"
 
 
 @dataclass

@@ -18,6 +18,7 @@ from emotrain.data.folds import make_fold_split, read_metadata
 from emotrain.data.plan import StreamSettings
 from emotrain.data.stream import TrainStream
 from emotrain.train import checkpoint as ckpt
+from emotrain.train.checkpoint import stream_state_path
 from emotrain.train.optim import epoch_shares, lr_factor, run_progress, step_lr_factor
 from emotrain.train.state import (
     LogWindow,
@@ -25,7 +26,6 @@ from emotrain.train.state import (
     TrainingState,
     check_resumable,
     read_progress,
-    stream_state_path,
 )
 from tests.toyset import toy_processors, write_toy_prepared
 
