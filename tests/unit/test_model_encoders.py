@@ -204,6 +204,19 @@ def test_group_norm_encoder_is_padding_invariant(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded(values, lengths).logits, logits, atol=0, rtol=0)
 
 
+def test_a_trained_group_norm_conv_stack_gets_every_gradient(tmp_path):
+    """Unfrozen (as DDP without find_unused_parameters needs): the group norm's weights too."""
+    cfg = small(variant="audio", audio_encoder=str(save_group_norm_wav2vec2(tmp_path / "w2v-group")),
+                freeze_feature_encoder=False)
+    model = build_model(cfg).train()
+    values = torch.randn(2, 6400)
+    model(values, torch.tensor([2100, 6400]), labels=torch.tensor([0, 1])).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    norm = model.audio_encoder.feature_extractor.conv_layers[0].layer_norm
+    assert norm.weight.requires_grad and float(norm.weight.grad.abs().sum()) > 0
+    assert norm.valid_frames is None  # the lengths live only for one call
+
+
 def test_a_text_model_is_rejected_as_audio_encoder(tmp_path):
     BertModel(BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=16)).save_pretrained(tmp_path / "bert")
