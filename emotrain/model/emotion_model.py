@@ -30,11 +30,11 @@ from transformers.utils import ModelOutput
 from emotrain.config import LABEL_NAMES, SAMPLING_RATE, ModelConfig
 from emotrain.model.cross_attention import CrossModalAttention
 from emotrain.model.encoders import (
-    audio_encoder_takes_attention_mask,
     build_audio_encoder,
     build_processors,
     build_text_encoder,
 )
+from emotrain.model.group_norm import group_norm_lengths
 from emotrain.model.masks import (
     audio_frame_lengths,
     audio_sample_mask,
@@ -126,15 +126,14 @@ class EmotionModel(nn.Module):
         audio_lengths = audio_lengths.to(input_values.device)
         # fp16/bf16 weights would otherwise receive the collator's float32 samples.
         input_values = input_values.to(encoder.dtype)
-        if audio_encoder_takes_attention_mask(encoder):
-            sample_mask = audio_sample_mask(audio_lengths, input_values.shape[1])  # [B, S]
-            hidden = encoder(input_values, attention_mask=sample_mask)
-        else:
-            hidden = encoder(input_values)  # group-norm models were pretrained without a mask
-        frames = hidden.last_hidden_state  # [B, T, D_a]
+        # Every encoder gets the sample-level mask: the transformer then zeroes padded frames before
+        # its positional convolution and never attends to them. A group-norm conv stack (wav2vec2-base)
+        # takes its statistics over each utterance's real frames (`group_norm_lengths`), so the
+        # frames are exactly those of the utterance alone for layer-norm and group-norm models.
+        sample_mask = audio_sample_mask(audio_lengths, input_values.shape[1])  # [B, S]
+        with group_norm_lengths(encoder, audio_lengths):
+            frames = encoder(input_values, attention_mask=sample_mask).last_hidden_state  # [B, T, D_a]
 
-        # The frame mask comes from the sample lengths, not from the encoder: it is needed for
-        # group-norm models too, whose encoder never sees a mask.
         frame_lengths = audio_frame_lengths(encoder, audio_lengths)  # [B]
         # Checked without reading the tensor on the host (no device sync in the training step); data
         # preparation and `predict` keep such audio out, so this only guards the invariant.

@@ -35,6 +35,7 @@ from transformers import (
 
 # Every supported audio encoder was pretrained on 16 kHz audio: the rate prepared data is stored at.
 from emotrain.config import SAMPLING_RATE, TINY_ENCODER, ConfigError, DataConfig, ModelConfig
+from emotrain.model.group_norm import install_masked_group_norm
 
 TINY = TINY_ENCODER
 BUNDLED_PREFIX = "bundled:"
@@ -149,7 +150,8 @@ def build_audio_encoder(model_cfg: ModelConfig, hf_config: PretrainedConfig | No
     With `hf_config`, it is built from that config with random weights (the caller loads weights,
     as `EmotionModel.from_pretrained` does); otherwise from `model_cfg.audio_encoder`.
     Its conv feature encoder is frozen when `model_cfg.freezes_feature_encoder()`: by default for a
-    pretrained encoder, not for a random `tiny` one.
+    pretrained encoder, not for a random `tiny` one. A group norm in its conv stack becomes a
+    `LengthMaskedGroupNorm` (same parameters), so a padded utterance gives its unpadded frames.
     """
     name = model_cfg.audio_encoder
     attention = _attention(model_cfg)
@@ -169,6 +171,9 @@ def build_audio_encoder(model_cfg: ModelConfig, hf_config: PretrainedConfig | No
             f"model.audio_encoder={name!r} is a {type(encoder).__name__}, not an audio encoder with a "
             "convolutional feature encoder (Wav2Vec2, HuBERT, WavLM)"
         )
+    # Group norm over time (wav2vec2-base's first conv layer) would count the padding: normalise
+    # over each utterance's real frames instead (`group_norm_lengths` around each call).
+    install_masked_group_norm(encoder)
     if model_cfg.freezes_feature_encoder():
         freeze_feature_encoder(encoder)
     return encoder
@@ -212,17 +217,6 @@ def build_text_encoder(
         # checkpointing transformers warns about it on every forward.
         encoder.config.use_cache = False
     return encoder
-
-
-def audio_encoder_takes_attention_mask(encoder: PreTrainedModel) -> bool:
-    """Whether to pass the sample-level attention mask to this audio encoder.
-
-    Group-norm models (wav2vec2-base, `feat_extract_norm == "group"`) were pretrained on unpadded
-    audio without a mask: they get zero padding and no mask (their features then depend slightly on
-    the padding, which bucketing by length keeps small). Layer-norm models (large-lv60, XLS-R,
-    WavLM-large) need the mask, and with it their frames do not depend on the padding at all.
-    """
-    return getattr(encoder.config, "feat_extract_norm", "layer") == "layer"
 
 
 # ---------------------------------------------------------------------------------------------

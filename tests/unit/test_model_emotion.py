@@ -75,9 +75,30 @@ def random_batch(tokenizer, seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_logits_do_not_depend_on_padding(tokenizer, variant):
-    model = tiny_model(variant=variant, cross_attention_layers=2).eval()
+@pytest.fixture(scope="module")
+def group_norm_audio_encoder(tmp_path_factory) -> str:
+    """A tiny random Wav2Vec2 folder normalised like wav2vec2-base (the paper's audio encoder):
+    group norm over time in the first conv layer, post-norm transformer."""
+    from transformers import Wav2Vec2Model
+
+    config = encoders_module.tiny_audio_config(tiny_config())
+    config.feat_extract_norm, config.do_stable_layer_norm = "group", False
+    folder = tmp_path_factory.mktemp("w2v-group")
+    torch.manual_seed(0)
+    Wav2Vec2Model(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "variant, audio_norm", [(v, "layer") for v in VARIANTS] + [("fusion", "group"), ("audio", "group")]
+)
+def test_logits_do_not_depend_on_padding(tokenizer, variant, audio_norm, request):
+    overrides = {}
+    if audio_norm == "group":
+        overrides["audio_encoder"] = request.getfixturevalue("group_norm_audio_encoder")
+    model = tiny_model(variant=variant, cross_attention_layers=2, **overrides).eval()
+    if audio_norm == "group":
+        assert model.audio_encoder.config.feat_extract_norm == "group"
     torch.manual_seed(1)
     short_audio, short_text = torch.randn(2100), "why"
     others = [(torch.randn(6400), "this is a much longer sentence than the other one, isn't it"),

@@ -153,28 +153,68 @@ def test_encoders_from_local_folders_and_a_round_trip_without_them(tmp_path):
     assert loaded.config.audio_encoder == str(audio_dir)  # recorded, not needed
 
 
-def test_group_norm_encoder_gets_no_attention_mask_but_its_frames_are_still_masked(tmp_path, monkeypatch):
+def save_group_norm_wav2vec2(folder: Path) -> Path:
+    """A random tiny Wav2Vec2 shaped like wav2vec2-base's normalisation: group norm over time in its
+    first conv layer, post-norm transformer (`do_stable_layer_norm=False`); no preprocessor config."""
     config = tiny_audio_config(small())
     config.feat_extract_norm, config.do_stable_layer_norm = "group", False
     torch.manual_seed(0)
-    Wav2Vec2Model(config).save_pretrained(tmp_path / "w2v-group")  # no preprocessor_config.json
-    cfg = small(variant="audio", audio_encoder=str(tmp_path / "w2v-group"))
+    Wav2Vec2Model(config).save_pretrained(folder)
+    return folder
+
+
+def test_group_norm_encoder_is_padding_invariant(tmp_path, monkeypatch):
+    """wav2vec2-base's case: an utterance padded next to one three times longer (noise in the
+    padding) gives exactly the encoded frames, pooled statistics and logits it gives alone."""
+    cfg = small(variant="audio", audio_encoder=str(save_group_norm_wav2vec2(tmp_path / "w2v-group")))
     feature_extractor, _ = build_processors(cfg)
     assert feature_extractor.do_normalize and not feature_extractor.return_attention_mask
 
     model = build_model(cfg).eval()
-    seen = []
-    model.audio_encoder.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(dict(kwargs)),
-                                                  with_kwargs=True)
-    pooled = []
+    pooled = []  # [B, 2d] per call, in call order
     original = em.masked_mean_std
-    monkeypatch.setattr(em, "masked_mean_std", lambda x, m: pooled.append(m) or original(x, m))
+
+    def recording_pooling(x, m):
+        pooled.append(original(x, m))
+        return pooled[-1]
+
+    monkeypatch.setattr(em, "masked_mean_std", recording_pooling)
+    torch.manual_seed(1)
+    short_audio = torch.randn(2100)
+    values = torch.randn(2, 6400) * 3  # noise in the padding
+    values[0, :2100] = short_audio
+    lengths = torch.tensor([2100, 6400])
     with torch.no_grad():
-        out = model(torch.randn(2, 4000), torch.tensor([4000, 1700]))
-    assert seen and "attention_mask" not in seen[0]
-    assert pooled[0].sum(1).tolist() == model.audio_encoder._get_feat_extract_output_lengths(
-        torch.tensor([4000, 1700])).tolist()
-    assert torch.isfinite(out.logits).all()
+        frames, mask = model.encode_audio(values, lengths)
+        frames_alone, mask_alone = model.encode_audio(short_audio[None], lengths[:1])
+        logits = model(values, lengths).logits
+        logits_alone = model(short_audio[None], lengths[:1]).logits
+    assert mask.sum(1).tolist() == model.audio_encoder._get_feat_extract_output_lengths(lengths).tolist()
+    real = int(mask_alone.sum())
+    assert real == frames_alone.shape[1] == int(mask[0].sum()) < frames.shape[1]
+    torch.testing.assert_close(frames[0, :real], frames_alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled[0][0], pooled[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[0], logits_alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-4)  # the comparison is not trivial
+
+    # Saved and loaded (rebuilt from its HF config): the same parameter names, the same outputs.
+    model.save_pretrained(tmp_path / "model")
+    loaded = EmotionModel.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(values, lengths).logits, logits, atol=0, rtol=0)
+
+
+def test_a_trained_group_norm_conv_stack_gets_every_gradient(tmp_path):
+    """Unfrozen (as DDP without find_unused_parameters needs): the group norm's weights too."""
+    cfg = small(variant="audio", audio_encoder=str(save_group_norm_wav2vec2(tmp_path / "w2v-group")),
+                freeze_feature_encoder=False)
+    model = build_model(cfg).train()
+    values = torch.randn(2, 6400)
+    model(values, torch.tensor([2100, 6400]), labels=torch.tensor([0, 1])).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    norm = model.audio_encoder.feature_extractor.conv_layers[0].layer_norm
+    assert norm.weight.requires_grad and float(norm.weight.grad.abs().sum()) > 0
+    assert norm.valid_frames is None  # the lengths live only for one call
 
 
 def test_a_text_model_is_rejected_as_audio_encoder(tmp_path):
@@ -185,8 +225,9 @@ def test_a_text_model_is_rejected_as_audio_encoder(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # inside WavLM's attention
+@pytest.mark.parametrize("norm", ["layer", "group"])  # large / base checkpoints
 @pytest.mark.parametrize("audio_kind", ["hubert", "wavlm"])
-def test_other_audio_encoders_and_roberta_from_folders(tmp_path, audio_kind):
+def test_other_audio_encoders_and_roberta_from_folders(tmp_path, audio_kind, norm):
     """HuBERT / WavLM (AutoModel) with a RoBERTa text encoder: padding-invariant, fully trained."""
     from transformers import (
         HubertConfig,
@@ -202,6 +243,8 @@ def test_other_audio_encoders_and_roberta_from_folders(tmp_path, audio_kind):
     shape = tiny_audio_config(small()).to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         shape.pop(key, None)
+    if norm == "group":
+        shape.update(feat_extract_norm="group", do_stable_layer_norm=False)
     torch.manual_seed(0)
     model_cls(config_cls(**shape)).save_pretrained(tmp_path / audio_kind)
     # A RoBERTa over the WordPiece vocabulary (pad id 0): RoBERTa's position ids depend on the pad id.

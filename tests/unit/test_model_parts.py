@@ -10,6 +10,7 @@ import torch
 from emotrain.config import ModelConfig
 from emotrain.model.cross_attention import CrossAttention, CrossModalAttention
 from emotrain.model.encoders import build_audio_encoder
+from emotrain.model.group_norm import LengthMaskedGroupNorm, install_masked_group_norm
 from emotrain.model.masks import (
     audio_frame_mask,
     audio_sample_mask,
@@ -46,6 +47,62 @@ def test_frame_mask_matches_the_frames_an_unpadded_utterance_gives():
             out = encoder(torch.randn(1, n)).last_hidden_state
             assert out.shape[1] == frames
     assert encoder._get_feat_extract_output_lengths(324) == 0  # receptive field: 325 samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Group norm over each utterance's real frames
+
+
+@pytest.mark.parametrize("groups", [8, 2])  # wav2vec2's (one group per channel), and channels shared
+def test_masked_group_norm_is_group_norm_of_each_unpadded_row(groups):
+    torch.manual_seed(0)
+    reference = torch.nn.GroupNorm(groups, 8)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 2.0)
+        reference.bias.normal_()
+    norm = LengthMaskedGroupNorm(groups, 8)
+    norm.load_state_dict(reference.state_dict())
+    lengths = [12, 5, 2]
+    x = torch.randn(3, 8, 12) * 4 + 3
+    x[1, :, 5:] = 1e4  # padding far from the real values: counted, it would swamp the statistics
+    x[2, :, 2:] = -1e4
+    x.requires_grad_(True)
+    norm.valid_frames = torch.tensor(lengths)
+    out = norm(x)
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(out[row, :, :n], reference(x[row : row + 1, :, :n])[0], atol=1e-5, rtol=1e-5)
+    out[:, :, :5].sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[1, :, 5:] == 0).all()  # padding gets no gradient
+    assert norm.weight.grad is not None and norm.bias.grad is not None
+    norm.valid_frames = None  # unset: nn.GroupNorm over all frames
+    torch.testing.assert_close(norm(x), reference(x))
+
+
+def test_masked_group_norm_dtypes_follow_group_norm():
+    norm = LengthMaskedGroupNorm(4, 4)
+    norm.valid_frames = torch.tensor([3, 6])
+    x = torch.randn(2, 4, 6, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x).dtype == torch.float32  # as autocast runs group_norm
+    assert norm.to(torch.bfloat16)(x).dtype == torch.bfloat16  # a model cast to bf16 as a whole
+
+
+def test_install_keeps_the_group_norm_parameters_and_names():
+    from transformers import Wav2Vec2Model
+
+    from emotrain.model.encoders import tiny_audio_config
+
+    config = tiny_audio_config(ModelConfig())
+    config.feat_extract_norm, config.do_stable_layer_norm = "group", False
+    encoder = Wav2Vec2Model(config)
+    names = list(encoder.state_dict())
+    weight = encoder.feature_extractor.conv_layers[0].layer_norm.weight
+    assert install_masked_group_norm(encoder) == 1
+    norm = encoder.feature_extractor.conv_layers[0].layer_norm
+    assert type(norm) is LengthMaskedGroupNorm and norm.weight is weight
+    assert list(encoder.state_dict()) == names
+    assert install_masked_group_norm(encoder) == 0  # idempotent
+    assert install_masked_group_norm(build_audio_encoder(ModelConfig())) == 0  # layer norm: nothing to do
 
 
 # ---------------------------------------------------------------------------------------------
