@@ -63,7 +63,7 @@ def test_a_result_changing_difference_is_refused_naming_every_key(tmp_path):
     message = str(err.value)
     assert "train.lr: 2e-05 there, 3e-05 now" in message
     assert "model.variant: 'fusion' there, 'audio' now" in message
-    assert "data.eval_batch_size: 8 there, 64 now" in message  # group-norm encoders see the padding
+    assert "data.eval_batch_size: 8 there, 64 now" in message  # padding: float rounding, and data2vec-audio sees it
     assert "logging.tags" not in message
     assert "choose another output_dir" in message and "delete" in message
     assert "\n" not in message
