@@ -159,7 +159,7 @@ def _epoch_ids(records: dict[int, list[dict]], epoch: int) -> Counter:
 def _assert_complete_two_rank_checkpoint(folder: Path) -> None:
     names = {p.name for p in folder.iterdir()}
     for needed in ("COMPLETE", "loop_state.json", "config.yaml", "stream-rank0.json", "stream-rank1.json",
-                   "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin"):
+                   "random_states_0.pkl", "random_states_1.pkl"):
         assert needed in names, f"{folder}: no {needed} (has {sorted(names)})"
     assert "stream-rank2.json" not in names
 
