@@ -34,7 +34,7 @@ from emotrain.model.encoders import (
     build_processors,
     build_text_encoder,
 )
-from emotrain.model.group_norm import group_norm_lengths
+from emotrain.model.group_norm import set_group_norm_lengths
 from emotrain.model.masks import (
     audio_frame_lengths,
     audio_sample_mask,
@@ -128,11 +128,11 @@ class EmotionModel(nn.Module):
         input_values = input_values.to(encoder.dtype)
         # Every encoder gets the sample-level mask: the transformer then zeroes padded frames before
         # its positional convolution and never attends to them. A group-norm conv stack (wav2vec2-base)
-        # takes its statistics over each utterance's real frames (`group_norm_lengths`), so the
+        # takes its statistics over each utterance's real frames (`set_group_norm_lengths`), so the
         # frames are exactly those of the utterance alone for layer-norm and group-norm models.
         sample_mask = audio_sample_mask(audio_lengths, input_values.shape[1])  # [B, S]
-        with group_norm_lengths(encoder, audio_lengths):
-            frames = encoder(input_values, attention_mask=sample_mask).last_hidden_state  # [B, T, D_a]
+        set_group_norm_lengths(encoder, audio_lengths)
+        frames = encoder(input_values, attention_mask=sample_mask).last_hidden_state  # [B, T, D_a]
 
         frame_lengths = audio_frame_lengths(encoder, audio_lengths)  # [B]
         # Checked without reading the tensor on the host (no device sync in the training step); data

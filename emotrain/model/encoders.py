@@ -172,7 +172,7 @@ def build_audio_encoder(model_cfg: ModelConfig, hf_config: PretrainedConfig | No
             "convolutional feature encoder (Wav2Vec2, HuBERT, WavLM)"
         )
     # Group norm over time (wav2vec2-base's first conv layer) would count the padding: normalise
-    # over each utterance's real frames instead (`group_norm_lengths` around each call).
+    # over each utterance's real frames instead (`set_group_norm_lengths` before each call).
     install_masked_group_norm(encoder)
     if model_cfg.freezes_feature_encoder():
         freeze_feature_encoder(encoder)

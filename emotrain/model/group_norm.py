@@ -12,14 +12,11 @@ positional convolution and hides them as attention keys. So a padded utterance g
 frames it gives alone.
 
     install_masked_group_norm(encoder)          # once, after building/loading the encoder
-    with group_norm_lengths(encoder, audio_lengths):
-        encoder(input_values, attention_mask=sample_mask)
+    set_group_norm_lengths(encoder, audio_lengths)   # before each call, for that batch
+    encoder(input_values, attention_mask=sample_mask)
 """
 
 from __future__ import annotations
-
-import contextlib
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -37,12 +34,17 @@ class LengthMaskedGroupNorm(nn.GroupNorm):
     """
 
     valid_frames: torch.Tensor | None = None
-    """[B] long, the real frames of each row of the next input; set by `group_norm_lengths`."""
+    """[B] long, the real frames of each row of the input; set by `set_group_norm_lengths` and kept
+    until its next call, so a backward that recomputes the conv layers (gradient checkpointing)
+    normalises over the same frames as the forward did."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.valid_frames is None:
             return super().forward(hidden)
         batch, channels, frames = hidden.shape
+        if self.valid_frames.shape[0] != batch:
+            raise RuntimeError(f"the group norm was given the lengths of {self.valid_frames.shape[0]} utterances for a "
+                               f"batch of {batch}: call set_group_norm_lengths(encoder, audio_lengths) before the encoder")
         # Under autocast group_norm returns float32; without it (a model cast to bf16) the input's dtype.
         out_dtype = torch.float32 if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
         valid = self.valid_frames.to(hidden.device)
@@ -104,20 +106,14 @@ def conv_output_lengths(conv: nn.Conv1d, lengths: torch.Tensor) -> torch.Tensor:
     return torch.div(lengths + 2 * conv.padding[0] - span, conv.stride[0], rounding_mode="floor") + 1
 
 
-@contextlib.contextmanager
-def group_norm_lengths(encoder: nn.Module, audio_lengths: torch.Tensor) -> Iterator[None]:
-    """Within the block, the encoder's LengthMaskedGroupNorms normalise over the real frames of
-    utterances of `audio_lengths` [B] samples (the lengths of the batch the encoder is called on)."""
-    norms = []
+def set_group_norm_lengths(encoder: nn.Module, audio_lengths: torch.Tensor) -> None:
+    """From now on, the encoder's LengthMaskedGroupNorms normalise over the real frames of utterances
+    of `audio_lengths` [B] samples (the batch the encoder is called on next). They keep them until
+    the next call: gradient checkpointing recomputes the conv layers during backward, after the
+    forward, and must see the same frames."""
     lengths = audio_lengths
     for layer in _conv_layers(encoder):
         lengths = conv_output_lengths(layer.conv, lengths)
         norm = getattr(layer, "layer_norm", None)
         if isinstance(norm, LengthMaskedGroupNorm):
             norm.valid_frames = lengths
-            norms.append(norm)
-    try:
-        yield
-    finally:
-        for norm in norms:
-            norm.valid_frames = None

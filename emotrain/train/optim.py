@@ -113,6 +113,13 @@ def epoch_shares(step_utterances: np.ndarray, consumed_before: int = 0) -> np.nd
     return done / done[-1]
 
 
+def stream_epoch_shares(stream) -> np.ndarray:
+    """`epoch_shares` of a training stream's current epoch: its plan's step sizes, and the rows it
+    trained on before the plan began (`stream.consumed`, after a resume on another world size)."""
+    consumed = int(stream.consumed.sum()) if stream.consumed is not None else 0
+    return epoch_shares(stream.step_utterances(), consumed)
+
+
 def step_lr_factor(train_cfg: TrainConfig, *, epoch: int, step: int, share_before: float, share_after: float) -> float:
     """The lr multiplier of optimizer step `step + 1`, which takes epoch `epoch` from `share_before`
     to `share_after` of its utterances (`epoch_shares`)."""

@@ -62,7 +62,7 @@ from emotrain.metrics import format_results
 from emotrain.model import build_model, build_processors
 from emotrain.model.encoders import check_data_fits_model
 from emotrain.train import tracking
-from emotrain.train.checkpoint import COMPLETE, ResumeError, checkpoint_name, resolve_resume
+from emotrain.train.checkpoint import COMPLETE, ResumeError, checkpoint_name, is_abandoned, resolve_resume
 from emotrain.train.deepspeed_config import (
     check_skips_nonfinite_steps,
     fill_deepspeed_auto,
@@ -71,7 +71,7 @@ from emotrain.train.deepspeed_config import (
 )
 from emotrain.train.evaluation import evaluate, model_inputs
 from emotrain.train.loss import StepLoss, balanced_class_weights
-from emotrain.train.optim import build_optimizer, epoch_shares, set_learning_rates, step_lr_factor
+from emotrain.train.optim import build_optimizer, set_learning_rates, step_lr_factor, stream_epoch_shares
 from emotrain.train.preemption import EXIT_PREEMPTED, PreemptionWatcher, default_flag_file
 from emotrain.data.state import data_fingerprint
 from emotrain.train.run_folder import CONFIG_FILE, RunFolder, RunFolderLock
@@ -111,6 +111,8 @@ class Training:
     run_provenance: dict | None
     flops_per_utterance: float | None = None
     peak_flops: float | None = None
+    progress_bar: Any = None
+    """The console's progress bar while `fit` runs."""
 
     @property
     def labels(self) -> list[str]:
@@ -121,10 +123,12 @@ class Training:
         return self.state.save(self.accelerator, self.run.checkpoints, config_yaml=self.cfg.to_yaml(),
                                keep_last=self.cfg.train.keep_last_checkpoints)
 
-    def close(self) -> None:
-        """Release what setup took: signal handlers, trackers and the process group, the folder lock."""
+    def close(self, ended: bool = True) -> None:
+        """Release what setup took: signal handlers, the folder lock, and when the run `ended` (0 or a
+        stop request), the trackers and the process group."""
         self.watcher.uninstall()
-        self.accelerator.end_training()
+        if ended:
+            self.accelerator.end_training()
         self.lock.release()
 
 
@@ -138,9 +142,11 @@ def train(cfg: Config, wrap: Callable[[Training], None] | None = None) -> int:
         exit_code = fit(training)
         if exit_code == 0:
             finish(training)
-        return exit_code
-    finally:
-        training.close()
+    except BaseException:
+        training.close(ended=False)  # the trackers see the process fail, not a finished run
+        raise
+    training.close()
+    return exit_code
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -150,8 +156,14 @@ def setup(cfg: Config) -> Training:
     """Every part of the run, and its state restored when resuming (see the module docstring)."""
     history = tracking.HistoryTracker(cfg.output_dir)  # the run folder's own curves, whatever report_to says
     accelerator = _build_accelerator(cfg, history)
+    # The data decides the label set (and whether this variant can train on it at all).
+    check_config_fits_dataset(cfg.data, cfg.model, read_dataset_info(cfg.data.path))
+    split = split_from_config(cfg.data, seed=cfg.train.seed)
     run = RunFolder(cfg.output_dir)
-    lock, log, run_provenance = _claim_run_folder(cfg, accelerator, run)
+    lock, log, run_provenance = _claim_run_folder(cfg, accelerator, run, split)
+    log.info("fold %d: %s", cfg.data.fold, json.dumps(split.summary()))
+    for note in split.notes:
+        log.warning("fold %d: %s", cfg.data.fold, note)
     # A stale flag from an earlier stop must not stop this run at once.
     stop_flag = default_flag_file(run.path)
     if accelerator.is_main_process:
@@ -163,15 +175,6 @@ def setup(cfg: Config) -> Training:
     # so every rank loads the same folder.
     resume_from = decided_by_main(accelerator, lambda: resolve_resume(cfg.train.resume, run.checkpoints))
 
-    # The data decides the label set (and whether this variant can train on it at all).
-    check_config_fits_dataset(cfg.data, cfg.model, read_dataset_info(cfg.data.path))
-    split = split_from_config(cfg.data, seed=cfg.train.seed)
-    log.info("fold %d: %s", cfg.data.fold, json.dumps(split.summary()))
-    for note in split.notes:
-        log.warning("fold %d: %s", cfg.data.fold, note)
-    # A finished run trained on other data is never counted as this one (data.path may move, the data not).
-    if (note := decided_by_main(accelerator, lambda: run.check_data(cfg.data.path, lambda: data_fingerprint(split)))):
-        log.warning("%s", note)
     feature_extractor, tokenizer = build_processors(cfg.model)
     world_size = accelerator.num_processes
     stream = build_train_stream(cfg, split, feature_extractor=feature_extractor, tokenizer=tokenizer,
@@ -254,18 +257,22 @@ def decided_by_main(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
     return value[0]
 
 
-def _claim_run_folder(cfg: Config, accelerator: Accelerator,
-                      run: RunFolder) -> tuple[RunFolderLock, logging.Logger, dict | None]:
+def _claim_run_folder(cfg: Config, accelerator: Accelerator, run: RunFolder,
+                      split: FoldSplit) -> tuple[RunFolderLock, logging.Logger, dict | None]:
     """One training per folder (rank 0 holds the lock for the whole run), and a folder holding a run
-    whose config would change the result is refused, before anything is written; an export of best/
-    a crash cut short is finished or undone. Then the resolved config is printed once and saved with
-    how this run was produced."""
+    whose config would change the result, or that trained on other data (`data.path` may move, the
+    data not), is refused, before anything is written; an export of best/ a crash cut short is
+    finished or undone. Then the resolved config is printed once and saved with how this run was
+    produced."""
     decided_by_main(accelerator, lambda: run.check_config(cfg))
     lock = RunFolderLock(run.path)
     decided_by_main(accelerator, lock.acquire)
+    unchecked = decided_by_main(accelerator, lambda: run.check_data(cfg.data.path, lambda: data_fingerprint(split)))
     log = tracking.setup_logging(run.path, accelerator.is_main_process)
     run_provenance = None
     if accelerator.is_main_process:
+        if unchecked:
+            log.warning("%s", unchecked)
         for line in run.recover():
             log.warning("run folder recovery: %s", line)
         run_provenance = provenance.merge_with_earlier(
@@ -336,8 +343,10 @@ def fit(t: Training) -> int:
         with t.state.window.pause():
             validate(t)
             decide_step_end(t, StepFacts(progress.step))
-    bar = tqdm(total=progress.step + _steps_left(t), initial=progress.step, desc="train", unit="step",
-               dynamic_ncols=True, disable=not (t.accelerator.is_main_process and t.cfg.logging.progress_bar))
+    bar = t.progress_bar = tqdm(
+        total=progress.step + _steps_left(t), initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+        disable=not (t.accelerator.is_main_process and t.cfg.logging.progress_bar))
+    t.state.window.restart_clock()  # training time starts here (not at setup, nor the trackers' start)
     t.state.model.train()
     while progress.stop_reason is None:
         stream.set_epoch(progress.epoch)  # a no-op when resuming inside this epoch
@@ -349,10 +358,10 @@ def fit(t: Training) -> int:
             t.log.warning("epoch %d: the %d utterance(s) left cannot fill a step on %d rank(s): the epoch ends here",
                           progress.epoch, sum(plan.dropped for plan in stream.plans()), t.accelerator.num_processes)
             progress.epoch += 1
+            stream.set_epoch(progress.epoch)
             end_of_step(t, StepFacts(progress.step, epoch_ended=True, epochs_done=progress.epoch))
             continue
-        # [steps + 1] share of the epoch done before each step (rows trained on before a resize count)
-        shares = epoch_shares(step_sizes, int(stream.consumed.sum()) if stream.consumed is not None else 0)
+        shares = stream_epoch_shares(stream)  # [steps + 1] share of the epoch done before each step
         batches = iter(stream)
         for k in range(stream.steps_done, len(step_sizes)):
             set_learning_rates(t.state.optimizer, step_lr_factor(
@@ -421,7 +430,7 @@ def end_of_step(t: Training, facts: StepFacts) -> StepEnd:
     """Carry out the end of step `facts.step`, in `emotrain.train.step_end`'s order: log → validate →
     the step-end decision."""
     progress, rule = t.state.progress, t.rule
-    if rule.log_due(facts):
+    if rule.log_due(facts) and progress.last_log_step != progress.step:  # logged once, whatever leads here twice
         log_training(t)
     with t.state.window.pause():  # validating and saving is not training time
         if rule.evaluation_due(facts) and not facts.stop_requested and progress.last_evaluation_step != progress.step:
@@ -499,7 +508,10 @@ def log_training(t: Training) -> None:
     for group in t.state.optimizer.param_groups:  # the lr the step just logged was taken with
         values[f"train/lr_{group['name']}"] = group["lr"]
     tracking.log(accelerator, values, progress.step)
+    progress.last_log_step = progress.step
     loss = f"{values['train/loss']:.4f}" if "train/loss" in values else "-"
+    if t.progress_bar is not None:
+        t.progress_bar.set_postfix(loss=loss, utt_s=f"{values['train/utterances_per_second']:.1f}")
     t.log.info("step %d epoch %d loss %s | %.1f utt/s, %.1f audio s/s, padding efficiency %.2f, %.3f s/step "
                "(%.0f%% waiting for data)%s", progress.step, progress.epoch, loss,
                values["train/utterances_per_second"], values["train/audio_seconds_per_second"],
@@ -538,7 +550,8 @@ def _best_checkpoint(t: Training) -> Path:
     """The best step's checkpoint: this run's, or the run it was started from (train.resume=<folder>)."""
     best_name = checkpoint_name(t.state.progress.best_step)
     for folder in (t.run.checkpoints / best_name, t.resumed_from.parent / best_name if t.resumed_from else None):
-        if folder is not None and (folder / COMPLETE).is_file():
+        # (an abandoned folder of the same step is another attempt's, not this run's best)
+        if folder is not None and (folder / COMPLETE).is_file() and not is_abandoned(folder):
             return folder
     raise ResumeError(f"the best checkpoint (step {t.state.progress.best_step}) is no longer in {t.run.checkpoints}")
 

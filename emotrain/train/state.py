@@ -69,6 +69,8 @@ class Progress:
     validating; the resumed run validates this step first."""
     last_evaluation_step: int | None = None
     """The step validated last (a step is validated once, whatever leads there twice)."""
+    last_log_step: int | None = None
+    """The step whose training figures were logged last (logged once, like validation)."""
     log_window: dict | None = None
     """Training sums since the last log line, over all ranks (`LogWindow.KEYS`)."""
     world_size: int = 1
@@ -222,7 +224,10 @@ class TrainingState:
             self.stream.load_state_dicts(read_stream_states(folder, progress.world_size))
         except (OSError, ValueError) as err:  # a file missing or damaged, or the data or settings changed
             raise ResumeError(f"cannot resume from {folder}: {err}") from None
+        peaks = [group["peak_lr"] for group in self.optimizer.param_groups]  # this run's, from the config
         accelerator.load_state(str(folder))
+        for group, peak in zip(self.optimizer.param_groups, peaks):  # a checkpoint written before peak_lr existed
+            group["peak_lr"] = peak
         self.progress = progress
         self.window.restore(progress.log_window, accelerator.is_main_process)
 

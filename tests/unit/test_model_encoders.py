@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import shutil
 from pathlib import Path
 
@@ -204,17 +206,27 @@ def test_group_norm_encoder_is_padding_invariant(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded(values, lengths).logits, logits, atol=0, rtol=0)
 
 
-def test_a_trained_group_norm_conv_stack_gets_every_gradient(tmp_path):
-    """Unfrozen (as DDP without find_unused_parameters needs): the group norm's weights too."""
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_a_trained_group_norm_conv_stack_gets_every_gradient(tmp_path, checkpointing):
+    """Unfrozen (as DDP without find_unused_parameters needs): the group norm's weights too. With
+    gradient checkpointing the conv layers are recomputed in backward, with the same lengths: the
+    same gradients."""
     cfg = small(variant="audio", audio_encoder=str(save_group_norm_wav2vec2(tmp_path / "w2v-group")),
                 freeze_feature_encoder=False)
     model = build_model(cfg).train()
-    values = torch.randn(2, 6400)
-    model(values, torch.tensor([2100, 6400]), labels=torch.tensor([0, 1])).loss.backward()
+    plain = copy.deepcopy(model)
+    model.set_gradient_checkpointing(checkpointing)
+    values, lengths, labels = torch.randn(2, 6400), torch.tensor([2100, 6400]), torch.tensor([0, 1])
+    for each in (model, plain):
+        torch.manual_seed(0)  # the same dropout and time masks in both
+        each(values, lengths, labels=labels).loss.backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     norm = model.audio_encoder.feature_extractor.conv_layers[0].layer_norm
     assert norm.weight.requires_grad and float(norm.weight.grad.abs().sum()) > 0
-    assert norm.valid_frames is None  # the lengths live only for one call
+    reference = plain.audio_encoder.feature_extractor.conv_layers[0].layer_norm
+    torch.testing.assert_close(norm.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match="lengths of 2 utterances for a batch of 3"):  # stale lengths refused
+        model.audio_encoder(torch.randn(3, 6400))
 
 
 def test_a_text_model_is_rejected_as_audio_encoder(tmp_path):

@@ -12,14 +12,22 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from emotrain.config import ConfigError, TrainConfig
+from emotrain.config import ConfigError, ModelConfig, TrainConfig
 from emotrain.data.evaluation import EvalDataset, check_validation_set
 from emotrain.data.folds import make_fold_split, read_metadata
 from emotrain.data.plan import StreamSettings
 from emotrain.data.stream import TrainStream
 from emotrain.train import checkpoint as ckpt
 from emotrain.train.checkpoint import stream_state_path
-from emotrain.train.optim import epoch_shares, lr_factor, run_progress, step_lr_factor
+from emotrain.train.optim import (
+    build_optimizer,
+    epoch_shares,
+    lr_factor,
+    run_progress,
+    set_learning_rates,
+    step_lr_factor,
+    stream_epoch_shares,
+)
 from emotrain.train.state import (
     LogWindow,
     Progress,
@@ -89,6 +97,7 @@ class _FakeAccelerator:
         self.state = SimpleNamespace(deepspeed_plugin=plugin)
         self.device = torch.device("cpu")
         self.loaded = []
+        self.optimizer = self.optimizer_state = None
 
     def wait_for_everyone(self):
         pass
@@ -101,6 +110,8 @@ class _FakeAccelerator:
 
     def load_state(self, folder):
         self.loaded.append(folder)
+        if self.optimizer_state is not None:  # what Accelerate restores into the prepared optimizer
+            self.optimizer.load_state_dict(self.optimizer_state)
 
 
 class _FakeStream:
@@ -115,7 +126,9 @@ class _FakeStream:
 
 
 def _state(accelerator, progress=None, stream_state=None) -> TrainingState:
-    return TrainingState(model=None, optimizer=None, stream=_FakeStream(stream_state),
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, TrainConfig(head_lr=3e-3), ModelConfig())
+    return TrainingState(model=model, optimizer=optimizer, stream=_FakeStream(stream_state),
                          progress=progress or Progress(), window=LogWindow(accelerator.device))
 
 
@@ -144,6 +157,23 @@ def test_the_whole_state_is_saved_and_restored_in_one_call(tmp_path):
     with pytest.raises(ckpt.ResumeError, match="DeepSpeed and DDP"):
         _state(accelerator).restore(_FakeAccelerator(DistributedType.MULTI_GPU, num_processes=2), folder)
     assert accelerator.loaded == [str(folder)]
+
+
+def test_a_checkpoint_from_before_peak_lr_existed_resumes_with_the_config_s_peaks(tmp_path):
+    """Checkpoints written under the step-count scheduler hold param groups without `peak_lr` (and with
+    its `initial_lr`): loading one must leave the groups able to take the run's lr."""
+    root = tmp_path / "checkpoints"
+    accelerator = _FakeAccelerator()
+    folder = _state(accelerator, Progress(step=3)).save(accelerator, root, config_yaml="x: 1\n", keep_last=1)
+    state = _state(accelerator)
+    old = state.optimizer.state_dict()
+    for group in old["param_groups"]:
+        group.pop("peak_lr")
+        group.update(lr=1e-9, initial_lr=3e-3)
+    accelerator.optimizer, accelerator.optimizer_state = state.optimizer, old
+    state.restore(accelerator, folder)
+    set_learning_rates(state.optimizer, 0.5)
+    assert [group["lr"] for group in state.optimizer.param_groups] == [1.5e-3] * len(old["param_groups"])
 
 
 def test_restore_reads_the_stream_state_of_every_rank_in_rank_order(tmp_path):
@@ -210,8 +240,7 @@ def _stream(split, rank, world_size):
 
 def _factors(stream, cfg, epoch, step):
     """The recipe's lr factor for every step left in the stream's epoch (its fit loop, without training)."""
-    consumed = int(stream.consumed.sum()) if stream.consumed is not None else 0
-    shares = epoch_shares(stream.step_utterances(), consumed)
+    shares = stream_epoch_shares(stream)  # what `fit` computes for the epoch
     out = []
     for k in range(stream.steps_done, len(shares) - 1):
         out.append(step_lr_factor(cfg, epoch=epoch, step=step, share_before=float(shares[k]),
