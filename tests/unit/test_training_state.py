@@ -301,3 +301,24 @@ def test_an_empty_or_undecodable_validation_set_is_refused_before_training(toy_s
         check_validation_set(damaged, fold=1)
     damaged.audio = pa.array([b"not audio"] * (len(damaged) - 1) + [toy_split_audio(toy_split)], type=pa.binary())
     check_validation_set(damaged, fold=1)  # one that decodes is enough to score
+
+
+def test_the_best_checkpoint_is_this_run_s_never_an_abandoned_attempt_s(tmp_path):
+    """Started from run A's step 500 in folder B, where an older attempt left its own step 200 (marked
+    abandoned): the best step 200 is A's, not B's stale folder of the same name."""
+    from emotrain.train.recipe import _best_checkpoint
+    from emotrain.train.run_folder import RunFolder
+
+    def complete(folder):
+        folder.mkdir(parents=True)
+        ckpt.write_json(folder / ckpt.COMPLETE, {"step": int(folder.name[5:]), "sequence": 1})
+        return folder
+
+    theirs = complete(tmp_path / "A" / "checkpoints" / "step-000200")
+    stale = complete(tmp_path / "B" / "checkpoints" / "step-000200")
+    (stale / ckpt.ABANDONED).write_text("an older attempt\n")
+    run = SimpleNamespace(run=RunFolder(tmp_path / "B"), state=SimpleNamespace(progress=Progress(best_step=200)),
+                          resumed_from=complete(tmp_path / "A" / "checkpoints" / "step-000500"))
+    assert _best_checkpoint(run) == theirs
+    (stale / ckpt.ABANDONED).unlink()  # B's own, current: it wins
+    assert _best_checkpoint(run) == stale
