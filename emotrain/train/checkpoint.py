@@ -101,7 +101,8 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder `path` (names created, renamed, deleted) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -153,7 +154,7 @@ def _delete(folder: Path) -> None:
     marker = folder / COMPLETE
     if marker.exists():
         marker.unlink()
-        _fsync_dir(folder)
+        fsync_dir(folder)
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -172,9 +173,9 @@ def _publish(checkpoints_dir: Path, step: int) -> Path:
         _delete(aside)
     if final.exists():  # the same step saved again (e.g. a rerun that resumed exactly here)
         os.rename(final, aside)
-        _fsync_dir(checkpoints_dir)
+        fsync_dir(checkpoints_dir)
     os.rename(partial, final)
-    _fsync_dir(checkpoints_dir)
+    fsync_dir(checkpoints_dir)
     if aside.exists():
         _delete(aside)
     return final
@@ -188,7 +189,7 @@ def finalize(checkpoints_dir: str | Path, step: int, loop_state: dict, config_ya
     (partial / CONFIG).write_text(config_yaml)
     # The marker is written last, atomically: with it, the folder is a checkpoint.
     write_json(partial / COMPLETE, {"step": step, "sequence": _next_sequence(checkpoints_dir)})
-    _fsync_dir(partial)
+    fsync_dir(partial)
     return _publish(checkpoints_dir, step)
 
 
@@ -202,14 +203,14 @@ def _recover_replacement(checkpoints_dir: Path, step: int) -> str:
         return f"deleted {aside.name}: {final.name} had replaced it"
     if _is_complete(partial):  # cut short between the two renames: roll forward
         os.rename(partial, final)
-        _fsync_dir(checkpoints_dir)
+        fsync_dir(checkpoints_dir)
         _delete(aside)
         return f"renamed {partial.name} to {final.name} (interrupted replacement rolled forward)"
     if not _is_complete(aside):  # a deletion that was cut short: nothing left worth restoring
         _delete(aside)
         return f"deleted {aside.name}: incomplete"
     os.rename(aside, final)  # the new folder never got complete: roll back
-    _fsync_dir(checkpoints_dir)
+    fsync_dir(checkpoints_dir)
     return f"renamed {aside.name} back to {final.name} (interrupted replacement rolled back)"
 
 

@@ -49,6 +49,9 @@ from emotrain.config import PROVENANCE_KEY, Config, ConfigError, neutral_reason,
 from emotrain.data.state import DATA_FINGERPRINT_KEYS, data_difference, data_fingerprint
 from emotrain.train.checkpoint import (
     CONFIG as CHECKPOINT_CONFIG,
+)
+from emotrain.train.checkpoint import (
+    fsync_dir,
     holds_checkpoint_state,
     latest_checkpoint,
     stream_state_path,
@@ -312,7 +315,7 @@ class RunFolder:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, self.metrics)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     @contextmanager
     def writing_best(self) -> Iterator[Path]:
@@ -337,9 +340,9 @@ class RunFolder:
         best, aside = self.best, self._best_aside
         if best.exists():
             os.rename(best, aside)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         os.rename(self._best_partial, best)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         shutil.rmtree(aside, ignore_errors=True)
 
     def recover(self) -> list[str]:
@@ -356,20 +359,12 @@ class RunFolder:
                 done.append(f"deleted {_BEST_ASIDE}: {BEST_DIR} had replaced it")
             else:
                 os.rename(self._best_aside, self.best)
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
                 done.append(f"renamed {_BEST_ASIDE} back to {BEST_DIR} (interrupted export rolled back)")
         if self._best_partial.exists():
             shutil.rmtree(self._best_partial)
             done.append(f"deleted {_BEST_PARTIAL} (an export cut short)")
         return done
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -379,8 +374,8 @@ def _fsync_tree(folder: Path) -> None:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(folder)
+            fsync_dir(path)
+    fsync_dir(folder)
 
 
 def holds_results(output_dir: str | Path) -> bool:
