@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -302,3 +303,30 @@ def test_an_epoch_end_on_an_evaluation_step_is_evaluated_once(synthetic_corpus, 
     assert [s for s, _ in validations(proc.stderr)] == [steps]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (metrics["stop_reason"], metrics["steps"], metrics["best_step"]) == ("max_epochs", steps, steps)
+
+
+def test_the_rest_of_an_epoch_too_small_for_a_step_ends_the_epoch_at_the_step_it_stopped_at(synthetic_corpus,
+                                                                                          tmp_path):
+    """What a resume onto more ranks can leave: the epoch ends at its step (5) without a new step, that
+    step is validated and saved once, its log line is not written again, and the checkpoint resumes
+    the next epoch."""
+    from emotrain.train.tracking import HISTORY_FILE, read_history
+
+    out = tmp_path / "run"
+    script = REPO / "tests" / "integration" / "scripts" / "short_epoch.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "fit.json"), str(REPO / "configs" / "smoke.yaml"),
+         *tiny_overrides(synthetic_corpus, out, "train.max_epochs=1", "logging.log_every_steps=5",
+                         "logging.report_to=[]", "train.checkpoint_every_steps=0")],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "cannot fill a step on 1 rank(s): the epoch ends here" in proc.stderr
+    fitted = json.loads((tmp_path / "fit.json").read_text())
+    assert fitted == {"exit_code": 0, "epoch": 1, "step": 5, "stop_reason": "max_epochs", "last_evaluation_step": 5,
+                      "stream_epoch": 1}, fitted
+    assert [s for s, _ in validations(proc.stderr)] == [5]
+    assert not any("train/loss" in row or "train/utterances_per_second" in row
+                   for row in read_history(out / HISTORY_FILE))  # step 5 was logged before the stop
+    folder = out / "checkpoints" / "step-000005"  # saved on the next epoch, stream and loop alike
+    assert json.loads((folder / "stream-rank0.json").read_text())["epoch"] == 1
+    assert json.loads((folder / "loop_state.json").read_text())["epoch"] == 1
