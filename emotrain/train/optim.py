@@ -53,7 +53,8 @@ def parameter_groups(model: nn.Module, train_cfg: TrainConfig, model_cfg: ModelC
     """Up to six groups: {audio_encoder, text_encoder, head} x {decay, no decay}, in that order.
 
     Each carries a `name` for logging (`audio_encoder`, `audio_encoder_no_decay`, ..., `head_no_decay`)
-    and its part's lr (`learning_rates`) as `peak_lr`, which `set_learning_rates` scales. Frozen parameters are left out, and so are empty groups.
+    and its part's lr (`learning_rates`) as `peak_lr`, which `set_learning_rates` scales. Frozen
+    parameters are left out, and so are empty groups.
     """
     lrs = learning_rates(train_cfg, model_cfg)
     groups: dict[str, list[nn.Parameter]] = {}

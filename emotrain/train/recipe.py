@@ -195,7 +195,8 @@ def setup(cfg: Config) -> Training:
     # The training stream and the evaluation loaders are NOT prepared: each rank has its own part
     # already (data/stream.py, data/evaluation.py), and Accelerate would shard them again.
     model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.train, cfg.model))
-    state = TrainingState(model, optimizer, stream, Progress(run_id=tracking.new_run_id()), LogWindow(accelerator.device))
+    state = TrainingState(model, optimizer, stream, Progress(run_id=tracking.new_run_id()),
+                          LogWindow(accelerator.device))
     if resume_from is not None:
         state.restore(accelerator, resume_from)
         log.info("resumed from %s (epoch %d, step %d)", resume_from, state.progress.epoch, state.progress.step)
