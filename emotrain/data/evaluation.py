@@ -39,6 +39,7 @@ from emotrain.config import SAMPLING_RATE, ConfigError, DataConfig
 from emotrain.data.audio import AudioDecodeError, decode_audio
 from emotrain.data.batching import Collator, cut_sorted, ladder_seconds
 from emotrain.data.folds import FoldSplit, Metadata
+from emotrain.data.shards import row_groups_of
 
 logger = logging.getLogger("emotrain.data")
 
@@ -50,19 +51,12 @@ def _read_rows(url: str, rows: list[int]) -> pa.Table:
     fs, path = fsspec.core.url_to_fs(url)
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
-        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-        starts = np.cumsum([0] + sizes)
-
-        def group_of(r: int) -> int:
-            return int(np.searchsorted(starts, r, side="right") - 1)
-
-        groups = sorted({group_of(r) for r in rows})
+        starts, group_of = row_groups_of(parquet, rows)
+        groups = sorted(set(group_of.tolist()))
         table = parquet.read_row_groups(groups, columns=EVAL_COLUMNS)
-    offset, position = {}, 0
-    for g in groups:  # where each row group starts in the table just read
-        offset[g] = position
-        position += sizes[g]
-    local = [offset[group_of(r)] + r - int(starts[group_of(r)]) for r in rows]
+    # Where each row group read starts in the table just read.
+    offset = dict(zip(groups, np.cumsum([0] + [int(starts[g + 1] - starts[g]) for g in groups])))
+    local = [int(offset[g] + r - starts[g]) for r, g in zip(rows, group_of.tolist())]
     return table.take(pa.array(local, type=pa.int64()))
 
 

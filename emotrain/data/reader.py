@@ -37,6 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from emotrain.data.audio import AudioDecodeError, crop, crop_offset, decode_audio
 from emotrain.data.plan import EpochPlan, plan_epoch
+from emotrain.data.shards import row_groups_of
 
 if TYPE_CHECKING:
     from emotrain.data.batching import Collator
@@ -173,9 +174,8 @@ class EpochReader(IterableDataset):
         fs, path = fsspec.core.url_to_fs(self.split.meta.files[file_idx])
         with fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
-            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
-            groups = (np.searchsorted(starts, rows, side="right") - 1).tolist()
-            for g, members in itertools.groupby(zip(rows, groups), key=lambda row_group: row_group[1]):
+            starts, groups = row_groups_of(parquet, rows)
+            for g, members in itertools.groupby(zip(rows, groups.tolist()), key=lambda row_group: row_group[1]):
                 in_group = [r for r, _ in members]
                 if g >= parquet.num_row_groups:
                     raise IndexError(f"rows {in_group} are past the end of the file ({starts[-1]} rows)")

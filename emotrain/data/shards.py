@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 
 import datasets
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -151,6 +152,14 @@ def shard_name(index: int, num_shards: int) -> str:
 
 def session_dir(root: str | Path, session: int) -> str:
     return join(root, f"session{session}")
+
+
+def row_groups_of(parquet: pq.ParquetFile, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(starts [G + 1]: the first row of each row group and the file's row count; [len(rows)] the row
+    group holding each of `rows`, G for a row past the end). Reading a row means reading its group."""
+    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    starts = np.cumsum([0] + sizes)
+    return starts, np.searchsorted(starts, np.asarray(rows, dtype=np.int64), side="right") - 1
 
 
 def write_session_shards(
