@@ -55,6 +55,7 @@ from emotrain.train.checkpoint import (
     holds_checkpoint_state,
     latest_checkpoint,
     stream_state_path,
+    write_json,
 )
 
 CONFIG_FILE = "config.yaml"
@@ -308,13 +309,7 @@ class RunFolder:
         """Main process only, last: write metrics.json atomically (a run killed while writing must not
         leave half a file that says "finished"), with `data`: what the run trained on (`data_path`
         and `data_fingerprint(split)`, which `check_data` compares). `split`: the run's `FoldSplit`."""
-        content = {**results, "data": {"path": str(data_path), **data_fingerprint(split)}}
-        partial = self.metrics.with_name(METRICS_FILE + ".partial")
-        with open(partial, "w") as handle:
-            handle.write(json.dumps(content, indent=2))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, self.metrics)
+        write_json(self.metrics, {**results, "data": {"path": str(data_path), **data_fingerprint(split)}})
         fsync_dir(self.path)
 
     @contextmanager
