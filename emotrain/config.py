@@ -75,14 +75,38 @@ class ConfigError(ValueError):
 _URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
 """`scheme://user:secret@host/...`: the userinfo part of a URL."""
 
+_SECRET_QUERY_NAME = re.compile(
+    r"^(sig|signature|x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|"
+    r"(access_|auth_|id_|refresh_|sas_?)?token|sas|password|passwd|pwd|secret|client_secret|"
+    r"(api_?|access_|account_|secret_)?key|credentials?)$",
+    re.IGNORECASE,
+)
+"""Query parameters that carry a credential: an Azure SAS (`sig`), S3 and GCS presigned URLs
+(`X-Amz-Signature`, `X-Goog-Credential`), tokens, passwords, keys."""
+
+
+def _secret_query_names(path: str) -> list[str]:
+    """The credential-like parameter names in the query string (or fragment) of a URL."""
+    if "://" not in path:
+        return []
+    query = re.split(r"[?#]", path, maxsplit=1)[1] if re.search(r"[?#]", path) else ""
+    names = [item.split("=", 1)[0] for item in re.split(r"[&;#?]", query) if item]
+    return [name for name in names if _SECRET_QUERY_NAME.match(name)]
+
 
 def check_no_credentials(path: str | Path, key: str) -> None:
-    """Refuse a data URL that carries credentials (`s3://KEY:SECRET@bucket/...`, `ftp://user:pw@host`):
-    paths are saved in config.yaml and checkpoints and written to logs. Credentials belong in the
-    environment or the filesystem's own configuration (AWS_ACCESS_KEY_ID, ~/.aws, ~/.config/fsspec)."""
+    """Refuse a data URL that carries credentials, in its user part (`s3://KEY:SECRET@bucket/...`,
+    `ftp://user:pw@host`) or its query string (`abfs://...?sv=..&sig=...`, a presigned
+    `...?X-Amz-Signature=...`): paths are saved in config.yaml and checkpoints and written to logs.
+    Credentials belong in the environment or the filesystem's own configuration
+    (AWS_ACCESS_KEY_ID, ~/.aws, AZURE_STORAGE_SAS_TOKEN, ~/.config/fsspec)."""
+    where = "the environment or the filesystem's own configuration (e.g. AWS_ACCESS_KEY_ID, AZURE_STORAGE_SAS_TOKEN)"
     if _URL_USERINFO.match(str(path)):
-        raise ConfigError(key, "must not carry credentials (user:password@ in the URL): give them through the "
-                               "environment or the filesystem's own configuration (e.g. AWS_ACCESS_KEY_ID)")
+        raise ConfigError(key, f"must not carry credentials (user:password@ in the URL): give them through {where}")
+    secret_names = _secret_query_names(str(path))
+    if secret_names:
+        raise ConfigError(key, f"must not carry credentials (query parameter {', '.join(secret_names)} in the URL): "
+                               f"give them through {where}")
 
 
 @dataclass
@@ -647,7 +671,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def _read_yaml_file(path: Path) -> dict[str, Any]:
     """The mapping in a YAML config file; any problem is a one-line ConfigError naming the file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(path), f"is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}): "
+                                     "save it as UTF-8") from None
     except FileNotFoundError:
         raise ConfigError(str(path), "no such config file (the shipped ones are in configs/)") from None
     except OSError as err:

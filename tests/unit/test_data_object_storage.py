@@ -117,8 +117,13 @@ def test_join_keeps_urls_intact():
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 
 
-@pytest.mark.parametrize("path", [f"s3://AKIAEXAMPLE:{SECRET}@bucket/prepared", f"ftp://user:{SECRET}@host/prepared",
-                                  "sftp://user@host/prepared"])
+@pytest.mark.parametrize("path", [
+    f"s3://AKIAEXAMPLE:{SECRET}@bucket/prepared", f"ftp://user:{SECRET}@host/prepared", "sftp://user@host/prepared",
+    # in the query string: an Azure SAS, an S3 / GCS presigned URL, a token
+    f"abfs://container/prepared?sv=2022-11-02&ss=b&sig={SECRET}",
+    f"https://bucket.s3.amazonaws.com/prepared?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature={SECRET}",
+    f"gs://bucket/prepared?X-Goog-Credential={SECRET}", f"https://host/prepared#access_token={SECRET}",
+])
 def test_a_data_url_carrying_credentials_is_refused_without_repeating_them(path, tmp_path, capsys):
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"data.path={path}"])
@@ -133,7 +138,8 @@ def test_a_data_url_carrying_credentials_is_refused_without_repeating_them(path,
 
 
 @pytest.mark.parametrize("path", ["s3://bucket/prepared", "hf://datasets/me/emotions@main/prepared",
-                                  "runs/with@sign/prepared", "gs://bucket/a@b"])
+                                  "runs/with@sign/prepared", "gs://bucket/a@b", "runs/what?sig=1",
+                                  "hf://datasets/me/emo?revision=main&split=train"])
 def test_data_paths_without_credentials_are_accepted(path):
     assert load_config(None, [f"data.path={path}"]).data.path == path
 
