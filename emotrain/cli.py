@@ -75,13 +75,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _damaged_data(verb: str, err: Exception) -> int:
+    """A damaged or incomplete prepared dataset (`PreparedDataError`): one line naming the file, exit 2."""
+    print(f"emotrain {verb}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from emotrain.data.folds import check_config_fits_dataset, check_prepared
+    from emotrain.data.shards import PreparedDataError
 
     cfg = load_config(args.config, args.overrides)
     # Training before `emotrain prepare` is the first mistake a new user makes: fail in one line,
-    # before importing torch, creating output_dir or building a model.
-    check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
+    # before importing torch, creating output_dir or building a model. So is a damaged dataset.
+    try:
+        check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
+    except PreparedDataError as err:
+        return _damaged_data("train", err)
 
     from emotrain.train.checkpoint import ResumeError
     from emotrain.train.recipe import TooManyNonFiniteSteps, train
@@ -92,9 +102,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (TooManyNonFiniteSteps, NonFiniteStepApplied, ResumeError) as err:
         print(f"emotrain train: error: {err}", file=sys.stderr)
         return 1
+    except PreparedDataError as err:  # found while reading (a data worker's too): the same one line
+        return _damaged_data("train", err)
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
+    from emotrain.data.shards import PreparedDataError
+
+    try:
+        return _cross_validate(args)
+    except PreparedDataError as err:
+        return _damaged_data("cv", err)
+
+
+def _cross_validate(args: argparse.Namespace) -> int:
     from emotrain import cv
 
     configs = [item for item in args.configs_and_overrides if "=" not in item]
@@ -129,6 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     results_out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # standard output is the JSON alone, whatever libraries print
+        from emotrain.data.shards import PreparedDataError
         from emotrain.metrics import format_results
         from emotrain.predict import InputError, evaluate_model
 
@@ -139,6 +161,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except InputError as err:
             print(f"emotrain evaluate: error: {err}", file=sys.stderr)
             return 2
+        except PreparedDataError as err:
+            return _damaged_data("evaluate", err)
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

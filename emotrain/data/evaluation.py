@@ -39,7 +39,7 @@ from emotrain.config import SAMPLING_RATE, ConfigError, DataConfig
 from emotrain.data.audio import AudioDecodeError, decode_audio
 from emotrain.data.batching import Collator, cut_sorted, ladder_seconds
 from emotrain.data.folds import FoldSplit, Metadata
-from emotrain.data.shards import row_groups_of
+from emotrain.data.shards import reading_shard, row_groups_of
 
 logger = logging.getLogger("emotrain.data")
 
@@ -49,7 +49,7 @@ EVAL_COLUMNS = ["id", "label", "text", "audio"]
 def _read_rows(url: str, rows: list[int]) -> pa.Table:
     """The given rows (in that order) of one Parquet file, reading only the row groups holding them."""
     fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path, "rb") as handle:
+    with reading_shard(url), fs.open(path, "rb") as handle:  # a damaged shard: one line naming it
         parquet = pq.ParquetFile(handle)
         starts, group_of = row_groups_of(parquet, rows)
         groups = sorted(set(group_of.tolist()))

@@ -30,7 +30,22 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from emotrain.config import ConfigError, DataConfig, ModelConfig
-from emotrain.data.shards import DatasetInfo, list_shard_files, read_dataset_info, storage_error
+from emotrain.data.shards import (
+    DATASET_FILE,
+    REPREPARE,
+    REPORT_FILE,
+    DatasetInfo,
+    FoldSpec,
+    PreparedDataError,
+    join,
+    list_shard_files,
+    read_dataset_info,
+    read_prepare_report,
+    read_shard_footer,
+    reading_shard,
+    shard_labels,
+    storage_error,
+)
 
 META_COLUMNS = ("id", "session", "speaker", "label", "duration")
 
@@ -176,7 +191,7 @@ def list_session_files(path: str, session: int, info: DatasetInfo | None = None)
 def read_parquet(url: str, columns: list[str] | tuple[str, ...]):
     """Read some columns of one Parquet file through fsspec (local or remote)."""
     fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path, "rb") as handle:
+    with reading_shard(url), fs.open(path, "rb") as handle:
         # Without Arrow's thread pools (decoding, and pre-buffering on its I/O pool): reading a Python file
         # object through them, a process that exits soon after sometimes aborts ("terminate called without
         # an active exception": 1 run in 10 under load, e.g. `emotrain cv` refusing a finished run after
@@ -185,27 +200,66 @@ def read_parquet(url: str, columns: list[str] | tuple[str, ...]):
 
 
 def check_prepared(path: str) -> DatasetInfo:
-    """Raise NoPreparedDataset unless every group of the dataset has shards at `path` (lists files,
-    reads none but `dataset.json`); return the dataset's description."""
-    try:
-        info = read_dataset_info(path)
-    except ConfigError:  # storage that cannot be reached: already one line naming data.path
-        raise
-    except ValueError as err:  # a dataset.json that is not one
-        raise ConfigError("data.path", str(err)) from None
+    """Return the description of the prepared dataset at `path` once it is known whole: raise
+    NoPreparedDataset unless every group has shards, and PreparedDataError (one line naming the file)
+    for a missing, damaged or relabelled shard or a group whose row count is not the one prepared
+    (`check_shards`). Reads `dataset.json`, `prepare_report.json` and each shard's footer, no rows."""
+    info = read_dataset_info(path)
+    rows: dict[int, int] = {}
     for session in info.groups.values():
-        list_session_files(path, session, info)
+        files = list_session_files(path, session, info)
+        footers = [read_shard_footer(url) for url in files]
+        rows[session] = sum(footer.num_rows for footer in footers)
+        for url, footer in zip(files, footers):
+            check_shard_labels(path, info, url, footer.schema.to_arrow_schema().metadata)
+    check_group_rows(path, info, rows)
     return info
+
+
+def check_shard_labels(path: str, info: DatasetInfo, url: str, schema_metadata: dict | None) -> None:
+    """A shard's label names (written into its schema by `emotrain prepare`) must be `dataset.json`'s,
+    in its order: an edited order would train and report every class under another's name."""
+    written = shard_labels(schema_metadata)
+    if written is not None and written != tuple(info.labels):
+        raise PreparedDataError(f"{join(path, DATASET_FILE)} lists the labels {list(info.labels)}, but {url} was "
+                                f"prepared with {list(written)} (in that order): dataset.json was edited or belongs "
+                                f"to another preparation; restore it or {REPREPARE}")
+
+
+def check_group_rows(path: str, info: DatasetInfo, rows: dict[int, int]) -> None:
+    """Each group's rows in its shards (`rows`: group → count) must be what `prepare_report.json`
+    counted when they were written; a dataset without a report (prepared by hand) is not checked."""
+    counts = (read_prepare_report(path) or {}).get("counts")
+    if not isinstance(counts, dict):
+        return
+    for group, found in rows.items():
+        folder = info.folder(group)
+        entry = counts.get(folder)
+        expected = entry.get("total") if isinstance(entry, dict) else None
+        if isinstance(expected, int) and expected != found:
+            raise PreparedDataError(f"{join(path, folder)} holds {found} rows in its shards, but "
+                                    f"{join(path, REPORT_FILE)} counted {expected} when they were written: "
+                                    f"a shard was replaced or lost; {REPREPARE}")
 
 
 def check_config_fits_dataset(data: DataConfig, model: ModelConfig, info: DatasetInfo) -> None:
     """Refuse, before any training, a config the prepared data cannot serve: a variant that needs
     transcripts the data lacks, or pinned labels (`data.labels`) that are not the data's."""
+    fold_spec(info, data.fold, data.path)
     if model.variant in ("fusion", "text") and not info.has_text:
         why = next((note for note in info.notes if "transcript" in note), "it was prepared without transcripts")
         raise ConfigError("model.variant", f"{model.variant} needs transcripts, and the prepared dataset at "
                           f"{data.path} has none ({why}): train model.variant=audio")
     check_pinned_labels(data, info)
+
+
+def fold_spec(info: DatasetInfo, fold: int, path: str) -> FoldSpec:
+    """Fold `fold` of the dataset, or a ConfigError naming data.fold and the folds there are."""
+    try:
+        return info.fold(fold)
+    except KeyError:
+        raise ConfigError("data.fold", f"is {fold}, but the prepared dataset at {path} has folds "
+                          f"{info.fold_numbers()} ({info.fold_kind}; 0 trains on everything)") from None
 
 
 def check_pinned_labels(data: DataConfig, info: DatasetInfo) -> None:
@@ -218,23 +272,29 @@ def check_pinned_labels(data: DataConfig, info: DatasetInfo) -> None:
 def read_metadata(path: str, sessions: tuple[int, ...] | None = None, info: DatasetInfo | None = None) -> Metadata:
     """Read the light columns of the given groups' shards (default: every group; no audio).
 
-    Raises NoPreparedDataset (a ConfigError and a FileNotFoundError) when `path` holds none.
+    Raises NoPreparedDataset (a ConfigError and a FileNotFoundError) when `path` holds none, and
+    PreparedDataError for a missing, damaged or relabelled shard or a group short of rows (the checks
+    of `check_prepared`, on what is read here anyway).
     """
     info = info if info is not None else read_dataset_info(path)
     sessions = tuple(sorted(info.groups.values())) if sessions is None else sessions
     files: list[str] = []
     file_session: list[int] = []
     parts: dict[str, list] = {name: [] for name in META_COLUMNS + ("file", "row")}
+    rows: dict[int, int] = {}
     for session in sessions:
         for url in list_session_files(path, session, info):
             table = read_parquet(url, META_COLUMNS)
+            check_shard_labels(path, info, url, table.schema.metadata)
             n = table.num_rows
+            rows[session] = rows.get(session, 0) + n
             for name in META_COLUMNS:
                 parts[name].extend(table.column(name).to_pylist())
             parts["file"].extend([len(files)] * n)
             parts["row"].extend(range(n))
             files.append(url)
             file_session.append(session)
+    check_group_rows(path, info, rows)
     return Metadata(
         files=tuple(files),
         file_session=tuple(file_session),
@@ -263,11 +323,7 @@ def make_fold_split(
     The validation draw depends on (seed, fold) only, never on file order or the machine.
     """
     info = info if info is not None else read_dataset_info(path)
-    try:
-        spec = info.fold(fold)
-    except KeyError:
-        raise ConfigError("data.fold", f"is {fold}, but the prepared dataset at {path} has folds "
-                          f"{info.fold_numbers()} ({info.fold_kind}; 0 trains on everything)") from None
+    spec = fold_spec(info, fold, path)
     meta = meta if meta is not None else read_metadata(path, info=info)
     if len(set(meta.id.tolist())) != len(meta):
         raise ValueError(f"duplicate utterance ids in the prepared dataset at {path}")

@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from emotrain.data.audio import AudioDecodeError, crop, crop_offset, decode_audio
 from emotrain.data.plan import EpochPlan, plan_epoch
-from emotrain.data.shards import row_groups_of
+from emotrain.data.shards import PreparedDataError, reading_shard, row_groups_of
 
 if TYPE_CHECKING:
     from emotrain.data.batching import Collator
@@ -55,8 +55,12 @@ PREFETCH_BATCHES = 4
 _FAILED = object()  # a row whose shard could not be read
 
 
-class StreamMismatchError(RuntimeError):
+class StreamMismatchError(PreparedDataError):
     """The Parquet shards no longer hold what the metadata (and so the plan) says."""
+
+
+FAILED_POSITION = -1
+"""The position of an item that carries a worker's PreparedDataError instead of a batch (see `EpochReader`)."""
 
 
 class PassControl:
@@ -116,7 +120,12 @@ class EpochReader(IterableDataset):
         # hang otherwise).
         fsspec.asyn.reset_lock()
         # The DataLoader asks worker 0 first at every pass, then 1, ...: round robin from `start`.
-        yield from self._produce(plan, range(start + info.id, len(plan), info.num_workers))
+        try:
+            yield from self._produce(plan, range(start + info.id, len(plan), info.num_workers))
+        except PreparedDataError as err:
+            # Raised here, torch would hand the main process a copy whose message is this worker's
+            # traceback; sent as an item, it reaches the user as the one line it is (the stream raises it).
+            yield FAILED_POSITION, err, []
 
     def _produce(self, plan: EpochPlan, positions: range):
         """Yields the batches of `plan` at `positions`, in that order, reading only their rows."""
@@ -142,8 +151,8 @@ class EpochReader(IterableDataset):
                     row, record = next(rows_iter)
                 except StopIteration:
                     break
-                except Exception as err:  # an unreadable shard: skip its rows, keep the epoch going
-                    logger.error("cannot read %s (%s): skipping its remaining rows", meta.files[file_idx], err)
+                except Exception as err:  # an unreadable shard: its rows stand in (counted), the epoch goes on
+                    logger.error("%s: its remaining rows stand in as skipped utterances", err)
                     break
                 m = wanted[row]
                 if record["id"] != meta.id[m]:
@@ -171,8 +180,9 @@ class EpochReader(IterableDataset):
     def _read_rows(self, file_idx: int, rows: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
         """`(row, record)` for the given rows (ascending) of one Parquet shard, reading only the row
         groups that hold them, one at a time (a row group is the unit Parquet reads)."""
-        fs, path = fsspec.core.url_to_fs(self.split.meta.files[file_idx])
-        with fs.open(path, "rb") as handle:
+        url = self.split.meta.files[file_idx]
+        fs, path = fsspec.core.url_to_fs(url)
+        with reading_shard(url), fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             starts, groups = row_groups_of(parquet, rows)
             for g, members in itertools.groupby(zip(rows, groups.tolist()), key=lambda row_group: row_group[1]):

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import datasets
 import fsspec
@@ -77,6 +79,15 @@ COLUMNS = tuple(FEATURES)
 REPORT_FILE = "prepare_report.json"
 """What `emotrain prepare` kept and skipped, and the counts per session x class (in OUT_DIR)."""
 
+REPREPARE = "re-run `emotrain prepare` to write the prepared dataset again"
+
+
+class PreparedDataError(ValueError):
+    """The prepared dataset at data.path is damaged or incomplete: a shard missing, unreadable or not
+    what `dataset.json` / `prepare_report.json` say, or one of those files unreadable. The message is
+    one line naming the file (or group folder) and what to do. A ValueError, so that callers which
+    refused "not a dataset description" before still refuse it."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Where the prepared data is: a local folder or an fsspec URL.
@@ -101,9 +112,17 @@ def storage_error(path: str | Path, err: BaseException, key: str = "data.path") 
     if not (isinstance(err, OSError) or module in _STORAGE_CLIENTS):
         return None
     reason = " ".join(f"{type(err).__name__}: {err}".split())
+    if not is_url(path):  # a local folder: no credentials or endpoint is involved, only the path itself
+        return ConfigError(key, f"cannot use {path} ({reason}): {key} must name a folder this user can access")
     return ConfigError(key, f"cannot reach {path} ({reason}). Credentials and endpoints come from the environment "
                             "or the filesystem's own configuration (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                             "AWS_ENDPOINT_URL, ~/.aws/)")
+
+
+def is_url(path: str | Path) -> bool:
+    """Whether `path` is an fsspec URL (`s3://...`) rather than a local path (`file://` counts as local)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -134,12 +153,18 @@ def write_text(url: str, text: str) -> None:
 
 
 def read_prepare_report(root: str | Path) -> dict | None:
-    """`prepare_report.json` of a prepared dataset (local or remote); None when there is none."""
-    fs, path = filesystem(join(root, REPORT_FILE))
+    """`prepare_report.json` of a prepared dataset (local or remote); None when there is none.
+    Raises PreparedDataError naming the file when it is not JSON."""
+    url = join(root, REPORT_FILE)
+    fs, path = filesystem(url)
     if not fs.isfile(path):
         return None
-    with fs.open(path, "r") as handle:
-        return json.load(handle)
+    with fs.open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise PreparedDataError(f"{url} is not JSON ({type(err).__name__}: {err}): {REPREPARE}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +185,75 @@ def row_groups_of(parquet: pq.ParquetFile, rows: Sequence[int]) -> tuple[np.ndar
     sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
     starts = np.cumsum([0] + sizes)
     return starts, np.searchsorted(starts, np.asarray(rows, dtype=np.int64), side="right") - 1
+
+
+SHARD_NAME = re.compile(r"data-(\d{5})-of-(\d{5})\.parquet")
+"""`shard_name`'s pattern: a shard's index and how many shards its group has."""
+
+
+def check_shard_names(folder: str, names: Iterable[str]) -> None:
+    """Raise PreparedDataError unless the shards named `data-0000k-of-0000n.parquet` in the group folder
+    `folder` are all n of one preparation: a missing shard would silently train on less data. Names of
+    another shape (a layout made by hand) are not checked."""
+    indices: dict[int, set[int]] = {}
+    for name in names:
+        match = SHARD_NAME.fullmatch(name)
+        if match:
+            indices.setdefault(int(match[2]), set()).add(int(match[1]))
+    if len(indices) > 1:
+        counts = ", ".join(f"-of-{n:05d}" for n in sorted(indices))
+        raise PreparedDataError(f"{folder} holds shards of {len(indices)} preparations ({counts}): {REPREPARE}")
+    for count, present in indices.items():
+        missing = [shard_name(i, count) for i in range(count) if i not in present]
+        beyond = sorted(i for i in present if i >= count)
+        if missing:
+            listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise PreparedDataError(f"{folder} is missing {listed} (the group has {count} shards): the prepared "
+                                    f"dataset is incomplete; {REPREPARE}")
+        if beyond:
+            raise PreparedDataError(f"{folder} holds {shard_name(beyond[0], count)}, beyond its {count} shards: "
+                                    f"{REPREPARE}")
+
+
+@contextmanager
+def reading_shard(url: str) -> Iterator[None]:
+    """Turn a failure to read the Parquet shard `url` (truncated, overwritten, removed since it was
+    listed) into a one-line PreparedDataError naming it. Storage that refuses us (no permission, no
+    credentials) is a ConfigError naming data.path (`storage_error`) instead: re-preparing would not help."""
+    try:
+        yield
+    except PreparedDataError:
+        raise
+    except Exception as err:
+        module = type(err).__module__.split(".")[0]
+        refused = isinstance(err, PermissionError) or (
+            module in _STORAGE_CLIENTS and not isinstance(err, (OSError, pa.ArrowException)))
+        error = storage_error(url, err) if refused else None
+        if error is not None:
+            raise error from err
+        if not isinstance(err, (OSError, EOFError, pa.ArrowException)):
+            raise  # not the file: a bug here
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise PreparedDataError(f"cannot read the shard {url} ({reason}): it is damaged or incomplete; "
+                                f"{REPREPARE}") from err
+
+
+def read_shard_footer(url: str) -> pq.FileMetaData:
+    """The Parquet footer of one shard (row count, row groups, schema and its metadata): a small read
+    at the end of the file, no rows. Raises PreparedDataError for a damaged shard."""
+    fs, path = filesystem(url)
+    with reading_shard(url), fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).metadata
+
+
+def shard_labels(schema_metadata: dict[bytes, bytes] | None) -> tuple[str, ...] | None:
+    """The `label` ClassLabel names a shard was written with (its schema's "huggingface" features, see
+    `write_session_shards`); None for a shard written without them."""
+    try:
+        features = json.loads((schema_metadata or {})[b"huggingface"])["info"]["features"]
+        return tuple(features["label"]["names"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def write_session_shards(
@@ -204,7 +298,9 @@ def list_shard_files(path: str, folder: str) -> list[str]:
     """The Parquet shards of one group folder of the prepared dataset at `path` (a local folder or
     an fsspec URL), sorted, as paths/URLs that `datasets` and fsspec open; [] when there are none."""
     fs, root = filesystem(path)
-    return [public_path(fs, p) for p in sorted(fs.glob(f"{root.rstrip('/')}/{folder}/data-*.parquet"))]
+    found = sorted(fs.glob(f"{root.rstrip('/')}/{folder}/data-*.parquet"))
+    check_shard_names(join(path, folder), (posixpath.basename(p) for p in found))
+    return [public_path(fs, p) for p in found]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,12 +390,13 @@ def write_dataset_info(out_dir: str | Path, info: DatasetInfo) -> str:
 def read_dataset_info(path: str) -> DatasetInfo:
     """The description of the prepared dataset at `path` (local or fsspec URL); IEMOCAP_INFO when
     it has no `dataset.json`."""
-    fs, file = filesystem(join(path, DATASET_FILE))
+    url = join(path, DATASET_FILE)
+    fs, file = filesystem(url)
     # Opened, not `fs.isfile`-tested first: isfile answers False for any error (access denied, a
     # timeout), and only a file that is not there means IEMOCAP; anything else is raised.
     try:
-        with fs.open(file, "r") as handle:
-            data = json.load(handle)
+        with fs.open(file, "rb") as handle:
+            raw = handle.read()
     except FileNotFoundError:
         return IEMOCAP_INFO
     except Exception as err:  # no credentials, access denied, endpoint down: one line naming data.path
@@ -307,7 +404,8 @@ def read_dataset_info(path: str) -> DatasetInfo:
         if error is None:
             raise
         raise error from err
-    try:
-        return DatasetInfo.from_json(data)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}/{DATASET_FILE} is not a dataset description ({type(err).__name__}: {err})") from None
+    try:  # not JSON, or JSON of another shape: either way the file names itself
+        return DatasetInfo.from_json(json.loads(raw.decode("utf-8")))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise PreparedDataError(f"{url} is not a dataset description ({reason}): {REPREPARE}") from None

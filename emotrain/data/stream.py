@@ -45,7 +45,7 @@ from emotrain.config import Config
 from emotrain.data.batching import Collator
 from emotrain.data.folds import FoldSplit
 from emotrain.data.plan import EpochPlan, StreamSettings, plan_epoch, step_utterances
-from emotrain.data.reader import PREFETCH_BATCHES, EpochReader, PassControl
+from emotrain.data.reader import FAILED_POSITION, PREFETCH_BATCHES, EpochReader, PassControl
 from emotrain.data.state import (
     STATE_FORMAT,
     check_identity,
@@ -194,6 +194,8 @@ class TrainStream:
         finished = False
         try:
             for position, batch, skipped in source:
+                if position == FAILED_POSITION:  # a data worker's PreparedDataError (see EpochReader)
+                    raise batch
                 pending[position] = (batch, skipped)
                 # Yield in plan order, whatever order workers delivered in.
                 while self.position in pending:

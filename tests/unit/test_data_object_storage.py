@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fsspec.core import url_to_fs
 
 from emotrain.cli import main
 from emotrain.config import ConfigError, load_config
@@ -18,7 +19,7 @@ from emotrain.data.evaluation import EvalDataset
 from emotrain.data.folds import check_prepared, make_fold_split, read_metadata
 from emotrain.data.plan import StreamSettings
 from emotrain.data.prepare import prepare
-from emotrain.data.shards import join, list_shard_files, read_prepare_report, write_session_shards, write_text
+from emotrain.data.shards import PreparedDataError, join, list_shard_files, read_prepare_report, write_session_shards, write_text
 from emotrain.data.state import layout_fingerprint
 from emotrain.data.stream import TrainStream
 from tests.s3_server import running_s3_server
@@ -91,6 +92,20 @@ def test_rewriting_a_session_on_s3_with_fewer_shards_removes_the_stale_ones(s3):
     write_session_shards(examples, root, 1, num_shards=4)
     written = write_session_shards(examples, root, 1, num_shards=2)
     assert list_shard_files(root, "session1") == written == [f"{root}/session1/data-0000{i}-of-00002.parquet" for i in (0, 1)]
+
+
+def test_a_missing_or_truncated_shard_on_s3_is_named_by_its_url(s3):
+    root = write_toy_prepared(s3.url("damaged"), per_session=4, num_shards=2)
+    check_prepared(root)
+    fs, _ = url_to_fs(root)
+    shard = f"{root}/session2/data-00001-of-00002.parquet"
+    data = fs.cat_file(shard)
+    fs.rm(shard)
+    with pytest.raises(PreparedDataError, match=f"{root}/session2 is missing data-00001-of-00002.parquet"):
+        check_prepared(root)
+    fs.pipe_file(shard, data[:-50])
+    with pytest.raises(PreparedDataError, match=f"cannot read the shard {shard} .*emotrain prepare"):
+        read_metadata(root)
 
 
 def test_the_prepare_report_is_written_to_and_read_from_s3_and_the_report_counts_it(s3, tmp_path):

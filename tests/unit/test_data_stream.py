@@ -27,6 +27,8 @@ from emotrain.data.plan import (
     step_utterances,
     training_shards,
 )
+from emotrain.data.reader import StreamMismatchError
+from emotrain.data.shards import PreparedDataError
 from emotrain.data.stream import TrainStream, build_train_stream
 from tests.toyset import toy_processors, write_toy_prepared
 
@@ -526,6 +528,22 @@ def test_unreadable_shard_stands_in_without_ending_the_epoch(tmp_path, processor
     invalid = {i for b in batches for i, ok in zip(b["ids"], b["valid"].tolist()) if not ok}
     assert set(stream.skipped) == invalid == broken_ids
     assert sorted(i for b in batches for i in b["ids"]) == sorted(split.train_ids())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_that_no_longer_match_the_split_stop_the_stream_in_one_line(root, meta, processors, workers):
+    """The shards changed under a running split (another preparation): refused, and from a data worker
+    too as the one-line error it is, not torch's copy carrying the worker's traceback."""
+    split = _split(root, meta)
+    shifted = np.roll(split.meta.id, 1)  # every row now "is" its neighbour's id
+    moved = dataclasses.replace(split, meta=dataclasses.replace(split.meta, id=shifted))
+    stream = _stream(moved, processors, num_workers=workers)
+    with pytest.raises(StreamMismatchError) as err:
+        _run(stream, [0])
+    message = str(err.value)
+    assert "the prepared dataset changed after the split was read" in message
+    assert "\n" not in message and "Traceback" not in message
+    assert isinstance(err.value, PreparedDataError)  # what the CLI prints as one line
 
 
 @pytest.mark.parametrize("ladder", [0, 4])
