@@ -19,8 +19,10 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -34,6 +36,7 @@ from emotrain.data.shards import (
     DatasetInfo,
     FoldSpec,
     filesystem,
+    is_local,
     join,
     storage_error,
     write_dataset_info,
@@ -214,12 +217,18 @@ def write_prepared(scan: Scan, out_dir: str | Path, *, num_shards: int = NUM_SHA
     return report
 
 
-def open_output(out_dir: str | Path) -> None:
+def open_output(out_dir: str | Path) -> list[str]:
     """Refuse an `out_dir` URL that carries credentials, and create `out_dir` (a folder, or a prefix on
     object storage) before the source is read: missing credentials or an unreachable endpoint then
-    fail in a second, not after the whole corpus."""
+    fail in a second, not after the whole corpus. Returns the local folders it created, deepest first."""
     check_no_credentials(out_dir, "out_dir")
     fs, root = filesystem(out_dir)
+    created: list[str] = []
+    if is_local(fs):  # a prefix on object storage is no folder: nothing of it exists until a file does
+        folder = Path(root)
+        while not folder.exists() and folder != folder.parent:
+            created.append(str(folder))
+            folder = folder.parent
     try:
         fs.makedirs(root, exist_ok=True)
     except Exception as err:
@@ -227,6 +236,24 @@ def open_output(out_dir: str | Path) -> None:
         if error is None:
             raise
         raise error from err
+    return created
+
+
+@contextmanager
+def output_folder(out_dir: str | Path) -> Iterator[None]:
+    """`open_output`, undone when what follows fails before writing anything: a failed `emotrain
+    prepare` leaves no empty folder behind. Only folders `open_output` created are removed, and only
+    while they are empty (`os.rmdir` refuses anything else): a folder that existed, or holds a file, stays."""
+    created = open_output(out_dir)
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (something was written) or already gone: keep the rest too
+                break
+        raise
 
 
 def prepare(
@@ -239,9 +266,9 @@ def prepare(
 ) -> dict:
     """Prepare an IEMOCAP_full_release tree: write the dataset and `prepare_report.json`; return the report."""
     started = time.perf_counter()
-    open_output(out_dir)
-    return write_prepared(scan_release_records(release_root), out_dir, num_shards=num_shards,
-                          audio_format=audio_format, workers=workers, started=started)
+    with output_folder(out_dir):
+        return write_prepared(scan_release_records(release_root), out_dir, num_shards=num_shards,
+                              audio_format=audio_format, workers=workers, started=started)
 
 
 def summarize(report: dict) -> str:

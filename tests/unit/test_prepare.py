@@ -205,3 +205,21 @@ def test_prepare_fails_clearly_when_nothing_is_usable(tmp_path):
     with pytest.raises(NothingToPrepareError, match="no usable utterance"):
         prepare(root, tmp_path / "out", workers=1)
     assert not (tmp_path / "out" / "prepare_report.json").exists()
+
+
+def test_a_failed_prepare_leaves_no_folder_it_created_and_keeps_any_that_was_there(tmp_path, capsys):
+    nowhere = str(tmp_path / "nowhere")
+    out = tmp_path / "new" / "deeper" / "out"
+    assert main(["prepare", nowhere, str(out)]) == 2
+    assert "no Session1..Session5 folders" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # every folder it made for OUT_DIR, parents included
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert main(["prepare", nowhere, str(existing)]) == 2
+    assert existing.is_dir()  # the user's empty folder stays
+    empty_release = tmp_path / "release"
+    _write_dialog(empty_release, 2, "Ses02F_impro01", [{"id": "Ses02F_impro01_F000", "code": "ang", "text": "x",
+                                                        "wav": "missing"}])
+    with pytest.raises(NothingToPrepareError):
+        prepare(empty_release, tmp_path / "out2", workers=1)
+    assert not (tmp_path / "out2").exists()

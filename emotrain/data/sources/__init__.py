@@ -37,30 +37,30 @@ def prepare_source(source: str, out_dir: str | Path, *, kind: str = "auto", colu
                    num_shards: int = NUM_SHARDS_PER_GROUP, audio_format: str = "flac",
                    workers: int | None = None) -> dict:
     """`emotrain prepare SOURCE OUT`: scan the source, write the prepared layout; return the report."""
-    from emotrain.data.prepare import open_output, write_prepared
+    from emotrain.data.prepare import output_folder, write_prepared
 
     started = time.perf_counter()
-    open_output(out_dir)
-    kind = detect_kind(source) if kind == "auto" else kind
-    if kind == "release":
-        from emotrain.data.sources.release import scan_release_records
+    with output_folder(out_dir):  # created now (fail fast), removed again if nothing gets written
+        kind = detect_kind(source) if kind == "auto" else kind
+        if kind == "release":
+            from emotrain.data.sources.release import scan_release_records
 
-        scan = scan_release_records(source)
-    elif kind == "manifest":
-        from emotrain.data.sources.manifest import scan_manifest
+            scan = scan_release_records(source)
+        elif kind == "manifest":
+            from emotrain.data.sources.manifest import scan_manifest
 
-        scan = scan_manifest(source, columns=columns, label_map=label_map, labels=labels, asr=asr is not None)
-    elif kind == "emobox":
-        from emotrain.data.sources.manifest import scan_emobox
+            scan = scan_manifest(source, columns=columns, label_map=label_map, labels=labels, asr=asr is not None)
+        elif kind == "emobox":
+            from emotrain.data.sources.manifest import scan_emobox
 
-        scan = scan_emobox(source, download_root, label_map=label_map, labels=labels,
-                           text_column=(columns or {}).get("text"), asr=asr is not None)
-    elif kind == "hub":
-        from emotrain.data.sources.hub import scan_hub
+            scan = scan_emobox(source, download_root, label_map=label_map, labels=labels,
+                               text_column=(columns or {}).get("text"), asr=asr is not None)
+        elif kind == "hub":
+            from emotrain.data.sources.hub import scan_hub
 
-        scan = scan_hub(source, columns=columns, label_map=label_map, labels=labels, splits=splits,
-                        asr=asr is not None)
-    else:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return write_prepared(scan, out_dir, num_shards=num_shards, audio_format=audio_format, workers=workers,
-                          asr=asr, started=started)
+            scan = scan_hub(source, columns=columns, label_map=label_map, labels=labels, splits=splits,
+                            asr=asr is not None)
+        else:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        return write_prepared(scan, out_dir, num_shards=num_shards, audio_format=audio_format, workers=workers,
+                              asr=asr, started=started)
