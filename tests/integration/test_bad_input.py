@@ -13,6 +13,7 @@ Every command runs under a timeout: a hang fails its row.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -68,10 +69,82 @@ def _non_utf8_config(ws: Workspace) -> list[str]:
     return ["config", str(path)]
 
 
+# --- data: damaged or incomplete prepared data (emotrain/data) ----------------------------------
+
+SHARD = "session2/data-00003-of-00008.parquet"
+"""A training shard of fold 1 (and of the test run's data for `emotrain evaluate`)."""
+
+
+def _evaluate(ws: Workspace) -> list[str]:
+    return ["evaluate", str(ws.run / "best"), str(ws.corpus)]
+
+
+def _train_briefly(ws: Workspace) -> list[str]:
+    return ws.train("train.max_steps=2")
+
+
+def _after(damage: Callable[[Workspace], None], command: Callable[[Workspace], list[str]]):
+    """A probe's `damage`: `damage(ws)`, then the arguments `command(ws)` gives."""
+    def damaged(ws: Workspace) -> list[str]:
+        damage(ws)
+        return command(ws)
+    return damaged
+
+
+def _delete_shard(ws: Workspace) -> None:
+    (ws.corpus / SHARD).unlink()
+
+
+def _truncate_shard(ws: Workspace) -> None:
+    shard = ws.corpus / SHARD
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _swap_dataset_labels(ws: Workspace) -> list[str]:
+    path = ws.corpus / "dataset.json"
+    info = json.loads(path.read_text())
+    info["labels"][:2] = info["labels"][1::-1]
+    path.write_text(json.dumps(info))
+    return _train_briefly(ws)
+
+
+def _dataset_json_not_json(ws: Workspace) -> list[str]:
+    (ws.corpus / "dataset.json").write_text("{not json\n")
+    return _train_briefly(ws)
+
+
+def _data_path_is_a_file(ws: Workspace) -> list[str]:
+    (ws.root / "prepared.txt").write_text("not a folder\n")
+    return ws.train(f"data.path={ws.root / 'prepared.txt'}")
+
+
+def _no_output_folder(ws: Workspace) -> None:
+    assert not ws.out.exists(), sorted(p.name for p in ws.out.iterdir())
+
+
 PROBES: list[Probe] = [
     # --- configs ------------------------------------------------------------------------------
     Probe("config-not-utf8", _non_utf8_config, ("latin1.yaml", "UTF-8")),
     # --- data ---------------------------------------------------------------------------------
+    Probe("data-shard-deleted-train", _after(_delete_shard, _train_briefly),
+          ("session2 is missing data-00003-of-00008.parquet", "emotrain prepare"), check=_no_output_folder),
+    Probe("data-shard-deleted-evaluate", _after(_delete_shard, _evaluate),
+          ("session2 is missing data-00003-of-00008.parquet", "emotrain prepare")),
+    Probe("data-shard-truncated-train", _after(_truncate_shard, _train_briefly),
+          (SHARD, "damaged", "emotrain prepare"), check=_no_output_folder),
+    Probe("data-shard-truncated-evaluate", _after(_truncate_shard, _evaluate),
+          (SHARD, "damaged", "emotrain prepare")),
+    Probe("data-labels-swapped-in-dataset-json", _swap_dataset_labels,
+          ("dataset.json lists the labels ['happy', 'neutral'", "prepared with ['neutral', 'happy'",
+           "emotrain prepare"), check=_no_output_folder),
+    Probe("data-dataset-json-not-json", _dataset_json_not_json,
+          ("dataset.json is not a dataset description", "emotrain prepare")),
+    Probe("data-fold-out-of-range", lambda ws: ws.train("data.fold=9"), ("data.fold", "is 9", "[1, 2, 3, 4, 5]"),
+          check=_no_output_folder),
+    Probe("data-path-local-file-no-credentials-hint", _data_path_is_a_file,
+          ("data.path", "prepared.txt", "must name a folder")),
+    Probe("data-prepare-fails-leaves-no-folder", lambda ws: ["prepare", str(ws.root / "no-release"), str(ws.out)],
+          ("no-release does not exist",), check=_no_output_folder),
 
     # --- checkpoints and resume -----------------------------------------------------------------
 
