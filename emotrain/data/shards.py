@@ -28,6 +28,14 @@ and endpoints come from the environment or the filesystem's own configuration (f
 `FSSPEC_S3_*` variables or `~/.config/fsspec/`), never from the URL: a path carrying a password
 would land in config.yaml, logs and checkpoints, so `emotrain.config.check_no_credentials`
 refuses one.
+
+Whole or refused. A group's shard names say how many it has (`data-00003-of-00008`), each shard's
+schema carries the label names it was written with, and `prepare_report.json` counts each group's
+rows. Whatever reads the prepared data (`folds.check_prepared` before training, `folds.read_metadata`
+for a split or `emotrain evaluate`, the evaluation and training readers) checks what it touches
+against them and refuses a missing, truncated or relabelled shard, or a `dataset.json` that is not
+one, with a one-line `PreparedDataError` naming the file: never fewer utterances, or swapped class
+names, without a word.
 """
 
 from __future__ import annotations
