@@ -456,3 +456,20 @@ def test_the_best_checkpoint_is_this_run_s_never_an_abandoned_attempt_s(tmp_path
     assert _best_checkpoint(run) == theirs
     (stale / ckpt.ABANDONED).unlink()  # B's own, current: it wins
     assert _best_checkpoint(run) == stale
+
+
+def test_a_damaged_best_checkpoint_is_one_line_before_the_end_loads_it(tmp_path):
+    from emotrain.train.recipe import _best_checkpoint
+    from emotrain.train.run_folder import RunFolder
+
+    root = tmp_path / "run" / "checkpoints"
+    ckpt.partial_dir(root, 200).mkdir(parents=True)
+    (ckpt.partial_dir(root, 200) / "model.safetensors").write_bytes(b"weights")
+    folder = ckpt.finalize(root, 200, Progress(step=200).to_dict(), "x: 1\n")
+    run = SimpleNamespace(run=RunFolder(tmp_path / "run"), state=SimpleNamespace(progress=Progress(best_step=200)),
+                          resumed_from=None)
+    assert _best_checkpoint(run) == folder
+    (folder / "model.safetensors").write_bytes(b"w")
+    with pytest.raises(ckpt.ResumeError, match=r"^the best checkpoint .*step-000200 is damaged \(model.safetensors: "
+                                               r"1 bytes, 7 recorded\): best/ cannot be exported nor tested"):
+        _best_checkpoint(run)
