@@ -365,9 +365,14 @@ def rng_state_problem(folder: Path) -> str | None:
 def load_checkpoint(accelerator, folder: str | Path) -> None:
     """`accelerator.load_state(folder)`, strictly: this rank's RNG state must load (Accelerate would
     log its failure and go on, diverging), and any failure to load a file is a one-line
-    `ResumeError` naming the folder rather than a library traceback."""
+    `ResumeError` naming the folder rather than a library traceback. (A rank the writer did not have,
+    a DDP run resumed on more processes, has no RNG state there: it keeps the one `set_seed` gave it.)"""
     folder = Path(folder)
-    if problem := _rng_file_problem(folder, accelerator.process_index):
+    try:
+        writers = read_progress(folder).world_size
+    except (OSError, ValueError):  # (`restore` reads it first; unreadable here, every rank must have its file)
+        writers = accelerator.num_processes
+    if accelerator.process_index < writers and (problem := _rng_file_problem(folder, accelerator.process_index)):
         raise ResumeError(f"cannot resume from {folder}: {problem}; the resumed run would not be the same. "
                           "Choose another checkpoint, or start afresh with train.resume=never or in another output_dir")
     try:

@@ -268,6 +268,19 @@ def test_an_rng_state_that_does_not_load_fails_the_resume_where_accelerate_would
     assert rng_state_problem(folder) == "is damaged (random_states_1.pkl: missing)"
 
 
+def test_a_rank_the_writer_did_not_have_needs_no_rng_state_but_one_it_had_does(tmp_path):
+    """A DDP run resumed on more processes: rank 1 of 2 continues a checkpoint one process wrote."""
+    root = tmp_path / "checkpoints"
+    folder = _state(_FakeAccelerator(), Progress(step=2)).save(_FakeAccelerator(), root, config_yaml="", keep_last=1)
+    second_rank = _FakeAccelerator(num_processes=2)
+    second_rank.process_index = 1
+    load_checkpoint(second_rank, folder)
+    assert second_rank.loaded == [str(folder)]
+    ckpt.write_json(folder / ckpt.LOOP_STATE, Progress(step=2, world_size=2).to_dict())  # but 2 wrote it
+    with pytest.raises(ckpt.ResumeError, match="random_states_1.pkl: missing"):
+        load_checkpoint(second_rank, folder)
+
+
 def test_a_checkpoint_file_that_does_not_load_is_one_line_naming_the_folder(tmp_path, real_accelerator):
     accelerator = real_accelerator
     accelerator.prepare(torch.nn.Linear(2, 2))
