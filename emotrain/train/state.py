@@ -25,7 +25,8 @@ file before a checkpoint is chosen, so `resume=auto` can fall back from it.
 A save that runs out of disk space (torch's writer then says `unexpected pos ...`) is reported as
 `OSError(ENOSPC)` saying how much a checkpoint needs. The save is a collective: a rank that fails
 leaves the others waiting in the next barrier until the launcher (torchrun, `accelerate launch`)
-ends them on that rank's exit; no collective is added after a failure.
+ends them on that rank's exit; no collective is added after a failure. The same holds for a rank
+whose load fails alone, which is rare: the main process has checked every rank's files before.
 """
 
 from __future__ import annotations
