@@ -6,7 +6,8 @@ This is the folder store, torch-free; what goes into a folder is the training st
     output_dir/checkpoints/
       step-000200/           Accelerate state (model, optimizer, scaler, RNG of every rank),
                              stream-rank{r}.json (data position of every rank), loop_state.json,
-                             config.yaml, and COMPLETE, written last
+                             config.yaml, manifest.json (size and sha256 of every file above),
+                             and COMPLETE, written last
       .partial-step-000400/  being written: never picked by resume
       .replaced-step-000200/ the previous step-000200 while a new one takes its place (journal)
 
@@ -41,24 +42,40 @@ into place, delete the aside folder. `recover` (main process, before choosing wh
   - a complete partial folder (it has `COMPLETE`, which the main process writes only after every
     rank finished writing) is published: renamed into place (journaled if the step folder exists).
 Incomplete partial folders are left for `rotate` to delete. A folder is deleted marker first, so a
-deletion cut short never leaves something that looks complete.
+deletion cut short never leaves something that looks complete; and since a `step-*` folder is only
+ever published complete, one without a marker is such a deletion, which `recover` and `rotate`
+finish.
+
+Damage after the save. `manifest.json` records every file of the checkpoint (relative path, size,
+sha256), written by the main process after every rank finished writing and before `COMPLETE` (on a
+shared filesystem it covers every rank's files, DeepSpeed's shards too). `checkpoint_problem`
+verifies it before a checkpoint is trusted: `resume=auto` falls back to the newest intact
+checkpoint, saying so; an explicit `train.resume=<folder>` that is damaged is a `ResumeError`.
+A checkpoint written before the manifest existed is not hash-checked (the strict load in
+`emotrain.train.state` still is), except a DeepSpeed one, which is refused: DeepSpeed loads its
+files with `torch.load(weights_only=False)`, and only the recorded hashes say they are the files
+that were saved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 COMPLETE = "COMPLETE"
 ABANDONED = "ABANDONED"
 """In a checkpoint of a branch given up (a run restarted from an older checkpoint, or afresh)."""
 LOOP_STATE = "loop_state.json"
 CONFIG = "config.yaml"
+MANIFEST = "manifest.json"
+_UNLISTED = {COMPLETE, ABANDONED, MANIFEST}
+"""Top-level files a manifest does not list: the markers are written after it, and it is itself."""
 _PARTIAL_PREFIX = ".partial-"
 _ASIDE_PREFIX = ".replaced-"
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -148,6 +165,97 @@ def _next_sequence(checkpoints_dir: Path) -> int:
     return highest + 1
 
 
+# ---------------------------------------------------------------------------------------------
+# The manifest: every file of a checkpoint as it was saved, checked before the checkpoint is trusted.
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _listed_files(folder: Path) -> list[str]:
+    """Every file under `folder` a manifest lists, as relative POSIX paths, sorted."""
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                  if path.is_file() and not (path.parent == folder and path.name in _UNLISTED))
+
+
+def write_manifest(folder: str | Path) -> None:
+    """Record the size and sha256 of every file of checkpoint `folder` in `manifest.json`. Main
+    process, once per save, after every rank finished writing: hashing reads the checkpoint once
+    more (a few seconds for a 1.5 GB model), which a save can afford; it is never redone."""
+    folder = Path(folder)
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+             for name in _listed_files(folder)}
+    write_json(folder / MANIFEST, {"version": 1, "files": files})
+
+
+def _read_manifest(folder: Path) -> dict[str, dict] | None:
+    """The manifest's files, None if the checkpoint has no manifest; ValueError if it is unreadable."""
+    try:
+        data = read_json(folder / MANIFEST)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{MANIFEST} is unreadable ({err.__class__.__name__})") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+            for entry in files.values()):
+        raise ValueError(f"{MANIFEST} is not a manifest of files with their size and sha256")
+    return files
+
+
+def _file_problem(folder: Path, name: str, recorded: dict) -> str | None:
+    """Whether file `name` still has the size the manifest recorded (the cheap check)."""
+    path = folder / name
+    if not path.exists():
+        return f"{name}: missing"
+    if not path.is_file():
+        return f"{name}: {'a directory' if path.is_dir() else 'not a regular file'} in place of the file"
+    size = path.stat().st_size
+    return None if size == recorded["size"] else f"{name}: {size} bytes, {recorded['size']} recorded"
+
+
+def _written_by_deepspeed(folder: Path) -> bool:
+    try:
+        return read_json(folder / LOOP_STATE).get("distributed_type") == "DEEPSPEED"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why checkpoint `folder` must not be loaded, as the end of "checkpoint step-N ...", or None.
+
+    Its files must be those `manifest.json` recorded: sizes first (cheap: a truncated or missing
+    file is found without reading anything), then the sha256 of each, which reads the whole
+    checkpoint: seconds for a 1.5 GB model, paid once per resume (and for the best checkpoint at
+    the end of a run), never at a save. Without a manifest (written before it existed) nothing can
+    be compared, and only a DeepSpeed checkpoint is refused (see the module docstring)."""
+    folder = Path(folder)
+    try:
+        files = _read_manifest(folder)
+    except ValueError as err:
+        return f"is damaged ({err})"
+    if files is None:
+        if _written_by_deepspeed(folder):
+            return (f"is refused (a DeepSpeed checkpoint without {MANIFEST}, written before emotrain recorded "
+                    "the hashes of its files: DeepSpeed loads them with torch.load(weights_only=False), which "
+                    "runs any code a tampered file holds, so only DeepSpeed checkpoints whose files match the "
+                    "hashes recorded at save are resumed)")
+        return None
+    for name, recorded in files.items():
+        if problem := _file_problem(folder, name, recorded):
+            return f"is damaged ({problem})"
+    for name, recorded in files.items():
+        if _sha256(folder / name) != recorded["sha256"]:
+            return f"is damaged ({name}: its sha256 differs from the one recorded at save)"
+    return None
+
+
 def _delete(folder: Path) -> None:
     """Delete a checkpoint folder, marker first: if this is cut short, what is left is ignored
     (and `recover` never restores a half-deleted aside folder)."""
@@ -187,6 +295,7 @@ def finalize(checkpoints_dir: str | Path, step: int, loop_state: dict, config_ya
     partial = partial_dir(checkpoints_dir, step)
     write_json(partial / LOOP_STATE, loop_state)
     (partial / CONFIG).write_text(config_yaml)
+    write_manifest(partial)  # every rank has written (the caller waited): it lists every rank's files
     # The marker is written last, atomically: with it, the folder is a checkpoint.
     write_json(partial / COMPLETE, {"step": step, "sequence": _next_sequence(checkpoints_dir)})
     fsync_dir(partial)
@@ -223,6 +332,18 @@ def _steps_named(checkpoints_dir: Path, prefix: str) -> list[int]:
     return sorted(steps)
 
 
+def _finish_deletions(checkpoints_dir: Path) -> list[Path]:
+    """Delete every published `step-*` folder that has no marker file at all: a folder is published
+    only complete (the rename of a complete partial), and `_delete` removes the marker first, so
+    this is a deletion a kill cut short, which nothing else would ever remove. (A marker that is
+    there but unreadable is damage, not a deletion: left alone.)"""
+    unmarked = [checkpoints_dir / checkpoint_name(step) for step in _steps_named(checkpoints_dir, "")]
+    unmarked = [folder for folder in unmarked if not (folder / COMPLETE).exists()]
+    for folder in unmarked:
+        shutil.rmtree(folder, ignore_errors=True)
+    return unmarked
+
+
 def recover(checkpoints_dir: str | Path) -> list[str]:
     """Main process only, before choosing what to resume: complete or undo what a crash interrupted
     (see the module docstring). Returns what was done, one line each, and logs it."""
@@ -230,6 +351,8 @@ def recover(checkpoints_dir: str | Path) -> list[str]:
     if not checkpoints_dir.is_dir():
         return []
     done = [_recover_replacement(checkpoints_dir, step) for step in _steps_named(checkpoints_dir, _ASIDE_PREFIX)]
+    done += [f"deleted {folder.name}: its deletion was cut short (no {COMPLETE} marker)"
+             for folder in _finish_deletions(checkpoints_dir)]
     for step in _steps_named(checkpoints_dir, _PARTIAL_PREFIX):
         # COMPLETE is written after every rank finished writing: the folder is a whole checkpoint.
         if _is_complete(partial_dir(checkpoints_dir, step)):
@@ -345,20 +468,54 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     return found[-1].folder if found else None
 
 
-def resolve_resume(resume: str, checkpoints_dir: str | Path) -> Path | None:
+Check = Callable[[Path], "str | None"]
+"""Why a checkpoint folder must not be loaded (the end of "checkpoint step-N ..."), or None."""
+
+
+def resolve_resume(resume: str, checkpoints_dir: str | Path, check_loads: Check | None = None) -> Path | None:
     """Main process only. `train.resume` → the folder to load, or None for a fresh start. Runs
-    `recover` first, whatever `resume` says, so the folder is consistent before anything is saved."""
+    `recover` first, whatever `resume` says, so the folder is consistent before anything is saved.
+
+    The folder chosen is verified first (`checkpoint_problem`, then `check_loads`: the files that
+    Accelerate would skip silently if they did not load): `auto` falls back to the newest intact
+    checkpoint, warning once per checkpoint passed over, and verifies an older one only when the
+    newer one failed; an explicit folder that fails is a `ResumeError`."""
     recover(checkpoints_dir)
     if resume == "never":
         abandon_after(checkpoints_dir, None, "a run started afresh here (train.resume=never)")
         return None
     if resume == "auto":
-        return latest_checkpoint(checkpoints_dir)
+        return _newest_intact(Path(checkpoints_dir), check_loads)
     folder = Path(resume)
     if not (folder / COMPLETE).is_file():
         raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint folder (no {COMPLETE} marker)")
+    if problem := _problem(folder, check_loads):
+        raise ResumeError(f"train.resume={resume}: checkpoint {folder.name} {problem}; choose another checkpoint, "
+                          "or start afresh with train.resume=never or in another output_dir")
     abandon_after(checkpoints_dir, folder, f"a run restarted from {folder}")
     return folder
+
+
+def _problem(folder: Path, check_loads: Check | None) -> str | None:
+    return checkpoint_problem(folder) or (check_loads(folder) if check_loads is not None else None)
+
+
+def _newest_intact(checkpoints_dir: Path, check_loads: Check | None) -> Path | None:
+    """`resume=auto`: the newest current checkpoint that passes the checks. The damaged ones passed
+    over are left as they are (a save of the same step replaces one, rotation deletes the others)."""
+    damaged = []
+    for saved in reversed(current_checkpoints(checkpoints_dir)):
+        problem = _problem(saved.folder, check_loads)
+        if problem is None:
+            for name, reason in damaged:
+                log.warning("checkpoint %s %s: resuming from %s instead", name, reason, saved.folder.name)
+            return saved.folder
+        damaged.append((saved.folder.name, problem))
+    if damaged:
+        listed = "; ".join(f"checkpoint {name} {reason}" for name, reason in damaged)
+        raise ResumeError(f"no checkpoint in {checkpoints_dir} can be resumed: {listed}. Start afresh with "
+                          "train.resume=never (they are then abandoned and deleted) or use another output_dir")
+    return None
 
 
 def rotate(checkpoints_dir: str | Path, keep_last: int, keep_steps: set[int] = frozenset()) -> list[Path]:
@@ -366,8 +523,9 @@ def rotate(checkpoints_dir: str | Path, keep_last: int, keep_steps: set[int] = f
     sequence, never fewer than one: the checkpoint just written survives) and those whose step is in
     `keep_steps` (the best step the loop state refers to: kept even if marked abandoned, as a restart
     cut short between its marker writes may leave it; deleting it cannot be undone, and the run
-    must load it at the end), and incomplete partial folders of crashed saves. Complete partial
-    folders are `recover`'s. Main process only. Returns what was removed."""
+    must load it at the end), incomplete partial folders of crashed saves, and step folders whose
+    deletion was cut short. Complete partial folders are `recover`'s. Main process only. Returns what
+    was removed."""
     found = saved_checkpoints(checkpoints_dir)
     current = [saved for saved in found if not is_abandoned(saved.folder)]
     keep = {saved.folder for saved in current[-max(keep_last, 1):]}
@@ -381,7 +539,7 @@ def rotate(checkpoints_dir: str | Path, keep_last: int, keep_steps: set[int] = f
         if not _is_complete(leftover):
             shutil.rmtree(leftover, ignore_errors=True)
             removed.append(leftover)
-    return removed
+    return removed + _finish_deletions(Path(checkpoints_dir))  # (an earlier rotation's, killed midway)
 
 
 class ResumeError(RuntimeError):

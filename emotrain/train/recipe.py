@@ -62,7 +62,14 @@ from emotrain.metrics import format_results
 from emotrain.model import build_model, build_processors
 from emotrain.model.encoders import check_data_fits_model
 from emotrain.train import tracking
-from emotrain.train.checkpoint import COMPLETE, ResumeError, checkpoint_name, is_abandoned, resolve_resume
+from emotrain.train.checkpoint import (
+    COMPLETE,
+    ResumeError,
+    checkpoint_name,
+    checkpoint_problem,
+    is_abandoned,
+    resolve_resume,
+)
 from emotrain.train.deepspeed_config import (
     check_skips_nonfinite_steps,
     fill_deepspeed_auto,
@@ -75,7 +82,7 @@ from emotrain.train.optim import build_optimizer, set_learning_rates, step_lr_fa
 from emotrain.train.preemption import EXIT_PREEMPTED, PreemptionWatcher, default_flag_file
 from emotrain.data.state import data_fingerprint
 from emotrain.train.run_folder import CONFIG_FILE, RunFolder, RunFolderLock
-from emotrain.train.state import LogWindow, Progress, TrainingState
+from emotrain.train.state import LogWindow, Progress, TrainingState, load_checkpoint, rng_state_problem
 from emotrain.train.step import StepOutcome, finish_optimizer_step
 from emotrain.train.step_end import StepEnd, StepFacts, StepRule
 from emotrain.train.telemetry import flops_per_utterance, matmul_peak_flops, peak_host_memory_gib, peak_memory_gib
@@ -171,9 +178,10 @@ def setup(cfg: Config) -> Training:
     accelerator.wait_for_everyone()
     watcher = PreemptionWatcher(stop_flag).install()
     set_seed(cfg.train.seed)
-    # What to resume: the main process decides (it also completes a replacement a crash interrupted),
-    # so every rank loads the same folder.
-    resume_from = decided_by_main(accelerator, lambda: resolve_resume(cfg.train.resume, run.checkpoints))
+    # What to resume: the main process decides (it also completes a replacement a crash interrupted,
+    # and passes over a damaged checkpoint), so every rank loads the same folder.
+    resume_from = decided_by_main(
+        accelerator, lambda: resolve_resume(cfg.train.resume, run.checkpoints, check_loads=rng_state_problem))
 
     feature_extractor, tokenizer = build_processors(cfg.model)
     world_size = accelerator.num_processes
@@ -528,7 +536,8 @@ def finish(t: Training) -> dict:
     """Load the best checkpoint, export it as `best/`, test it, write `metrics.json`; returns the results."""
     accelerator, progress = t.accelerator, t.state.progress
     # Every rank loads the best checkpoint: this restores the best weights under any strategy (ZeRO-3 too).
-    accelerator.load_state(str(_best_checkpoint(t)))
+    # The main process finds and verifies it (once, not on every rank).
+    load_checkpoint(accelerator, decided_by_main(accelerator, lambda: _best_checkpoint(t)))
     _export_best(t)
     results = {"validation": progress.best_validation, "best_step": progress.best_step,
                "stop_reason": progress.stop_reason, "steps": progress.step,
@@ -553,6 +562,9 @@ def _best_checkpoint(t: Training) -> Path:
     for folder in (t.run.checkpoints / best_name, t.resumed_from.parent / best_name if t.resumed_from else None):
         # (an abandoned folder of the same step is another attempt's, not this run's best)
         if folder is not None and (folder / COMPLETE).is_file() and not is_abandoned(folder):
+            if problem := checkpoint_problem(folder):  # (hashing it: seconds for a large model, once a run)
+                raise ResumeError(f"the best checkpoint {folder} {problem}: best/ cannot be exported nor tested; "
+                                  "train this run again in another output_dir")
             return folder
     raise ResumeError(f"the best checkpoint (step {t.state.progress.best_step}) is no longer in {t.run.checkpoints}")
 

@@ -13,27 +13,46 @@
   run logs at its next log step what an uninterrupted one would have.
 
 The learning rate is not state: it is a function of the run's progress (`emotrain.train.optim`).
-The folders themselves (atomic publication, crash recovery, rotation, what `resume=auto` picks) are
-the torch-free store in `emotrain.train.checkpoint`.
+The folders themselves (atomic publication, crash recovery, rotation, what `resume=auto` picks, the
+manifest that finds damage) are the torch-free store in `emotrain.train.checkpoint`.
+
+Loading is strict: Accelerate's `load_state` catches any failure to load a rank's RNG state file
+(`random_states_<r>.pkl`: truncated, garbage, or a pickle `weights_only` refuses) and only logs it,
+so a resume would silently diverge. `load_checkpoint` loads that file first and fails loudly, and
+turns any other load failure into a one-line `ResumeError`; `rng_state_problem` checks every rank's
+file before a checkpoint is chosen, so `resume=auto` can fall back from it.
+
+A save that runs out of disk space (torch's writer then says `unexpected pos ...`) is reported as
+`OSError(ENOSPC)` saying how much a checkpoint needs. The save is a collective: a rank that fails
+leaves the others waiting in the next barrier until the launcher (torchrun, `accelerate launch`)
+ends them on that rank's exit; no collective is added after a failure. The same holds for a rank
+whose load fails alone, which is rare: the main process has checked every rank's files before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import pickle
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import load as accelerate_load
+from safetensors import SafetensorError
 
 from emotrain.train.checkpoint import (
     LOOP_STATE,
     ResumeError,
     checkpoint_name,
     finalize,
+    latest_checkpoint,
     partial_dir,
     read_json,
     rotate,
@@ -198,16 +217,19 @@ class TrainingState:
         step = self.progress.step
         partial = partial_dir(checkpoints_dir, step)
         if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
-            partial.mkdir(parents=True)
+            with self._disk_full_reported(checkpoints_dir, step):
+                shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
+                partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))  # DeepSpeed: every rank writes its partition
-        write_json(stream_state_path(partial, accelerator.process_index), self.stream.state_dict())
+        with self._disk_full_reported(checkpoints_dir, step):  # (a partial folder left is the next save's debris)
+            accelerator.save_state(str(partial))  # DeepSpeed: every rank writes its partition
+            write_json(stream_state_path(partial, accelerator.process_index), self.stream.state_dict())
         accelerator.wait_for_everyone()
         final = Path(checkpoints_dir) / checkpoint_name(step)
         if accelerator.is_main_process:
             saved = dataclasses.replace(self.progress, **_writer_fields(accelerator))
-            final = finalize(checkpoints_dir, step, saved.to_dict(), config_yaml)
+            with self._disk_full_reported(checkpoints_dir, step):
+                final = finalize(checkpoints_dir, step, saved.to_dict(), config_yaml)
             best = {self.progress.best_step} if self.progress.best_step is not None else set()
             rotate(checkpoints_dir, keep_last, keep_steps=best)
         accelerator.wait_for_everyone()
@@ -225,11 +247,141 @@ class TrainingState:
         except (OSError, ValueError) as err:  # a file missing or damaged, or the data or settings changed
             raise ResumeError(f"cannot resume from {folder}: {err}") from None
         peaks = [group["peak_lr"] for group in self.optimizer.param_groups]  # this run's, from the config
-        accelerator.load_state(str(folder))
+        load_checkpoint(accelerator, folder)
         for group, peak in zip(self.optimizer.param_groups, peaks):  # a checkpoint written before peak_lr existed
             group["peak_lr"] = peak
         self.progress = progress
         self.window.restore(progress.log_window, accelerator.is_main_process)
+
+
+    @contextmanager
+    def _disk_full_reported(self, checkpoints_dir: str | Path, step: int) -> Iterator[None]:
+        """A write of checkpoint `step` that failed because the disk is full raises `OSError(ENOSPC)`
+        saying so (see `_disk_full_error`); any other failure goes on as it was."""
+        try:
+            yield
+        except Exception as err:
+            report = _disk_full_error(err, Path(checkpoints_dir), step, self.model, self.optimizer)
+            if report is None:
+                raise
+            raise report from err
+
+
+_MiB = 1 << 20
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28")
+
+
+def _disk_full_error(err: Exception, checkpoints_dir: Path, step: int, model, optimizer) -> OSError | None:
+    """`OSError(ENOSPC, <what happened, what a checkpoint needs, what to do>, checkpoints_dir)` when the
+    disk is why writing checkpoint `step` failed: the error says so, or what is free there cannot hold
+    the rest of a checkpoint (torch's writer says only `unexpected pos ...`). None otherwise."""
+    try:
+        needed = _checkpoint_bytes(checkpoints_dir, model, optimizer)
+        written = _folder_bytes(partial_dir(checkpoints_dir, step))
+        free = shutil.disk_usage(checkpoints_dir).free
+    except OSError:  # the folder itself is gone or unreadable: not a question of space
+        return None
+    if not (_says_disk_full(err) or free < max(needed - written, _MiB)):
+        return None
+    return OSError(errno.ENOSPC, (
+        f"no space left on device while saving checkpoint {checkpoint_name(step)} "
+        f"({err.__class__.__name__}: {_first_line(err)}); it needs about {_megabytes(needed)}, "
+        f"{_megabytes(free)} free there; free space and rerun: the run resumes from its last complete checkpoint"),
+        str(checkpoints_dir))
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / _MiB:.0f} MB" if size >= 10 * _MiB else f"{size / _MiB:.1f} MB"
+
+
+def _says_disk_full(err: BaseException | None) -> bool:
+    """Whether `err` or an error it was raised from is the disk (or quota) being full."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return True
+        if any(words in str(err) for words in _DISK_FULL_WORDS):  # safetensors' and torch's wrapped errors
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _folder_bytes(folder: Path) -> int:
+    try:
+        return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    except OSError:
+        return 0
+
+
+def _checkpoint_bytes(checkpoints_dir: str | Path, model, optimizer) -> int:
+    """About what a checkpoint takes: the last one written, or else the model and optimizer tensors."""
+    previous = latest_checkpoint(checkpoints_dir)
+    if previous is not None and (size := _folder_bytes(previous)):
+        return size
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _first_line(err: BaseException) -> str:
+    """A load or write error in one short line (torch's weights_only refusal is a paragraph)."""
+    text = str(err)
+    if match := re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S):
+        text = match.group(1)
+    text = " ".join(text.split()) or "no message"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+_RNG_STATE = "random_states_{rank}.pkl"
+_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
+"""What loading a damaged file raises (a missing or unreadable file, torch's and safetensors' parsers)."""
+
+
+def _rng_file_problem(folder: Path, rank: int) -> str | None:
+    """Why rank `rank`'s RNG state in `folder` does not load as plain data (weights_only), or None."""
+    path = folder / _RNG_STATE.format(rank=rank)
+    if not path.is_file():
+        return f"{path.name}: {'a directory in place of the file' if path.is_dir() else 'missing'}"
+    try:
+        states = accelerate_load(path)  # what load_state does, weights_only included, but not swallowed
+    except _LOAD_ERRORS as err:
+        return f"{path.name} does not load ({err.__class__.__name__}: {_first_line(err)})"
+    if not isinstance(states, dict) or "random_state" not in states:
+        return f"{path.name} holds no random states"
+    return None
+
+
+def rng_state_problem(folder: Path) -> str | None:
+    """Why the RNG state of some rank that wrote checkpoint `folder` does not load, as the end of
+    "checkpoint step-N ...", or None (`emotrain.train.checkpoint.resolve_resume`'s `check_loads`).
+    These files are small; the other files Accelerate loads fail loudly on their own."""
+    try:
+        world_size = read_progress(folder).world_size
+    except (OSError, ValueError):
+        return None  # `TrainingState.restore` refuses the folder, naming its loop state
+    problems = [problem for rank in range(world_size) if (problem := _rng_file_problem(folder, rank))]
+    return f"is damaged ({problems[0]})" if problems else None
+
+
+def load_checkpoint(accelerator, folder: str | Path) -> None:
+    """`accelerator.load_state(folder)`, strictly: this rank's RNG state must load (Accelerate would
+    log its failure and go on, diverging), and any failure to load a file is a one-line
+    `ResumeError` naming the folder rather than a library traceback. (A rank the writer did not have,
+    a DDP run resumed on more processes, has no RNG state there: it keeps the one `set_seed` gave it.)"""
+    folder = Path(folder)
+    try:
+        writers = read_progress(folder).world_size
+    except (OSError, ValueError):  # (`restore` reads it first; unreadable here, every rank must have its file)
+        writers = accelerator.num_processes
+    if accelerator.process_index < writers and (problem := _rng_file_problem(folder, accelerator.process_index)):
+        raise ResumeError(f"cannot resume from {folder}: {problem}; the resumed run would not be the same. "
+                          "Choose another checkpoint, or start afresh with train.resume=never or in another output_dir")
+    try:
+        accelerator.load_state(str(folder))
+    except _LOAD_ERRORS as err:
+        raise ResumeError(f"cannot load checkpoint {folder} ({err.__class__.__name__}: {_first_line(err)}); "
+                          "choose another checkpoint, or start afresh with train.resume=never or in another "
+                          "output_dir") from err
 
 
 def _writer_fields(accelerator) -> dict[str, Any]:

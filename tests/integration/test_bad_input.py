@@ -121,6 +121,81 @@ def _data_path_is_a_file(ws: Workspace) -> list[str]:
 def _no_output_folder(ws: Workspace) -> None:
     assert not ws.out.exists(), sorted(p.name for p in ws.out.iterdir())
 
+# --- checkpoints and resume: damage to ws.run's latest checkpoint (step-000004) ---------------------
+
+
+def _interrupted_run(ws: Workspace, *extra: str) -> list[str]:
+    """Make `ws.run` a run killed after its step-4 checkpoint (no metrics.json, no best/) and return the
+    command that continues it: its own, unchanged (`ws.resume()` changes train.max_steps, and the run
+    folder refuses that as another experiment). From step 4 there is nothing left to train; from
+    step 2, two steps."""
+    (ws.run / "metrics.json").unlink()
+    shutil.rmtree(ws.run / "best")
+    return ws.train(*RUN_SETTINGS, "train.max_steps=4", *extra, output_dir=ws.run)
+
+
+def _step(ws: Workspace, step: int) -> Path:
+    return ws.run / "checkpoints" / f"step-{step:06d}"
+
+
+def _without_manifests(ws: Workspace) -> None:
+    """As if the run was written before checkpoints recorded a manifest."""
+    for step in (2, 4):
+        (_step(ws, step) / "manifest.json").unlink(missing_ok=True)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _truncated_model(ws: Workspace, *extra: str) -> list[str]:
+    _truncate(_step(ws, 4) / "model.safetensors")
+    return _interrupted_run(ws, *extra)
+
+
+def _optimizer_is_a_directory(ws: Workspace) -> list[str]:
+    (_step(ws, 4) / "optimizer.bin").unlink()
+    (_step(ws, 4) / "optimizer.bin").mkdir()
+    return _interrupted_run(ws)
+
+
+def _garbage_rng_state(ws: Workspace, *extra: str) -> list[str]:
+    (_step(ws, 4) / "random_states_0.pkl").write_bytes(b"not a pickle at all")
+    return _interrupted_run(ws, *extra)
+
+
+class _TouchesAFile:
+    """Pickled, it names `open(path, "w")`: loading it with weights_only=False would create `path`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def _malicious_rng_state(ws: Workspace) -> list[str]:
+    import torch
+
+    torch.save({"random_state": _TouchesAFile(ws.root / "pwned")}, _step(ws, 4) / "random_states_0.pkl")
+    _without_manifests(ws)  # so that only loading it can tell
+    return _interrupted_run(ws)
+
+
+def _resumed_from_step_2(ws: Workspace) -> None:
+    from emotrain.train.checkpoint import checkpoint_problem
+
+    log = (ws.run / "train.log").read_text()
+    assert f"resumed from {_step(ws, 2)} " in log and f"resumed from {_step(ws, 4)} " not in log
+    assert (ws.run / "metrics.json").is_file()  # the run trained steps 3 and 4 again and finished
+    assert checkpoint_problem(_step(ws, 4)) is None  # the damaged checkpoint was replaced by a sound one
+    assert not (ws.root / "pwned").exists()
+
+
+def _nothing_resumed(ws: Workspace) -> None:
+    assert not (ws.run / "metrics.json").exists()
+    assert not (ws.root / "pwned").exists()
+
 
 PROBES: list[Probe] = [
     # --- configs ------------------------------------------------------------------------------
@@ -147,6 +222,32 @@ PROBES: list[Probe] = [
           ("no-release does not exist",), check=_no_output_folder),
 
     # --- checkpoints and resume -----------------------------------------------------------------
+    Probe("checkpoint-truncated-model-auto", _truncated_model,
+          ("checkpoint step-000004 is damaged (model.safetensors: 1000 bytes,", "resuming from step-000002 instead"),
+          rc=0, check=_resumed_from_step_2),
+    Probe("checkpoint-truncated-model-explicit",
+          lambda ws: _truncated_model(ws, f"train.resume={_step(ws, 4)}"),
+          ("train.resume=", "step-000004 is damaged (model.safetensors: 1000 bytes,", "train.resume=never"),
+          rc=1, check=_nothing_resumed),
+    Probe("checkpoint-optimizer-is-a-directory", _optimizer_is_a_directory,
+          ("step-000004 is damaged (optimizer.bin: a directory in place of the file)", "resuming from step-000002"),
+          rc=0, check=_resumed_from_step_2),
+    Probe("checkpoint-missing-file-explicit",
+          lambda ws: (_step(ws, 4) / "optimizer.bin").unlink() or _interrupted_run(ws, f"train.resume={_step(ws, 4)}"),
+          ("step-000004 is damaged (optimizer.bin: missing)",), rc=1, check=_nothing_resumed),
+    Probe("checkpoint-garbage-rng-state-auto", _garbage_rng_state,
+          ("step-000004 is damaged (random_states_0.pkl:", "resuming from step-000002"),
+          rc=0, check=_resumed_from_step_2),
+    Probe("checkpoint-garbage-rng-state-no-manifest-explicit",
+          lambda ws: _without_manifests(ws) or _garbage_rng_state(ws, f"train.resume={_step(ws, 4)}"),
+          ("step-000004 is damaged (random_states_0.pkl does not load (UnpicklingError",),
+          rc=1, check=_nothing_resumed),
+    Probe("checkpoint-malicious-rng-state-no-manifest-auto", _malicious_rng_state,
+          ("step-000004 is damaged (random_states_0.pkl does not load", "io.open", "resuming from step-000002"),
+          rc=0, check=_resumed_from_step_2),
+    Probe("checkpoint-truncated-model-no-manifest-explicit",
+          lambda ws: _without_manifests(ws) or _truncated_model(ws, f"train.resume={_step(ws, 4)}"),
+          ("cannot load checkpoint", "step-000004", "SafetensorError"), rc=1, check=_nothing_resumed),
 
     # --- runs: planning, stopping, finished runs, disk ------------------------------------------
 

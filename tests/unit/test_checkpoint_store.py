@@ -3,7 +3,10 @@ is current again, and its best checkpoint survives rotation."""
 
 from __future__ import annotations
 
+import pytest
+
 from emotrain.train import checkpoint as ckpt
+from tests.faults import KILLED, die_in_child
 
 
 def _save(root, step: int, best_step: int, keep_last: int = 2, weights: bytes = b"weights"):
@@ -63,3 +66,121 @@ def test_rotation_never_deletes_the_best_step_even_if_marked_abandoned(tmp_path)
     (root / "step-000100" / ckpt.ABANDONED).write_text("cut short\n")
     _save(root, 300, best_step=100, keep_last=1)
     assert [step for step, _ in _steps(root)] == [100, 300]
+
+
+# ---------------------------------------------------------------------------------------------
+# Damage after the save: the manifest, and what resume does with a damaged checkpoint.
+
+
+def _saved(root, *steps: int, deepspeed: bool = False):
+    for step in steps:
+        partial = ckpt.partial_dir(root, step)
+        (partial / "pytorch_model").mkdir(parents=True)  # DeepSpeed's shards live in a subfolder
+        (partial / "model.safetensors").write_bytes(b"weights %d" % step)
+        (partial / "pytorch_model" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"rank 1's shard")
+        ckpt.finalize(root, step, {"step": step, "distributed_type": "DEEPSPEED" if deepspeed else "NO"}, "x: 1\n")
+    return [root / ckpt.checkpoint_name(step) for step in steps]
+
+
+def test_the_manifest_records_every_file_and_finds_each_kind_of_damage(tmp_path):
+    (folder,) = _saved(tmp_path, 4)
+    files = ckpt.read_json(folder / ckpt.MANIFEST)["files"]
+    assert sorted(files) == ["config.yaml", "loop_state.json", "model.safetensors",
+                             "pytorch_model/zero_pp_rank_1_optim_states.pt"]
+    assert files["model.safetensors"]["size"] == len(b"weights 4")
+    assert ckpt.checkpoint_problem(folder) is None
+    model, shard = folder / "model.safetensors", folder / "pytorch_model" / "zero_pp_rank_1_optim_states.pt"
+
+    model.write_bytes(b"weig")
+    assert ckpt.checkpoint_problem(folder) == "is damaged (model.safetensors: 4 bytes, 9 recorded)"
+    model.write_bytes(b"weights 5")  # same size, other bytes: only the hash tells
+    assert ckpt.checkpoint_problem(folder) == ("is damaged (model.safetensors: its sha256 differs from the one "
+                                               "recorded at save)")
+    model.unlink()
+    model.mkdir()
+    assert ckpt.checkpoint_problem(folder) == "is damaged (model.safetensors: a directory in place of the file)"
+    model.rmdir()
+    assert ckpt.checkpoint_problem(folder) == "is damaged (model.safetensors: missing)"
+    model.write_bytes(b"weights 4")
+    shard.write_bytes(b"rank 1's shard, grown")
+    assert "pytorch_model/zero_pp_rank_1_optim_states.pt: 21 bytes, 14 recorded" in ckpt.checkpoint_problem(folder)
+    shard.write_bytes(b"rank 1's shard")
+    (folder / ckpt.MANIFEST).write_text("{not json")
+    assert ckpt.checkpoint_problem(folder) == "is damaged (manifest.json is unreadable (JSONDecodeError))"
+
+
+def test_a_checkpoint_without_manifest_loads_unless_deepspeed_wrote_it(tmp_path):
+    """Written before the manifest existed: nothing to compare. DeepSpeed loads with
+    weights_only=False, so its unverifiable checkpoints are refused."""
+    (plain,) = _saved(tmp_path / "plain", 2)
+    (deepspeed,) = _saved(tmp_path / "ds", 2, deepspeed=True)
+    assert ckpt.checkpoint_problem(deepspeed) is None  # with its manifest: verified, fine
+    for folder in (plain, deepspeed):
+        (folder / ckpt.MANIFEST).unlink()
+    assert ckpt.checkpoint_problem(plain) is None
+    assert ckpt.checkpoint_problem(deepspeed).startswith("is refused (a DeepSpeed checkpoint without manifest.json")
+    with pytest.raises(ckpt.ResumeError, match=r"train.resume=.*step-000002 is refused .*weights_only=False"):
+        ckpt.resolve_resume(str(deepspeed), tmp_path / "ds")
+
+
+def test_resume_auto_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    two, four, six = _saved(root, 2, 4, 6)
+    (six / "model.safetensors").write_bytes(b"w")
+    verified = []
+
+    def check_loads(folder):
+        verified.append(folder.name)
+        return "is damaged (random_states_0.pkl does not load)" if folder == four else None
+
+    with caplog.at_level("WARNING", logger="emotrain.train"):
+        assert ckpt.resolve_resume("auto", root, check_loads=check_loads) == two
+    assert verified == ["step-000004", "step-000002"]  # six failed before its loads were checked
+    assert [record.getMessage() for record in caplog.records] == [
+        "checkpoint step-000006 is damaged (model.safetensors: 1 bytes, 9 recorded): resuming from step-000002 instead",
+        "checkpoint step-000004 is damaged (random_states_0.pkl does not load): resuming from step-000002 instead",
+    ]
+    verified.clear()
+    assert ckpt.resolve_resume("auto", root) == four  # (without the load check, four is intact)
+    (two / "optimizer.bin").mkdir()  # not in the manifest: not a file of the checkpoint
+    with pytest.raises(ckpt.ResumeError, match=r"train.resume=.*step-000006 is damaged \(model.safetensors.*"
+                                               r"train.resume=never or in another output_dir"):
+        ckpt.resolve_resume(str(six), root)
+    (two / "model.safetensors").unlink()
+    with pytest.raises(ckpt.ResumeError) as refused:
+        ckpt.resolve_resume("auto", root, check_loads=check_loads)
+    assert str(refused.value) == (
+        f"no checkpoint in {root} can be resumed: checkpoint step-000006 is damaged (model.safetensors: 1 bytes, "
+        "9 recorded); checkpoint step-000004 is damaged (random_states_0.pkl does not load); checkpoint "
+        "step-000002 is damaged (model.safetensors: missing). Start afresh with train.resume=never (they are "
+        "then abandoned and deleted) or use another output_dir")
+    assert not any(ckpt.is_abandoned(folder) for folder in (two, four, six))  # refusing changes nothing
+
+
+def test_a_deletion_killed_between_marker_and_folder_is_finished(tmp_path):
+    """Rotation deletes marker first: killed right after, the step folder has no marker, which only
+    a cut-short deletion leaves (folders are published complete). Recovery and rotation finish it."""
+    root = tmp_path / "checkpoints"
+    _saved(root, 2, 4)
+
+    def die_in_rmtree(die):
+        ckpt.shutil.rmtree = lambda *args, **kwargs: die()
+
+    status = die_in_child(lambda die: ckpt.rotate(root, keep_last=1), fault=die_in_rmtree)
+    assert status == KILLED
+    assert (root / "step-000002").is_dir() and not (root / "step-000002" / ckpt.COMPLETE).exists()
+    assert ckpt.recover(root) == ["deleted step-000002: its deletion was cut short (no COMPLETE marker)"]
+    assert sorted(child.name for child in root.iterdir()) == ["step-000004"]
+
+    _saved(root, 6)  # the same kill, then the next save's rotation finishes it
+    assert die_in_child(lambda die: ckpt.rotate(root, keep_last=1), fault=die_in_rmtree) == KILLED
+    _saved(root, 8)
+    assert ckpt.rotate(root, keep_last=2) == [root / "step-000004"]
+    assert sorted(child.name for child in root.iterdir()) == ["step-000006", "step-000008"]
+
+
+def test_a_step_folder_whose_marker_is_damaged_is_not_taken_for_a_deletion(tmp_path):
+    root = tmp_path / "checkpoints"
+    (two,) = _saved(root, 2)
+    (two / ckpt.COMPLETE).write_text("{garbage")
+    assert ckpt.recover(root) == [] and ckpt.rotate(root, keep_last=1) == [] and two.is_dir()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +35,9 @@ from emotrain.train.state import (
     Progress,
     TrainingState,
     check_resumable,
+    load_checkpoint,
     read_progress,
+    rng_state_problem,
 )
 from tests.toyset import toy_processors, write_toy_prepared
 
@@ -87,6 +91,12 @@ def test_check_resumable_refuses_what_cannot_be_restored():
         check_resumable(zero2, _now("DEEPSPEED", 2, 3))
 
 
+def _write_rng_state(folder, rank: int) -> None:
+    """A rank's RNG state file as Accelerate's `save_state` writes it (the part `load_state` reads first)."""
+    torch.save({"step": 0, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+                "torch_manual_seed": torch.get_rng_state()}, Path(folder) / f"random_states_{rank}.pkl")
+
+
 class _FakeAccelerator:
     """One process, as far as TrainingState can tell."""
 
@@ -107,6 +117,7 @@ class _FakeAccelerator:
 
     def save_state(self, folder):
         (Path(folder) / "model.safetensors").write_bytes(b"weights")
+        _write_rng_state(folder, self.process_index)
 
     def load_state(self, folder):
         self.loaded.append(folder)
@@ -182,6 +193,7 @@ def test_restore_reads_the_stream_state_of_every_rank_in_rank_order(tmp_path):
     ckpt.write_json(folder / ckpt.LOOP_STATE, Progress(step=100, world_size=11).to_dict())
     for rank in range(11):  # rank 10 sorts before rank 2 by name
         ckpt.write_json(stream_state_path(folder, rank), {"rank": rank})
+    _write_rng_state(folder, 0)
     accelerator = _FakeAccelerator()
     state = _state(accelerator)
     state.restore(accelerator, folder)
@@ -197,6 +209,141 @@ def test_restore_reads_the_stream_state_of_every_rank_in_rank_order(tmp_path):
     with pytest.raises(ckpt.ResumeError, match="10"):
         _state(accelerator).restore(accelerator, folder)
     assert accelerator.loaded == [str(folder)]  # checked before the (slow) load_state
+
+
+class _TouchesAFile:
+    """Pickled, it names `open(path, "w")`: loading it with weights_only=False would create `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+@pytest.fixture
+def real_accelerator():
+    """Accelerate itself, one CPU process (it keeps its state in singletons: reset around)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_an_rng_state_that_does_not_load_fails_the_resume_where_accelerate_would_go_on(tmp_path, real_accelerator):
+    """Accelerate's load_state catches a failure to load `random_states_<r>.pkl` and only logs it:
+    the resumed run would silently diverge. Garbage, a pickle weights_only refuses, a missing file."""
+    accelerator = real_accelerator
+    model = torch.nn.Linear(2, 2)
+    accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    folder = tmp_path / "step-000004"
+    accelerator.save_state(str(folder))
+    ckpt.write_json(folder / ckpt.LOOP_STATE, Progress(step=4, world_size=1).to_dict())
+    load_checkpoint(accelerator, folder)
+    assert rng_state_problem(folder) is None
+    rng = folder / "random_states_0.pkl"
+
+    rng.write_bytes(b"garbage")
+    accelerator.load_state(str(folder))  # what it does on its own: nothing to see
+    with pytest.raises(ckpt.ResumeError, match=r"cannot resume from .*step-000004: random_states_0.pkl does not "
+                                               r"load \(UnpicklingError: .*\); the resumed run would not be the same"):
+        load_checkpoint(accelerator, folder)
+    assert rng_state_problem(folder).startswith("is damaged (random_states_0.pkl does not load (UnpicklingError")
+
+    torch.save({"random_state": _TouchesAFile(tmp_path / "pwned")}, rng)
+    with pytest.raises(ckpt.ResumeError, match=r"random_states_0.pkl does not load \(UnpicklingError: "
+                                               r"Unsupported global: GLOBAL io.open"):
+        load_checkpoint(accelerator, folder)
+    assert "io.open" in rng_state_problem(folder)
+    assert not (tmp_path / "pwned").exists()
+
+    rng.unlink()
+    assert rng_state_problem(folder) == "is damaged (random_states_0.pkl: missing)"
+    torch.save({"random_state": None}, rng)  # loads; the other rank that wrote the checkpoint has none
+    ckpt.write_json(folder / ckpt.LOOP_STATE, Progress(step=4, world_size=2).to_dict())
+    assert rng_state_problem(folder) == "is damaged (random_states_1.pkl: missing)"
+
+
+def test_a_rank_the_writer_did_not_have_needs_no_rng_state_but_one_it_had_does(tmp_path):
+    """A DDP run resumed on more processes: rank 1 of 2 continues a checkpoint one process wrote."""
+    root = tmp_path / "checkpoints"
+    folder = _state(_FakeAccelerator(), Progress(step=2)).save(_FakeAccelerator(), root, config_yaml="", keep_last=1)
+    second_rank = _FakeAccelerator(num_processes=2)
+    second_rank.process_index = 1
+    load_checkpoint(second_rank, folder)
+    assert second_rank.loaded == [str(folder)]
+    ckpt.write_json(folder / ckpt.LOOP_STATE, Progress(step=2, world_size=2).to_dict())  # but 2 wrote it
+    with pytest.raises(ckpt.ResumeError, match="random_states_1.pkl: missing"):
+        load_checkpoint(second_rank, folder)
+
+
+def test_a_checkpoint_file_that_does_not_load_is_one_line_naming_the_folder(tmp_path, real_accelerator):
+    accelerator = real_accelerator
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    folder = tmp_path / "step-000004"
+    accelerator.save_state(str(folder))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(ckpt.ResumeError) as refused:
+        load_checkpoint(accelerator, folder)
+    assert str(refused.value).startswith(f"cannot load checkpoint {folder} (SafetensorError: ")
+    assert "\n" not in str(refused.value)
+
+
+class _DiskFullAccelerator(_FakeAccelerator):
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def save_state(self, folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"w" * 1000)  # what fitted
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "free", "free_text"), [
+    (RuntimeError("unexpected pos 1088 vs 1024"), 200 << 10, "0.2 MB"),  # torch's writer: only the space tells
+    (OSError(errno.ENOSPC, "No space left on device"), 200 << 10, "0.2 MB"),
+    # safetensors wraps the OS error in its own; the error tells, whatever is free by the time we look
+    (RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on '
+                  'device" })'), 50 << 30, "51200 MB"),
+])
+def test_a_save_that_runs_out_of_disk_space_says_so_and_what_a_checkpoint_needs(tmp_path, monkeypatch, error, free,
+                                                                                 free_text):
+    root = tmp_path / "checkpoints"
+    accelerator = _FakeAccelerator()
+    _state(accelerator, Progress(step=2)).save(accelerator, root, config_yaml="x: 1\n", keep_last=2)
+    previous = sum(path.stat().st_size for path in (root / "step-000002").iterdir())
+    monkeypatch.setattr("emotrain.train.state.shutil.disk_usage", lambda path: SimpleNamespace(free=free))
+    with pytest.raises(OSError) as full:
+        _state(accelerator, Progress(step=4)).save(_DiskFullAccelerator(error), root, config_yaml="x: 1\n", keep_last=2)
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(root) and full.value.__cause__ is error
+    assert full.value.strerror == (
+        f"no space left on device while saving checkpoint step-000004 ({error.__class__.__name__}: {error}); it needs "
+        f"about {previous / 2**20:.1f} MB, {free_text} free there; free space and rerun: the run resumes from its last "
+        "complete checkpoint")
+    assert ckpt.latest_checkpoint(root) == root / "step-000002"  # nothing lost
+
+
+def test_a_save_failure_that_is_not_the_disk_goes_on_as_it_was(tmp_path):
+    root = tmp_path / "checkpoints"
+    error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError) as raised:  # (the disk has room for a Linear(2, 2))
+        _state(_FakeAccelerator(), Progress(step=2)).save(_DiskFullAccelerator(error), root, config_yaml="",
+                                                          keep_last=2)
+    assert raised.value is error
+
+
+def test_with_no_checkpoint_yet_the_space_needed_is_that_of_the_model_and_optimizer(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    state = _state(_FakeAccelerator(), Progress(step=2))
+    state.model = torch.nn.Linear(1024, 1024)  # 4 MB of weights
+    monkeypatch.setattr("emotrain.train.state.shutil.disk_usage", lambda path: SimpleNamespace(free=2 << 20))
+    with pytest.raises(OSError, match=r"unexpected pos.*it needs about 4.0 MB, 2.0 MB free there"):
+        state.save(_DiskFullAccelerator(RuntimeError("unexpected pos 1")), root, config_yaml="", keep_last=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,3 +469,20 @@ def test_the_best_checkpoint_is_this_run_s_never_an_abandoned_attempt_s(tmp_path
     assert _best_checkpoint(run) == theirs
     (stale / ckpt.ABANDONED).unlink()  # B's own, current: it wins
     assert _best_checkpoint(run) == stale
+
+
+def test_a_damaged_best_checkpoint_is_one_line_before_the_end_loads_it(tmp_path):
+    from emotrain.train.recipe import _best_checkpoint
+    from emotrain.train.run_folder import RunFolder
+
+    root = tmp_path / "run" / "checkpoints"
+    ckpt.partial_dir(root, 200).mkdir(parents=True)
+    (ckpt.partial_dir(root, 200) / "model.safetensors").write_bytes(b"weights")
+    folder = ckpt.finalize(root, 200, Progress(step=200).to_dict(), "x: 1\n")
+    run = SimpleNamespace(run=RunFolder(tmp_path / "run"), state=SimpleNamespace(progress=Progress(best_step=200)),
+                          resumed_from=None)
+    assert _best_checkpoint(run) == folder
+    (folder / "model.safetensors").write_bytes(b"w")
+    with pytest.raises(ckpt.ResumeError, match=r"^the best checkpoint .*step-000200 is damaged \(model.safetensors: "
+                                               r"1 bytes, 7 recorded\): best/ cannot be exported nor tested"):
+        _best_checkpoint(run)
