@@ -38,8 +38,9 @@ import soxr
 import torch
 
 from emotrain.data.asr import Transcriber
-from emotrain.data.audio import AudioDecodeError, decode_audio
+from emotrain.data.audio import AudioDecodeError, check_waveform, decode_audio
 from emotrain.data.batching import Collator
+from emotrain.data.sources.manifest import read_text_file
 from emotrain.model.emotion_model import CONFIG_FILE, EmotionModel
 from emotrain.model.masks import audio_frame_lengths
 
@@ -82,12 +83,15 @@ def read_audio(audio: str | Path | np.ndarray, sampling_rate: int | None, target
         raise InputError("an audio array needs its sampling_rate")
     array = np.asarray(audio, dtype=np.float32)
     channels = 1 if array.ndim == 1 else array.shape[1]
-    mono = array if array.ndim == 1 else array.mean(axis=1)  # [T, channels] → [T]
-    if sampling_rate != target_rate:
-        mono = soxr.resample(mono, sampling_rate, target_rate, quality="HQ")
-    if mono.size == 0 or not np.isfinite(mono).all():
-        raise InputError("the audio is empty or holds non-finite samples")
-    return np.ascontiguousarray(mono, dtype=np.float32), {
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line, not a warning
+        mono = array if array.ndim == 1 else array.mean(axis=1)  # [T, channels] → [T]
+        if sampling_rate != target_rate:
+            mono = soxr.resample(mono, sampling_rate, target_rate, quality="HQ")
+    try:
+        mono = check_waveform(np.ascontiguousarray(mono, dtype=np.float32))
+    except AudioDecodeError as err:
+        raise InputError(f"unusable audio array: {err}") from None
+    return mono, {
         "sampling_rate": int(sampling_rate), "channels": int(channels), "seconds": round(len(mono) / target_rate, 3)}
 
 
@@ -239,7 +243,7 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such manifest: {path}")
-    text = path.read_text()
+    text = read_text_file(path)
 
     def row_of(number: int, record: Any) -> dict[str, Any]:
         if not isinstance(record, dict):
