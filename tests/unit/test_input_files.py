@@ -115,3 +115,80 @@ def test_predict_reads_a_batch_with_a_byte_order_mark(tmp_path, suffix):
     (tmp_path / f"b{suffix}").write_text(text, encoding="utf-8-sig")
     assert list(read_manifest(tmp_path / f"b{suffix}")) == [
         {"row": 1, "id": None, "audio": str(tmp_path / "x.wav"), "text": "hi"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model folders and predict settings.
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    import torch
+
+    from emotrain.config import ModelConfig
+    from emotrain.model import build_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "best"
+    build_model(ModelConfig(hidden_size=16, cross_attention_heads=4, classifier_hidden_size=16,
+                            tiny_hidden_size=32)).save_pretrained(folder)
+    return folder
+
+
+def _damaged_copy(model_folder, tmp_path, damage):
+    import shutil
+
+    folder = tmp_path / "best"
+    shutil.copytree(model_folder, folder)
+    damage(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]),
+     "model.safetensors: SafetensorError"),
+    (lambda f: (f / "model.safetensors").unlink(), "FileNotFoundError"),
+    (lambda f: (f / "emotion_model.json").write_text("{bad"), "JSONDecodeError"),
+    (lambda f: (f / "audio_encoder" / "config.json").write_text("[]"), "damaged or incomplete"),
+    (lambda f: __import__("shutil").rmtree(f / "tokenizer"), "has no tokenizer/, which a fusion model needs"),
+    (lambda f: __import__("shutil").rmtree(f / "feature_extractor"), "has no feature_extractor/"),
+], ids=["truncated-weights", "no-weights", "bad-json", "bad-encoder-config", "no-tokenizer", "no-feature-extractor"])
+def test_a_damaged_model_folder_is_one_line_naming_it(model_folder, tmp_path, damage, expect):
+    from emotrain.predict import InputError, load_model_folder
+
+    folder = _damaged_copy(model_folder, tmp_path, damage)
+    with pytest.raises(InputError, match=re.escape(str(folder))) as caught:
+        load_model_folder(folder)
+    assert expect in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("settings, expect", [
+    ({"batch_size": 0}, "--batch-size 0"), ({"batch_size": -3}, "--batch-size -3"),
+    ({"max_full_seconds": float("nan")}, "--max-full-seconds nan"), ({"max_full_seconds": -1.0}, "--max-full-seconds"),
+    ({"window_seconds": float("inf")}, "--window-seconds inf"), ({"window_seconds": 1e-9}, "one frame"),
+])
+def test_predict_settings_that_would_fail_every_input_or_score_nothing_are_refused(model_folder, settings, expect):
+    """A batch size below 1 scored no window at all: all-zero probabilities, "predicted" the first class."""
+    from emotrain.predict import InputError, load
+
+    with pytest.raises(InputError, match=re.escape(expect)):
+        load(model_folder, device="cpu", **settings)
+
+
+def test_a_device_that_is_not_there_is_named(model_folder):
+    import torch
+
+    from emotrain.predict import InputError, load
+
+    with pytest.raises(InputError, match="--device banana"):
+        load(model_folder, device="banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--device cuda: torch sees 0 CUDA device"):
+            load(model_folder, device="cuda")
+
+
+def test_predict_names_a_folder_given_as_audio(tmp_path):
+    from emotrain.predict import InputError, read_audio
+
+    with pytest.raises(InputError, match=f"{re.escape(str(tmp_path))} is not a file"):
+        read_audio(tmp_path, None, 16000)
