@@ -135,7 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         try:
             if args.out:
                 check_output_file(args.out)
-            results = evaluate_model(args.model_dir, args.data_dir, sessions=[args.session] if args.session else None,
+            sessions = None if args.session is None else [args.session]  # --session 0 is a group that is not there
+            results = evaluate_model(args.model_dir, args.data_dir, sessions=sessions,
                                      batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                                      per_utterance=args.per_utterance)
         except InputError as err:

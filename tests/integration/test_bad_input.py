@@ -171,6 +171,8 @@ PROBES: list[Probe] = [
     Probe("evaluate-run-config-not-yaml", _evaluate_with(lambda best: (best / "config.yaml").write_text("data: [")),
           ("config.yaml", "damaged")),
     Probe("evaluate-out-is-a-folder", _evaluate_with(lambda best: None, "--out", "."), ("--out", "is a folder")),
+    Probe("evaluate-session-0", lambda ws: ["evaluate", str(ws.run / "best"), str(ws.corpus), "--session", "0"],
+          ("no group [0]",)),
 ]
 
 

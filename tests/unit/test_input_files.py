@@ -93,6 +93,19 @@ def test_a_text_file_not_in_utf8_or_unreadable_is_one_line_naming_it(tmp_path):
         read_text_file(tmp_path / "a-folder.csv")
 
 
+def test_emobox_s_label_map_and_stm_read_with_a_byte_order_mark_and_a_broken_map_is_named(tmp_path):
+    from emotrain.data.sources.manifest import _read_label_map, read_stm_speakers
+
+    (tmp_path / "label_map.json").write_text('{"ang": "Angry"}', encoding="utf-8-sig")
+    assert _read_label_map(tmp_path / "label_map.json") == {"ang": "angry"}
+    (tmp_path / "data.seg.wrd.stm").write_text("iemocap-a1 1 spk1 0 1 words\n", encoding="utf-8-sig")
+    assert read_stm_speakers(tmp_path / "data.seg.wrd.stm") == {"iemocap-a1": "spk1"}
+    for broken in ('{"ang": ', '["ang"]'):
+        (tmp_path / "label_map.json").write_text(broken)
+        with pytest.raises(ManifestError, match="label_map.json"):
+            _read_label_map(tmp_path / "label_map.json")
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_a_manifest_with_a_byte_order_mark_is_prepared_as_without(tmp_path, suffix):
     rows = [("a", "calm", "train"), ("b", "fear", "train"), ("c", "calm", "test"), ("d", "fear", "test")]
