@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from emotrain.data.asr import Transcriber
 from emotrain.data.audio import AudioDecodeError, check_waveform, decode_audio
 from emotrain.data.batching import Collator
-from emotrain.data.sources.manifest import read_text_file
+from emotrain.data.sources.manifest import ManifestError, read_text_file
 from emotrain.model.emotion_model import CONFIG_FILE, FEATURE_EXTRACTOR_DIR, TOKENIZER_DIR, WEIGHTS_FILE, EmotionModel
 from emotrain.model.masks import audio_frame_lengths
 
@@ -259,7 +259,10 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such manifest: {path}")
-    text = read_text_file(path)
+    try:
+        text = read_text_file(path)
+    except ManifestError as err:
+        raise InputError(str(err)) from None
 
     def row_of(number: int, record: Any) -> dict[str, Any]:
         if not isinstance(record, dict):
