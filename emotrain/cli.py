@@ -152,10 +152,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # standard output is the JSON alone, whatever libraries print
         from emotrain.data.shards import PreparedDataError
         from emotrain.metrics import format_results
-        from emotrain.predict import InputError, evaluate_model
+        from emotrain.predict import InputError, check_output_file, evaluate_model
 
         try:
-            results = evaluate_model(args.model_dir, args.data_dir, sessions=[args.session] if args.session else None,
+            if args.out:
+                check_output_file(args.out)
+            sessions = None if args.session is None else [args.session]  # --session 0 is a group that is not there
+            results = evaluate_model(args.model_dir, args.data_dir, sessions=sessions,
                                      batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                                      per_utterance=args.per_utterance)
         except InputError as err:
@@ -164,10 +167,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except PreparedDataError as err:
             return _damaged_data("evaluate", err)
     text = json.dumps(results, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
     print(format_results(results), file=sys.stderr)
-    print(text, file=results_out)
+    print(text, file=results_out)  # before --out: the results are not lost if it cannot be written
+    if args.out:
+        try:
+            Path(args.out).write_text(text + "\n")
+        except OSError as err:
+            print(f"emotrain evaluate: error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -187,6 +194,10 @@ def _predict(args: argparse.Namespace, results_out) -> int:
     try:
         predictor = load(args.model_dir, device=args.device, asr=args.asr, max_full_seconds=args.max_full_seconds,
                          window_seconds=args.window_seconds, batch_size=args.batch_size)
+    except (InputError, FileNotFoundError, ValueError) as err:  # the model folder or recogniser: an input error
+        print(f"emotrain predict: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    try:
         if args.audio is not None:
             print(json.dumps(predictor.predict(args.audio, text=args.text), indent=2), file=results_out)
             return 0

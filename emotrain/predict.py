@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +37,13 @@ import numpy as np
 import soundfile as sf
 import soxr
 import torch
+from safetensors import SafetensorError
 
 from emotrain.data.asr import Transcriber
-from emotrain.data.audio import AudioDecodeError, decode_audio
+from emotrain.data.audio import AudioDecodeError, check_waveform, decode_audio
 from emotrain.data.batching import Collator
-from emotrain.model.emotion_model import CONFIG_FILE, EmotionModel
+from emotrain.data.sources.manifest import ManifestError, read_text_file
+from emotrain.model.emotion_model import CONFIG_FILE, FEATURE_EXTRACTOR_DIR, TOKENIZER_DIR, WEIGHTS_FILE, EmotionModel
 from emotrain.model.masks import audio_frame_lengths
 
 MAX_FULL_SECONDS = 60.0
@@ -70,7 +73,7 @@ def read_audio(audio: str | Path | np.ndarray, sampling_rate: int | None, target
     if isinstance(audio, (str, Path)):
         path = Path(audio)
         if not path.is_file():
-            raise InputError(f"no such audio file: {path}")
+            raise InputError(f"{path} is not a file" if path.exists() else f"no such audio file: {path}")
         try:
             info = sf.info(str(path))
             samples = decode_audio(path.read_bytes(), target_rate)
@@ -82,12 +85,15 @@ def read_audio(audio: str | Path | np.ndarray, sampling_rate: int | None, target
         raise InputError("an audio array needs its sampling_rate")
     array = np.asarray(audio, dtype=np.float32)
     channels = 1 if array.ndim == 1 else array.shape[1]
-    mono = array if array.ndim == 1 else array.mean(axis=1)  # [T, channels] → [T]
-    if sampling_rate != target_rate:
-        mono = soxr.resample(mono, sampling_rate, target_rate, quality="HQ")
-    if mono.size == 0 or not np.isfinite(mono).all():
-        raise InputError("the audio is empty or holds non-finite samples")
-    return np.ascontiguousarray(mono, dtype=np.float32), {
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line, not a warning
+        mono = array if array.ndim == 1 else array.mean(axis=1)  # [T, channels] → [T]
+        if sampling_rate != target_rate:
+            mono = soxr.resample(mono, sampling_rate, target_rate, quality="HQ")
+    try:
+        mono = check_waveform(np.ascontiguousarray(mono, dtype=np.float32))
+    except AudioDecodeError as err:
+        raise InputError(f"unusable audio array: {err}") from None
+    return mono, {
         "sampling_rate": int(sampling_rate), "channels": int(channels), "seconds": round(len(mono) / target_rate, 3)}
 
 
@@ -112,7 +118,7 @@ class Predictor:
         settings = model.preprocessing
         self.sampling_rate = int(settings["sampling_rate"])
         self.max_full_seconds = max_full_seconds
-        self.window_seconds = float(window_seconds or settings["max_audio_seconds"])
+        self.window_seconds = float(window_seconds if window_seconds is not None else settings["max_audio_seconds"])
         self.batch_size = batch_size
         self.label_names = list(model.label_names)
         feature_extractor, tokenizer = model.processors()
@@ -123,13 +129,27 @@ class Predictor:
             lengths = torch.arange(1, 2 * self.sampling_rate, dtype=torch.long)
             enough = torch.nonzero(audio_frame_lengths(model.audio_encoder, lengths) >= 1)
             self.min_samples = int(lengths[enough[0]]) if len(enough) else 1
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """Refuse settings that would fail on every input, or give all-zero probabilities (a batch
+        size below 1 scores no window at all): InputError naming the option."""
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size}: give a whole number of windows, 1 or more")
+        if not (self.max_full_seconds > 0 and math.isfinite(self.max_full_seconds)):
+            raise InputError(f"--max-full-seconds {self.max_full_seconds}: give a positive number of seconds")
+        shortest = self.min_samples / self.sampling_rate
+        if not (self.window_seconds >= shortest and math.isfinite(self.window_seconds)):
+            raise InputError(f"--window-seconds {self.window_seconds:g}: give a number of seconds from "
+                             f"{shortest:g} (one frame of the audio encoder) up")
 
     def prepare(self, audio, text: str | None = None, sampling_rate: int | None = None) -> PreparedInput:
         """Decode, resample, window and find the transcript of one input. Raises InputError."""
         samples, info = read_audio(audio, sampling_rate, self.sampling_rate)
         if len(samples) < self.min_samples:
-            raise InputError(f"the audio is {len(samples) / self.sampling_rate * 1000:.1f} ms long, shorter than one "
-                             f"frame of the audio encoder ({self.min_samples / self.sampling_rate * 1000:.1f} ms)")
+            ms = 1000 / self.sampling_rate
+            raise InputError(f"{info.get('path', 'the audio')} is {len(samples) * ms:.1f} ms long, shorter than one "
+                             f"frame of the audio encoder ({self.min_samples * ms:.1f} ms)")
         seconds = len(samples) / self.sampling_rate
         if seconds <= self.max_full_seconds:
             windows, info["handling"] = [samples], "full length (as validation and test score it)"
@@ -239,7 +259,10 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such manifest: {path}")
-    text = path.read_text()
+    try:
+        text = read_text_file(path)
+    except ManifestError as err:
+        raise InputError(str(err)) from None
 
     def row_of(number: int, record: Any) -> dict[str, Any]:
         if not isinstance(record, dict):
@@ -282,6 +305,45 @@ def check_model_folder(model_dir: str | Path) -> None:
                          "e.g. runs/smoke/fold1/best")
 
 
+MODEL_FOLDER_DAMAGE = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+"""What loading a damaged or incomplete model folder raises: a missing or truncated file, JSON or a
+config that does not parse, weights that are not this model's."""
+
+
+def load_model_folder(model_dir: str | Path) -> EmotionModel:
+    """The model in a model folder (a run's `best/`) with the processors its variant needs, or
+    InputError naming the folder and what is wrong with it (predict and evaluate load through here)."""
+    check_model_folder(model_dir)
+    try:
+        model = EmotionModel.from_pretrained(model_dir)  # on the CPU: a device's errors are not the folder's
+    except MODEL_FOLDER_DAMAGE as err:
+        damaged = f"{WEIGHTS_FILE}: " if isinstance(err, SafetensorError) else ""
+        raise InputError(f"cannot load the model folder {model_dir} ({damaged}{type(err).__name__}: "
+                         f"{' '.join(str(err).split())}): it is damaged or incomplete; give a run's best/ folder "
+                         "as training wrote it") from None
+    feature_extractor, tokenizer = model.processors()
+    needs = ((FEATURE_EXTRACTOR_DIR, model.uses_audio, feature_extractor), (TOKENIZER_DIR, model.uses_text, tokenizer))
+    missing = [name for name, needed, found in needs if needed and found is None]
+    if missing:
+        raise InputError(f"the model folder {model_dir} has no {' or '.join(f'{m}/' for m in missing)}, which a "
+                         f"{model.config.variant} model needs: give a run's best/ folder as training wrote it")
+    return model
+
+
+def _device(name: str | torch.device | None) -> torch.device:
+    """The device to predict on (default: the GPU when there is one), or InputError for one there is not."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"--device {name}: {' '.join(str(err).split())}") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) here: "
+                         "give another, or --device cpu")
+    return device
+
+
 def load(model_dir: str | Path, *, device: str | torch.device | None = None, asr: str | None = None,
          max_full_seconds: float = MAX_FULL_SECONDS, window_seconds: float | None = None,
          batch_size: int = 8) -> Predictor:
@@ -293,18 +355,30 @@ def load(model_dir: str | Path, *, device: str | torch.device | None = None, asr
     local folder) for inputs without a transcript, loaded only when the model takes text.
     Raises InputError for a folder that is no model folder, `emotrain.data.asr.RecogniserError` (a
     ValueError) for a recogniser that cannot be loaded."""
-    check_model_folder(model_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = EmotionModel.from_pretrained(model_dir, device=device)
+    device = _device(device)
+    model = load_model_folder(model_dir).to(device)
     transcriber = Transcriber(asr, device=device) if asr and model.uses_text else None
     return Predictor(model, asr=transcriber, max_full_seconds=max_full_seconds, window_seconds=window_seconds,
                      batch_size=batch_size)
 
 
+def check_output_file(path: str | Path) -> None:
+    """InputError unless `path` can be written as a file (a folder there, or no folder to hold it,
+    would fail only after all the work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--out {path} is a folder: give a file name")
+    if not path.parent.is_dir():
+        raise InputError(f"--out {path}: no folder {path.parent} to write it in")
+
+
 def predict_manifest(predictor: Predictor, manifest: str | Path, out) -> int:
     """Predict every row of a manifest into JSONL (`out`: a path or an open text stream), one line
     per row in order; each failed row is also said on stderr. Returns 1 if any row failed, else 0."""
-    stream = open(out, "w") if isinstance(out, (str, Path)) else out
+    try:
+        stream = open(out, "w") if isinstance(out, (str, Path)) else out
+    except OSError as err:
+        raise InputError(f"cannot write the predictions to {out}: {err.strerror or err}") from None
     total = failed = 0
     try:
         for result in predictor.predict_rows(read_manifest(manifest)):
@@ -342,13 +416,22 @@ def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] 
 
     model_dir = Path(model_dir)
     check_model_folder(model_dir)
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: give a whole number of utterances, 1 or more")
     # As the run evaluated: its training precision and its evaluation batches (best/config.yaml).
     saved = model_dir / RUN_CONFIG_FILE
-    run_config = (yaml.safe_load(saved.read_text()) if saved.is_file() else None) or {}
+    try:
+        run_config = (yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None) or {}
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise InputError(f"cannot read {saved} ({' '.join(str(err).split())}): it is damaged; restore it, or "
+                         "remove it and give --batch-size and --mixed-precision") from None
+    if not isinstance(run_config, dict) or not isinstance(run_config.get("data", {}), dict):
+        raise InputError(f"{saved} is not a run's configuration (a mapping with `data` and `train`): restore it, "
+                         "or remove it and give --batch-size and --mixed-precision")
     run_data = run_config.get("data", {})
     if mixed_precision is None:
         mixed_precision = run_config.get("train", {}).get("mixed_precision", "no")
-    model = EmotionModel.from_pretrained(model_dir)
+    model = load_model_folder(model_dir)
     info = read_dataset_info(data_dir)
     if tuple(info.labels) != tuple(model.label_names):
         raise InputError(f"the model predicts {list(model.label_names)} but the prepared data at {data_dir} is "

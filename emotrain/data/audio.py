@@ -18,11 +18,36 @@ class AudioDecodeError(ValueError):
     """Audio bytes that cannot be turned into a non-empty finite mono waveform."""
 
 
+MAX_ABS_SAMPLE = 1e12
+"""The largest sample magnitude that becomes model input. Wav2Vec2's feature extractor normalises
+each utterance in float32 (`(x - mean) / sqrt(var + 1e-7)`, as `Collator.audio_values` does): the
+squared deviations overflow beyond ~1e19 (a float wav at 1e30 gives inf/nan features, with only a
+numpy warning). Real audio lies within ±1 (±32768 when integer-scaled into a float file); at 1e12
+any utterance shorter than ~10^13 samples normalises to finite features, and so does every crop or
+window of it (a part of a bounded signal is bounded)."""
+
+
+def check_waveform(mono: np.ndarray) -> np.ndarray:
+    """`mono`, if it can become finite model input; else `AudioDecodeError` saying why (empty,
+    non-finite samples, or samples too large for finite normalised features). Every path from
+    audio to model input passes here: decoding (training, evaluation, predict), predict's arrays,
+    and prepare."""
+    if mono.size == 0:
+        raise AudioDecodeError("empty audio")
+    if not np.isfinite(mono).all():
+        raise AudioDecodeError("non-finite samples")
+    peak = float(np.abs(mono).max())
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioDecodeError(f"samples up to {peak:.3g} (at most {MAX_ABS_SAMPLE:g}): normalising them would "
+                               "give non-finite features; rescale the audio")
+    return mono
+
+
 def decode_audio(data: bytes | None, sampling_rate: int) -> np.ndarray:
     """Decode encoded audio bytes to float32 mono at `sampling_rate`.
 
     Multi-channel audio is averaged to mono; another rate is resampled with soxr (HQ).
-    Raises `AudioDecodeError` for unreadable, empty or non-finite audio.
+    Raises `AudioDecodeError` for unreadable audio, or audio `check_waveform` refuses.
     """
     if not data:
         raise AudioDecodeError("no audio bytes")
@@ -30,15 +55,11 @@ def decode_audio(data: bytes | None, sampling_rate: int) -> np.ndarray:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
         raise AudioDecodeError(f"soundfile cannot decode the bytes: {err}") from err
-    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    if rate != sampling_rate:
-        mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")
-    mono = np.ascontiguousarray(mono, dtype=np.float32)
-    if mono.size == 0:
-        raise AudioDecodeError("empty audio")
-    if not np.isfinite(mono).all():
-        raise AudioDecodeError("non-finite samples")
-    return mono
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line, not a warning
+        mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+        if rate != sampling_rate:
+            mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")
+    return check_waveform(np.ascontiguousarray(mono, dtype=np.float32))
 
 
 def stable_seed(*parts: object) -> int:

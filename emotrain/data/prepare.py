@@ -30,6 +30,7 @@ import soxr
 
 from emotrain.config import LABEL_NAMES, NUM_SHARDS_PER_GROUP, SAMPLING_RATE, check_no_credentials
 from emotrain.data.asr import Transcriber
+from emotrain.data.audio import AudioDecodeError, check_waveform
 from emotrain.data.records import AudioInput, Scan
 from emotrain.data.shards import (
     REPORT_FILE,
@@ -67,7 +68,8 @@ class EncodedAudio:
 def to_mono_16k(samples: np.ndarray, rate: int) -> np.ndarray:
     """[T] or [T, channels] at any rate → float32 [T'] mono at 16 kHz."""
     if samples.ndim == 2:
-        samples = samples.mean(axis=1)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused (check_waveform), not warned
+            samples = samples.mean(axis=1)
     samples = samples.astype(np.float32, copy=False)
     if rate != SAMPLING_RATE:
         samples = soxr.resample(samples, rate, SAMPLING_RATE, quality="HQ").astype(np.float32)
@@ -90,8 +92,10 @@ def encode_audio(audio: AudioInput, audio_format: str = "flac", keep_samples: bo
     if samples.size == 0:
         return EncodedAudio(None, 0.0, "empty wav (0 samples)")
     mono = to_mono_16k(samples, rate)
-    if not np.isfinite(mono).all():
-        return EncodedAudio(None, 0.0, "unreadable wav: non-finite samples")
+    try:
+        check_waveform(mono)
+    except AudioDecodeError as err:
+        return EncodedAudio(None, 0.0, f"unusable wav: {err}")
     if len(mono) < MIN_SECONDS * SAMPLING_RATE:
         return EncodedAudio(None, 0.0, f"too short ({len(mono) / SAMPLING_RATE:.3f} s < {MIN_SECONDS} s)")
     buffer = io.BytesIO()

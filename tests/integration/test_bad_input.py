@@ -6,7 +6,7 @@ checkpoints, a free output folder) and returns the `emotrain` command to run. Th
   - `rc != 0`: the command ends with that status, no traceback, and its last stderr line starts with
     "emotrain" and holds every `expect` string (it names the file or key, and what to do);
   - `rc == 0`: the command succeeds (a counted, reported skip, or a fallback it says it took): some
-    stderr line holds every `expect` string.
+    stderr line holds every `expect` string (none given: nothing is asked of stderr).
 `check`, when given, then asserts what the workspace must (or must not) hold afterwards.
 Every command runs under a timeout: a hang fails its row.
 """
@@ -144,6 +144,76 @@ def _without_manifests(ws: Workspace) -> None:
         (_step(ws, step) / "manifest.json").unlink(missing_ok=True)
 
 
+# --- predict / evaluate, manifests (inputs) ---------------------------------------------------
+
+MANIFEST_ROWS = (("calm", "train"), ("fear", "train"), ("calm", "train"), ("fear", "train"), ("calm", "test"),
+                 ("fear", "test"))
+
+
+def _clip(path: Path, peak: float = 0.3, seconds: float = 0.5) -> Path:
+    """A tone at `peak` as a float wav (a float file holds any amplitude, 1e30 too)."""
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(16000 * seconds)) / 16000
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (peak * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000, subtype="FLOAT")
+    return path
+
+
+def _manifest(ws: Workspace, encoding: str, text: str = "words") -> Path:
+    """A prepare manifest of six clips (train and test split), written in `encoding`."""
+    lines = ["audio,text,label,speaker,split"]
+    for i, (label, split) in enumerate(MANIFEST_ROWS):
+        _clip(ws.root / "corpus" / "clips" / f"c{i}.wav")
+        lines.append(f"clips/c{i}.wav,{text} {i},{label},s{i % 2},{split}")
+    path = ws.root / "corpus" / "meta.csv"
+    path.write_bytes(("\n".join(lines) + "\n").encode(encoding))
+    return path
+
+
+def _prepare_bom_manifest(ws: Workspace) -> list[str]:
+    return ["prepare", str(_manifest(ws, "utf-8-sig")), str(ws.out), "--workers", "1", "--num-shards", "1"]
+
+
+def _prepare_latin1_manifest(ws: Workspace) -> list[str]:
+    return ["prepare", str(_manifest(ws, "latin-1", text="caf\xe9")), str(ws.out), "--workers", "1"]
+
+
+def _holds_the_manifest_rows(ws: Workspace) -> None:
+    import pyarrow.parquet as pq
+
+    ids = sorted(i for shard in ws.out.rglob("*.parquet")
+                 for i in pq.read_table(shard, columns=["id"])["id"].to_pylist())
+    assert ids == [f"clips/c{i}" for i in range(len(MANIFEST_ROWS))], ids
+
+
+def _predict_batch(ws: Workspace, encoding: str, text: str = "hello there", *extra: str) -> list[str]:
+    _clip(ws.root / "clips" / "a.wav")
+    (ws.root / "clips.csv").write_bytes(f"audio,text\nclips/a.wav,{text}\n".encode(encoding))
+    return ["predict", str(ws.run / "best"), "--batch", str(ws.root / "clips.csv"), *extra]
+
+
+def _predict_loud_audio(ws: Workspace) -> list[str]:
+    return ["predict", str(ws.run / "best"), "--audio", str(_clip(ws.root / "loud.wav", peak=1e30)), "--text", "hi"]
+
+
+def _predict_with(damage: Callable[[Path], object]) -> Callable[[Workspace], list[str]]:
+    """`emotrain predict` with the run's best/ damaged by `damage(best)`."""
+    def probe(ws: Workspace) -> list[str]:
+        damage(ws.run / "best")
+        return ["predict", str(ws.run / "best"), "--audio", str(_clip(ws.root / "a.wav")), "--text", "hi"]
+    return probe
+
+
+def _evaluate_with(damage: Callable[[Path], object], *extra: str) -> Callable[[Workspace], list[str]]:
+    """`emotrain evaluate` on session 1 with the run's best/ damaged by `damage(best)`."""
+    def probe(ws: Workspace) -> list[str]:
+        damage(ws.run / "best")
+        return ["evaluate", str(ws.run / "best"), str(ws.corpus), "--session", "1", *extra]
+    return probe
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:1000])
 
@@ -195,6 +265,8 @@ def _resumed_from_step_2(ws: Workspace) -> None:
 def _nothing_resumed(ws: Workspace) -> None:
     assert not (ws.run / "metrics.json").exists()
     assert not (ws.root / "pwned").exists()
+
+
 
 
 PROBES: list[Probe] = [
@@ -252,7 +324,27 @@ PROBES: list[Probe] = [
     # --- runs: planning, stopping, finished runs, disk ------------------------------------------
 
     # --- predict / evaluate -------------------------------------------------------------------
-
+    Probe("predict-audio-1e30", _predict_loud_audio, ("loud.wav", "non-finite features"), rc=1),
+    Probe("prepare-manifest-bom", _prepare_bom_manifest, (), rc=0, check=_holds_the_manifest_rows),
+    Probe("prepare-manifest-latin1", _prepare_latin1_manifest, ("meta.csv", "not UTF-8")),
+    Probe("predict-batch-bom", lambda ws: _predict_batch(ws, "utf-8-sig"), ("1 of 1 row(s) predicted", "0 failed"),
+          rc=0),
+    Probe("predict-batch-latin1", lambda ws: _predict_batch(ws, "latin-1", "caf\xe9"), ("clips.csv", "not UTF-8")),
+    Probe("predict-batch-size-negative", lambda ws: _predict_batch(ws, "utf-8", "hi", "--batch-size", "-3"),
+          ("--batch-size -3",)),
+    Probe("predict-device-absent", lambda ws: _predict_batch(ws, "utf-8", "hi", "--device", "cuda:99"),
+          ("--device cuda:99",)),
+    Probe("predict-model-weights-truncated", _predict_with(lambda best: _truncate(best / "model.safetensors")),
+          ("best", "model.safetensors", "damaged")),
+    Probe("predict-model-no-tokenizer", _predict_with(lambda best: shutil.rmtree(best / "tokenizer")),
+          ("best", "no tokenizer/")),
+    Probe("evaluate-model-config-not-json", _evaluate_with(lambda best: (best / "emotion_model.json").write_text("{")),
+          ("best", "JSONDecodeError", "damaged")),
+    Probe("evaluate-run-config-not-yaml", _evaluate_with(lambda best: (best / "config.yaml").write_text("data: [")),
+          ("config.yaml", "damaged")),
+    Probe("evaluate-out-is-a-folder", _evaluate_with(lambda best: None, "--out", "."), ("--out", "is a folder")),
+    Probe("evaluate-session-0", lambda ws: ["evaluate", str(ws.run / "best"), str(ws.corpus), "--session", "0"],
+          ("no group [0]",)),
 ]
 
 
@@ -291,6 +383,8 @@ def test_bad_input_gets_one_line_naming_it(probe: Probe, workspace: Workspace):
         candidates = lines[-1:]
     else:
         candidates = lines
-    assert any(all(text in line for text in probe.expect) for line in candidates), (probe.expect, proc.stderr[-4000:])
+    if probe.expect or probe.rc != 0:  # a success may say nothing on stderr: its `check` says what must hold
+        assert any(all(text in line for text in probe.expect) for line in candidates), (probe.expect,
+                                                                                        proc.stderr[-4000:])
     if probe.check is not None:
         probe.check(workspace)

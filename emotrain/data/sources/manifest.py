@@ -82,9 +82,24 @@ def order_labels(names, given: list[str] | None = None) -> tuple[str, ...]:
     return LABEL_NAMES if names == set(LABEL_NAMES) else tuple(sorted(names))
 
 
+def read_text_file(path: str | Path) -> str:
+    """The text of a file a user made (a manifest, a list, a label map): UTF-8, with or without the
+    byte-order mark that spreadsheet programs write ("CSV UTF-8"), which would otherwise stick to
+    the first column's name. Raises ManifestError, naming the file, for one that cannot be read or
+    is not UTF-8."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}): "
+                            "save it as UTF-8 (\"CSV UTF-8\" in a spreadsheet program)") from None
+    except OSError as err:
+        raise ManifestError(f"cannot read {path}: {err.strerror or err}") from None
+
+
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The manifest's rows and column names (CSV with a header, or one JSON object per line)."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         return list(reader), list(reader.fieldnames or [])
@@ -231,10 +246,23 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _read_label_map(path: Path) -> dict[str, str]:
+    """EmoBox's `label_map.json` (emo code → class name), names lower-cased."""
+    try:
+        mapping = json.loads(read_text_file(path))
+    except ValueError as err:
+        if isinstance(err, ManifestError):
+            raise
+        raise ManifestError(f"{path} is not JSON ({err}): fix it, or give --label-map") from None
+    if not isinstance(mapping, dict):
+        raise ManifestError(f"{path}: expected an object of emo code → class name, got {type(mapping).__name__}")
+    return {str(k): str(v).lower() for k, v in mapping.items()}
+
+
 def read_stm_speakers(path: Path) -> dict[str, str]:
     """key → speaker (the third field of each line of EmoBox's `data.seg.wrd.stm`)."""
     speakers = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text_file(path).splitlines():
         fields = line.split()
         if len(fields) >= 3 and not line.startswith(";;"):
             speakers[fields[0]] = fields[2]
@@ -308,7 +336,7 @@ def scan_emobox(folder: str | Path, download_root: str | Path | None, *, label_m
     # Label names: EmoBox's label_map.json (emo code → class), lower-cased, unless --label-map says.
     label_map_file = folder / LABEL_MAP_FILE
     if label_map is None and label_map_file.is_file():
-        label_map = {str(k): str(v).lower() for k, v in json.loads(label_map_file.read_text()).items()}
+        label_map = _read_label_map(label_map_file)
     label_map = label_map or {}
     mapped = {key: label_map.get(str(e.get("emo", "")), str(e.get("emo", ""))) for key, e in entries.items()}
     if labels is None and label_map:
