@@ -294,6 +294,23 @@ def test_preemption_by_signal_and_flag_file(tmp_path):
             signal.signal(sig, handler)
 
 
+
+def test_before_the_first_step_a_stop_signal_interrupts_at_once_and_only_once(tmp_path):
+    from emotrain.train.preemption import StoppedBeforeFirstStep
+
+    with PreemptionWatcher(tmp_path / "STOP", at_once=True) as watcher:
+        with pytest.raises(StoppedBeforeFirstStep, match="signal SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # setup's long work: the handler raises within it
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal, on the way out: only remembered
+        assert watcher.requested() and not watcher.at_once
+    with PreemptionWatcher(tmp_path / "STOP", at_once=True) as watcher:
+        watcher.steps_begin()  # steps begin: a stop now waits for a step boundary (state to save)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watcher.requested() and watcher.reason() == "signal SIGUSR1"
+    assert not issubclass(StoppedBeforeFirstStep, Exception)  # no library's `except Exception` swallows it
+
+
 class _Tiny(nn.Module):
     def __init__(self):
         super().__init__()
