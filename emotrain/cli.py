@@ -77,16 +77,29 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from emotrain.data.folds import check_config_fits_dataset, check_prepared
+    from emotrain.train.preemption import (
+        EXIT_PREEMPTED,
+        PreemptionWatcher,
+        StoppedBeforeFirstStep,
+        say_stopped_before_first_step,
+    )
 
-    cfg = load_config(args.config, args.overrides)
-    # Training before `emotrain prepare` is the first mistake a new user makes: fail in one line,
-    # before importing torch, creating output_dir or building a model.
-    check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
+    try:
+        # A stop request (preemption, scancel) while the data is checked and torch loads ends the run
+        # at once; from setup on, the recipe's own watcher takes over.
+        with PreemptionWatcher(at_once=True):
+            from emotrain.data.folds import check_config_fits_dataset, check_prepared
 
-    from emotrain.train.checkpoint import ResumeError
-    from emotrain.train.recipe import TooManyNonFiniteSteps, train
-    from emotrain.train.step import NonFiniteStepApplied
+            cfg = load_config(args.config, args.overrides)
+            # Training before `emotrain prepare` is the first mistake a new user makes: fail in one line,
+            # before importing torch, creating output_dir or building a model.
+            check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
+            from emotrain.train.checkpoint import ResumeError
+            from emotrain.train.recipe import TooManyNonFiniteSteps, train
+            from emotrain.train.step import NonFiniteStepApplied
+    except StoppedBeforeFirstStep as stop:
+        say_stopped_before_first_step(str(stop))
+        return EXIT_PREEMPTED
 
     try:
         return train(cfg, wrap=args.wrap_training)

@@ -20,13 +20,13 @@ mode: from then on a stop waits for a step boundary, where the state is saved.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from pathlib import Path
 from types import FrameType
 
-from emotrain.train.run_folder import RunFolder
 
 EXIT_PREEMPTED = 75
 """Exit code of a run that stopped because it was asked to (EX_TEMPFAIL): it saved a checkpoint, or
@@ -113,4 +113,16 @@ class PreemptionWatcher:
 
 def default_flag_file(output_dir: str | Path) -> Path:
     """`$EMOTRAIN_STOP_FILE` if set (the Slurm scripts set it), else `output_dir/STOP`."""
+    # (Imported here: this module stays light, so that `emotrain train` watches for a stop request
+    # from its first second, before torch is imported.)
+    from emotrain.train.run_folder import RunFolder
+
     return Path(os.environ.get("EMOTRAIN_STOP_FILE") or RunFolder(output_dir).stop_file)
+
+
+def say_stopped_before_first_step(reason: str) -> None:
+    """The one line of a run stopped before its first step (rank 0 says it: the launcher's RANK)."""
+    if os.environ.get("RANK", "0") == "0":  # (before logging is set up, logging's last resort prints warnings)
+        logging.getLogger("emotrain").warning(
+            "stop requested (%s) before the first step: nothing to save, exiting with %d (the same command "
+            "starts the run again)", reason, EXIT_PREEMPTED)

@@ -23,8 +23,10 @@ After each step, the loop logs, validates and carries out `StepRule.step_end`
 the flag file) is agreed on by all ranks at the step boundary, in the step's one small all-reduce
 (`emotrain.train.step`: outside logging steps a step makes one host read and one collective besides
 DDP's gradient buckets); they save a checkpoint and exit with EXIT_PREEMPTED (75), deferring a due
-validation to the resumed run. Rerunning the same command (`train.resume=auto`) continues from the
-newest checkpoint this run wrote and ends with the same weights and metrics as an uninterrupted run.
+validation to the resumed run; a stop request before the first step ends the run at once, nothing
+to save (`emotrain.train.preemption`). Rerunning the same command (`train.resume=auto`) continues
+from the newest checkpoint this run wrote and ends with the same weights and metrics as an
+uninterrupted run; rerunning a finished run does nothing (`finished_run`).
 Under DDP it may resume on another number of processes: the rest of the interrupted epoch is
 planned over the new ranks (every utterance not yet seen in it is seen exactly once).
 """
@@ -75,7 +77,13 @@ from emotrain.train.deepspeed_config import (
 from emotrain.train.evaluation import evaluate, model_inputs
 from emotrain.train.loss import StepLoss, balanced_class_weights
 from emotrain.train.optim import build_optimizer, set_learning_rates, step_lr_factor, stream_epoch_shares
-from emotrain.train.preemption import EXIT_PREEMPTED, PreemptionWatcher, StoppedBeforeFirstStep, default_flag_file
+from emotrain.train.preemption import (
+    EXIT_PREEMPTED,
+    PreemptionWatcher,
+    StoppedBeforeFirstStep,
+    default_flag_file,
+    say_stopped_before_first_step,
+)
 from emotrain.data.state import data_fingerprint
 from emotrain.train.run_folder import CONFIG_FILE, RunFolder, RunFolderLock
 from emotrain.train.state import LogWindow, Progress, TrainingState
@@ -149,7 +157,7 @@ def train(cfg: Config, wrap: Callable[[Training], None] | None = None) -> int:
     try:
         training = setup(cfg)
     except StoppedBeforeFirstStep as stop:
-        _say_stopped_before_first_step(str(stop))
+        say_stopped_before_first_step(str(stop))
         return EXIT_PREEMPTED
     try:
         if wrap is not None:
@@ -179,13 +187,6 @@ def finished_run(cfg: Config) -> str | None:
 def _main_rank() -> bool:
     """Rank 0 (or no launcher): before the Accelerator exists, the launcher's RANK says."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def _say_stopped_before_first_step(reason: str) -> None:
-    if _main_rank():  # (before setup configured it, the logger's last resort prints warnings to stderr)
-        logging.getLogger("emotrain").warning(
-            "stop requested (%s) before the first step: nothing to save, exiting with %d (the same command "
-            "starts the run again)", reason, EXIT_PREEMPTED)
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -343,7 +344,7 @@ def _claim_run_folder(cfg: Config, accelerator: Accelerator, run: RunFolder, loc
         log.info("resolved config:\n%s", cfg.to_yaml().rstrip())
         log.info("%d process(es), %s, mixed precision %s", accelerator.num_processes, accelerator.distributed_type,
                  accelerator.mixed_precision)
-        if accelerator.mixed_precision != cfg.train.mixed_precision:
+        if training_precision(cfg.train.mixed_precision, cuda=torch.cuda.is_available()) != cfg.train.mixed_precision:
             log.warning("train.mixed_precision=%s needs a CUDA GPU, and this machine has none: training in fp32 "
                         "(mixed precision no; bf16 works on a CPU)", cfg.train.mixed_precision)
     return log, run_provenance
@@ -403,7 +404,7 @@ def fit(t: Training) -> int:
     """The training loop. Returns 0 when training is done, EXIT_PREEMPTED after a stop request."""
     progress, stream = t.state.progress, t.state.stream
     if _stop_requested_before_first_step(t):
-        _say_stopped_before_first_step(t.watcher.reason())
+        say_stopped_before_first_step(t.watcher.reason())
         return EXIT_PREEMPTED
     if progress.pending_evaluation:  # a stop request came on a step whose validation was due: do it now
         with t.state.window.pause():

@@ -24,7 +24,8 @@ never half-written: it is written into `.partial-best/` and swapped into place t
 (old folder aside, new one into place, aside deleted); `recover` finishes or undoes a swap a crash
 interrupted.
 
-One experiment per folder. Rerunning the same command resumes it (`train.resume=auto`); rerunning
+One experiment per folder. Rerunning the same command resumes it (`train.resume=auto`), or once it
+is finished does nothing (`check_finished`: the recipe says where the results are); rerunning
 it with, say, another `train.lr` would resume the old run's checkpoint under the new settings, or
 overwrite part of its outputs, and `metrics.json` would then describe neither. Keys that change only
 speed, memory, logging, where things are read and written, or the execution resources (like the

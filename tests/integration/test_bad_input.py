@@ -133,9 +133,10 @@ PROBES: list[Probe] = [
           check=_finished_run_untouched),
     pytest.param(Probe("fp16-without-cuda", _fp16_on_cpu, ("mixed_precision=fp16", "training in fp32"), rc=0,
                        check=_says_fp32_not_fp16),
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a GPU"), id="fp16-without-cuda"),
-    pytest.param(Probe("output-dir-read-only", _read_only_output_folder, ("output_dir", "read-only", "cannot be written"),
-                       check=_nothing_written_in_read_only),
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a GPU"),
+                 id="fp16-without-cuda"),
+    pytest.param(Probe("output-dir-read-only", _read_only_output_folder,
+                       ("output_dir", "read-only", "cannot be written"), check=_nothing_written_in_read_only),
                  marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder (chmod): "
                                           "tests/unit/test_cli_errors.py simulates it"), id="output-dir-read-only"),
 

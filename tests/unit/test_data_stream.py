@@ -648,7 +648,8 @@ def test_steps_ahead_is_the_exact_sum_of_the_plans_for_normal_runs(max_epochs, m
 
     steps_of = lambda e: 5 + (e * 7) % 3  # noqa: E731  (bucketing: epochs differ a little)
     stream = _CountingStream(steps_of, epoch, done)
-    total = (steps_of(epoch) - done if epoch < max_epochs else 0) + sum(steps_of(e) for e in range(epoch + 1, max_epochs))
+    total = ((steps_of(epoch) - done if epoch < max_epochs else 0)
+             + sum(steps_of(e) for e in range(epoch + 1, max_epochs)))
     expected = min(total, max_steps_left) if max_steps_left is not None else total
     assert steps_ahead(stream, max_epochs=max_epochs, max_steps_left=max_steps_left) == (expected, True)
 

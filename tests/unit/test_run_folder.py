@@ -339,7 +339,8 @@ def test_a_finished_run_asked_again_is_done_unless_another_config_or_data_asks(t
     first, second = two_corpora
     cfg = _config(f"data.path={first}", f"output_dir={tmp_path}", "train.max_steps=4")
     save_config(cfg, tmp_path / "config.yaml")
-    (tmp_path / "metrics.json").write_text(json.dumps({"test": {"ua": 0.5}, "data": {"path": str(first), **_fingerprint(first)}}))
+    recorded = {"path": str(first), **_fingerprint(first)}
+    (tmp_path / "metrics.json").write_text(json.dumps({"test": {"ua": 0.5}, "data": recorded}))
     run = RunFolder(tmp_path)
     assert run.is_finished()
     line = run.check_finished(_config(f"data.path={first}", f"output_dir={tmp_path}", "train.max_steps=4",
