@@ -108,3 +108,32 @@ def test_a_stop_request_between_setup_and_the_first_step_saves_nothing(corpus, t
     err = capsys.readouterr().err
     assert "stop requested (the test) before the first step: nothing to save, exiting with 75" in err, err[-3000:]
     assert not (out / "checkpoints").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_stop_signal_while_train_checks_its_config_and_loads_torch_ends_it_at_once(corpus, tmp_path, monkeypatch,
+                                                                                      caplog, capsys):
+    import signal
+
+    real_load = cli.load_config
+
+    def load_then_signal(*args, **kwargs):  # SIGTERM arrives while `emotrain train` starts up
+        cfg = real_load(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return cfg
+
+    def unwatched(signum, frame):  # what would kill an `emotrain train` that does not watch yet
+        pytest.fail("SIGTERM reached no watcher of emotrain's")
+
+    monkeypatch.setattr(cli, "load_config", load_then_signal)
+    previous = signal.signal(signal.SIGTERM, unwatched)
+    try:
+        out = tmp_path / "out"
+        assert cli.main(_train_argv(corpus, out)) == 75
+        # (Before the run's logging is set up the line goes to the root handlers: stderr in a
+        # terminal, pytest's capture here.)
+        said = caplog.text + capsys.readouterr().err
+        assert "stop requested (signal SIGTERM) before the first step" in said, said
+        assert not out.exists()
+        assert signal.getsignal(signal.SIGTERM) is unwatched  # the handler before it is given back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
