@@ -10,9 +10,9 @@ SIGTERM is what Slurm and torchrun send; SIGUSR1 is what `#SBATCH --signal=B:USR
 batch shell (torchrun does not forward it, so the batch script turns it into the flag file).
 
 Before the first step there is nothing to save, and no step boundary may come for a long time (the
-data read, the model built and sharded, W&B reached): a watcher made with `at_once=True` (the
-recipe's, during setup) raises `StoppedBeforeFirstStep` from the signal handler itself, wherever
-setup is. The recipe then exits with `EXIT_PREEMPTED` at once, having written no checkpoint (a
+data read, the model built and sharded, W&B reached): a watcher made with `at_once=True` (`emotrain
+train`'s while it loads, then the recipe's during setup) raises `StoppedBeforeFirstStep` from the
+signal handler itself, wherever setup is. The recipe then exits with `EXIT_PREEMPTED` at once, having written no checkpoint (a
 requeued job simply starts the run). Setup's writes are crash-safe by design (a SIGKILL at any
 moment is recovered from), so an exception at any of its points is too. `steps_begin()` ends that
 mode: from then on a stop waits for a step boundary, where the state is saved.
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from types import FrameType
 
-
 EXIT_PREEMPTED = 75
 """Exit code of a run that stopped because it was asked to (EX_TEMPFAIL): it saved a checkpoint, or
 stopped before its first step with nothing to save."""
@@ -37,6 +36,7 @@ class StoppedBeforeFirstStep(BaseException):
     """A stop request during setup: nothing to save, the run ends at once. A BaseException (like
     KeyboardInterrupt): raised by the signal handler wherever setup is, it must not be taken for an
     error of the library code it interrupts (`except Exception`)."""
+
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 FLAG_POLL_SECONDS = float(os.environ.get("EMOTRAIN_STOP_FILE_POLL_SECONDS", "2"))
