@@ -138,7 +138,7 @@ PROBES: list[Probe] = [
     pytest.param(Probe("output-dir-read-only", _read_only_output_folder,
                        ("output_dir", "read-only", "cannot be written"), check=_nothing_written_in_read_only),
                  marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder (chmod): "
-                                          "tests/unit/test_cli_errors.py simulates it"), id="output-dir-read-only"),
+                                          "tests/unit/test_cli_run_faults.py simulates it"), id="output-dir-read-only"),
 
     # --- predict / evaluate -------------------------------------------------------------------
 
