@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import shlex
 import sys
 from pathlib import Path
@@ -82,20 +83,32 @@ def _damaged_data(verb: str, err: Exception) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from emotrain.data.folds import check_config_fits_dataset, check_prepared
     from emotrain.data.shards import PreparedDataError
+    from emotrain.train.preemption import (
+        EXIT_PREEMPTED,
+        PreemptionWatcher,
+        StoppedBeforeFirstStep,
+        say_stopped_before_first_step,
+    )
 
-    cfg = load_config(args.config, args.overrides)
-    # Training before `emotrain prepare` is the first mistake a new user makes: fail in one line,
-    # before importing torch, creating output_dir or building a model. So is a damaged dataset.
     try:
-        check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
+        # A stop request (preemption, scancel) while the data is checked and torch loads ends the run
+        # at once; from setup on, the recipe's own watcher takes over.
+        with PreemptionWatcher(at_once=True):
+            from emotrain.data.folds import check_config_fits_dataset, check_prepared
+
+            cfg = load_config(args.config, args.overrides)
+            # Training before `emotrain prepare` is the first mistake a new user makes: fail in one line,
+            # before importing torch, creating output_dir or building a model. So is a damaged dataset.
+            check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
+            from emotrain.train.checkpoint import ResumeError
+            from emotrain.train.recipe import TooManyNonFiniteSteps, train
+            from emotrain.train.step import NonFiniteStepApplied
+    except StoppedBeforeFirstStep as stop:
+        say_stopped_before_first_step(str(stop))
+        return EXIT_PREEMPTED
     except PreparedDataError as err:
         return _damaged_data("train", err)
-
-    from emotrain.train.checkpoint import ResumeError
-    from emotrain.train.recipe import TooManyNonFiniteSteps, train
-    from emotrain.train.step import NonFiniteStepApplied
 
     try:
         return train(cfg, wrap=args.wrap_training)
@@ -323,6 +336,32 @@ def main(argv: list[str] | None = None, *, wrap_training=None) -> int:
         message = " ".join(str(err).splitlines())
         print(f"emotrain: config error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        print(storage_error_line(args.verb, err), file=sys.stderr)
+        return STORAGE_ERRORS[err.errno][0]
+
+
+STORAGE_ERRORS = {
+    errno.ENOSPC: (1, "free space on that filesystem and rerun the same command: a run resumes from its last "
+                      "complete checkpoint"),
+    errno.EDQUOT: (1, "free space within your quota and rerun the same command: a run resumes from its last "
+                      "complete checkpoint"),
+    errno.EROFS: (2, "it is on a read-only filesystem: choose a writable path (output_dir, --out)"),
+    errno.EACCES: (2, "this user may not use it: fix its permissions, or choose another path"),
+    errno.EPERM: (2, "this user may not use it: fix its permissions, or choose another path"),
+}
+"""errno → (exit status, what to do) of the storage errors any verb can meet: a full disk or quota (1: the
+run failed, the same command continues it) and a path that cannot be written (2: the input names it)."""
+
+
+def storage_error_line(verb: str, err: OSError) -> str:
+    """`emotrain <verb>: error: <file>: <strerror> (<what to do>)`, one line. The strerror is kept as is:
+    the checkpoint writer's says how much space a checkpoint needs."""
+    where = f"{err.filename}: " if err.filename is not None else ""
+    reason = " ".join((err.strerror or str(err)).split())
+    return f"emotrain {verb}: error: {where}{reason} ({STORAGE_ERRORS[err.errno][1]})"
 
 
 if __name__ == "__main__":

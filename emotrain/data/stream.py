@@ -6,6 +6,7 @@
     stream.load_state_dicts(saved)           # on resume: every rank's state saved in the checkpoint
     stream.set_epoch(epoch)                  # no-op when resuming inside this very epoch
     sizes = stream.step_utterances()         # utterances per optimizer step, over all ranks
+    steps_ahead(stream, max_epochs=10, max_steps_left=None)   # (steps left in the run, exact?)
     for batch in stream: ...                 # `stream.state_dict()` now counts this batch as consumed
 
 Three parts, one module each:
@@ -270,6 +271,39 @@ class TrainStream:
         self.consumed = seen if seen.any() else None
         # The skip count is a total over ranks: rank 0 carries the old ranks' lists.
         self.skipped = [i for s in states for i in s.get("skipped", [])] if self.rank == 0 else []
+
+
+COUNTED_EPOCHS = 100
+"""Epochs `steps_ahead` plans at most to count a run's steps; beyond them it extrapolates."""
+
+
+def steps_ahead(stream: TrainStream, *, max_epochs: int, max_steps_left: int | None,
+                counted_epochs: int = COUNTED_EPOCHS) -> tuple[int, bool]:
+    """(optimizer steps from the stream's position to the end of epoch `max_epochs - 1`, or
+    `max_steps_left` when that bound comes first; whether that count is exact).
+
+    Only a display needs it (the log's step count, the progress bar): training itself plans each
+    epoch when it gets there, and its learning rate follows the run's share of data seen
+    (`emotrain.train.optim`), not a step count. So the epochs ahead are planned one by one, and
+    counting stops as soon as `max_steps_left` is reached, or after `counted_epochs` epochs, whose
+    mean is then extrapolated to the rest: a huge `max_epochs` (bounded by `max_steps`, or not)
+    costs at most that many plans (`counted_epochs` >= 1), not one per epoch.
+    """
+    def bounded(steps: int) -> bool:
+        return max_steps_left is not None and steps >= max_steps_left
+
+    left = stream.steps_in_epoch() - stream.steps_done if stream.epoch < max_epochs else 0
+    exact, counted, epoch = True, 0, stream.epoch + 1
+    while epoch < max_epochs and not bounded(left):
+        if epoch - stream.epoch > counted_epochs:
+            left += round(counted / counted_epochs * (max_epochs - epoch))
+            exact = False
+            break
+        steps = stream.steps_in_epoch(epoch)
+        left, counted, epoch = left + steps, counted + steps, epoch + 1
+    if bounded(left):
+        return max_steps_left, exact  # (reached by counting: max_steps is the bound, exactly)
+    return left, exact
 
 
 def build_train_stream(

@@ -13,8 +13,30 @@ from contextlib import contextmanager
 from emotrain.config import Config, ConfigError
 
 
-def fill_deepspeed_auto(ds_config: dict, cfg: Config) -> dict:
-    """Replace "auto" values that the experiment config decides; returns the same dict."""
+def training_precision(requested: str, *, cuda: bool) -> str:
+    """The mixed precision a run trains in: `train.mixed_precision`, except fp16 without a CUDA GPU.
+
+    One rule for every strategy (plain, DDP, DeepSpeed): fp16 needs a GPU (autocast with loss
+    scaling; DeepSpeed's fp16 engine). On a CPU, Accelerate would silently train in fp32 while
+    saying fp16, and DeepSpeed would keep fp16 weights on the CPU (slow, and its loss scale skips
+    steps). So a run asking for fp16 on a machine without CUDA trains in fp32 (the recipe says so
+    once in the log, and records it in the provenance): the config stays valid on a laptop and on
+    the cluster. bf16 autocast works on a CPU and is kept."""
+    return "no" if requested == "fp16" and not cuda else requested
+
+
+def check_precision_available(ds_config: dict, *, cuda: bool) -> None:
+    """Refuse a DeepSpeed JSON that enables fp16 itself (`"enabled": true`, not "auto") on a machine
+    without CUDA: `training_precision` cannot apply there, and DeepSpeed would train fp16 on the CPU."""
+    if not cuda and (ds_config.get("fp16") or {}).get("enabled") is True:
+        raise ConfigError("deepspeed_config.fp16.enabled", (
+            "is true, but fp16 needs a CUDA GPU and this machine has none: set it to \"auto\" (train.mixed_precision "
+            "decides, and fp16 runs in fp32 on a CPU), or use bf16"))
+
+
+def fill_deepspeed_auto(ds_config: dict, cfg: Config, mixed_precision: str | None = None) -> dict:
+    """Replace "auto" values that the experiment config decides; returns the same dict.
+    `mixed_precision`: the precision the run trains in (`training_precision`), default the config's."""
     filled = {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
@@ -27,7 +49,7 @@ def fill_deepspeed_auto(ds_config: dict, cfg: Config) -> dict:
     for precision in ("bf16", "fp16"):
         section = ds_config.get(precision)
         if isinstance(section, dict) and section.get("enabled") == "auto":
-            section["enabled"] = cfg.train.mixed_precision == precision
+            section["enabled"] = (mixed_precision or cfg.train.mixed_precision) == precision
     # train_batch_size = micro x accumulation x world: left to Accelerate, which knows the world size.
     return ds_config
 

@@ -8,20 +8,35 @@ so a stop costs no collective of its own), so all ranks save the same step toget
 
 SIGTERM is what Slurm and torchrun send; SIGUSR1 is what `#SBATCH --signal=B:USR1@...` sends to the
 batch shell (torchrun does not forward it, so the batch script turns it into the flag file).
+
+Before the first step there is nothing to save, and no step boundary may come for a long time (the
+data read, the model built and sharded, W&B reached): a watcher made with `at_once=True` (`emotrain
+train`'s while it loads, then the recipe's during setup) raises `StoppedBeforeFirstStep` from the
+signal handler itself, wherever setup is. The recipe then exits with `EXIT_PREEMPTED` at once, having written no checkpoint (a
+requeued job simply starts the run). Setup's writes are crash-safe by design (a SIGKILL at any
+moment is recovered from), so an exception at any of its points is too. `steps_begin()` ends that
+mode: from then on a stop waits for a step boundary, where the state is saved.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from pathlib import Path
 from types import FrameType
 
-from emotrain.train.run_folder import RunFolder
-
 EXIT_PREEMPTED = 75
-"""Exit code of a run that saved a checkpoint because it was asked to stop (EX_TEMPFAIL)."""
+"""Exit code of a run that stopped because it was asked to (EX_TEMPFAIL): it saved a checkpoint, or
+stopped before its first step with nothing to save."""
+
+
+class StoppedBeforeFirstStep(BaseException):
+    """A stop request during setup: nothing to save, the run ends at once. A BaseException (like
+    KeyboardInterrupt): raised by the signal handler wherever setup is, it must not be taken for an
+    error of the library code it interrupts (`except Exception`)."""
+
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 FLAG_POLL_SECONDS = float(os.environ.get("EMOTRAIN_STOP_FILE_POLL_SECONDS", "2"))
@@ -32,8 +47,11 @@ FLAG_POLL_SECONDS = float(os.environ.get("EMOTRAIN_STOP_FILE_POLL_SECONDS", "2")
 class PreemptionWatcher:
     """Remembers a stop request from SIGTERM / SIGUSR1 or from the existence of `flag_file`."""
 
-    def __init__(self, flag_file: str | Path | None = None, poll_seconds: float = FLAG_POLL_SECONDS):
+    def __init__(self, flag_file: str | Path | None = None, poll_seconds: float = FLAG_POLL_SECONDS, *,
+                 at_once: bool = False):
         self.flag_file = Path(flag_file) if flag_file else None
+        self.at_once = at_once
+        """A stop signal raises StoppedBeforeFirstStep in the handler (until `steps_begin`)."""
         self.poll_seconds = poll_seconds
         self.signal_received: int | None = None
         self._previous: dict[int, object] = {}
@@ -53,6 +71,17 @@ class PreemptionWatcher:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal_received = signum
+        if self.at_once:
+            self.at_once = False  # once: a second signal must not interrupt the way out
+            raise StoppedBeforeFirstStep(self.reason())
+
+    def watch_flag_file(self, flag_file: str | Path) -> None:
+        """Also look for `flag_file` (set once a stale one from an earlier stop is removed)."""
+        self.flag_file = Path(flag_file)
+
+    def steps_begin(self) -> None:
+        """Training steps begin: from now on a stop request waits for a step boundary (state to save)."""
+        self.at_once = False
 
     def request(self, reason: str = "requested by the program") -> None:
         """A stop request from code (a test, a program embedding the recipe): like a signal."""
@@ -84,4 +113,16 @@ class PreemptionWatcher:
 
 def default_flag_file(output_dir: str | Path) -> Path:
     """`$EMOTRAIN_STOP_FILE` if set (the Slurm scripts set it), else `output_dir/STOP`."""
+    # (Imported here: this module stays light, so that `emotrain train` watches for a stop request
+    # from its first second, before torch is imported.)
+    from emotrain.train.run_folder import RunFolder
+
     return Path(os.environ.get("EMOTRAIN_STOP_FILE") or RunFolder(output_dir).stop_file)
+
+
+def say_stopped_before_first_step(reason: str) -> None:
+    """The one line of a run stopped before its first step (rank 0 says it: the launcher's RANK)."""
+    if os.environ.get("RANK", "0") == "0":  # (before logging is set up, logging's last resort prints warnings)
+        logging.getLogger("emotrain").warning(
+            "stop requested (%s) before the first step: nothing to save, exiting with %d (the same command "
+            "starts the run again)", reason, EXIT_PREEMPTED)

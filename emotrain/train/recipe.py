@@ -23,8 +23,10 @@ After each step, the loop logs, validates and carries out `StepRule.step_end`
 the flag file) is agreed on by all ranks at the step boundary, in the step's one small all-reduce
 (`emotrain.train.step`: outside logging steps a step makes one host read and one collective besides
 DDP's gradient buckets); they save a checkpoint and exit with EXIT_PREEMPTED (75), deferring a due
-validation to the resumed run. Rerunning the same command (`train.resume=auto`) continues from the
-newest checkpoint this run wrote and ends with the same weights and metrics as an uninterrupted run.
+validation to the resumed run; a stop request before the first step ends the run at once, nothing
+to save (`emotrain.train.preemption`). Rerunning the same command (`train.resume=auto`) continues
+from the newest checkpoint this run wrote and ends with the same weights and metrics as an
+uninterrupted run; rerunning a finished run does nothing (`finished_run`).
 Under DDP it may resume on another number of processes: the rest of the interrupted epoch is
 planned over the new ranks (every utterance not yet seen in it is seen exactly once).
 """
@@ -35,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +60,7 @@ from emotrain.config import Config, ConfigError, read_provenance, save_config
 from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets, check_validation_set
 from emotrain.data.folds import FoldSplit, check_config_fits_dataset, split_from_config
 from emotrain.data.shards import read_dataset_info
-from emotrain.data.stream import build_train_stream
+from emotrain.data.stream import build_train_stream, steps_ahead
 from emotrain.metrics import format_results
 from emotrain.model import build_model, build_processors
 from emotrain.model.encoders import check_data_fits_model
@@ -71,15 +74,23 @@ from emotrain.train.checkpoint import (
     resolve_resume,
 )
 from emotrain.train.deepspeed_config import (
+    check_precision_available,
     check_skips_nonfinite_steps,
     fill_deepspeed_auto,
     model_construction,
+    training_precision,
     zero_stage,
 )
 from emotrain.train.evaluation import evaluate, model_inputs
 from emotrain.train.loss import StepLoss, balanced_class_weights
 from emotrain.train.optim import build_optimizer, set_learning_rates, step_lr_factor, stream_epoch_shares
-from emotrain.train.preemption import EXIT_PREEMPTED, PreemptionWatcher, default_flag_file
+from emotrain.train.preemption import (
+    EXIT_PREEMPTED,
+    PreemptionWatcher,
+    StoppedBeforeFirstStep,
+    default_flag_file,
+    say_stopped_before_first_step,
+)
 from emotrain.data.state import data_fingerprint
 from emotrain.train.run_folder import CONFIG_FILE, RunFolder, RunFolderLock
 from emotrain.train.state import LogWindow, Progress, TrainingState, load_checkpoint, rng_state_problem
@@ -141,8 +152,20 @@ class Training:
 
 def train(cfg: Config, wrap: Callable[[Training], None] | None = None) -> int:
     """Run one fold's training; returns the process exit code (0, or EXIT_PREEMPTED).
-    `wrap(training)`, if given, may wrap the parts after setup (the tests' probes do)."""
-    training = setup(cfg)
+    `wrap(training)`, if given, may wrap the parts after setup (the tests' probes do).
+
+    A finished run (this config, this data) is done: one line says so, and nothing is built,
+    evaluated or written."""
+    finished = finished_run(cfg)
+    if finished is not None:
+        if _main_rank():
+            print(finished, file=sys.stderr)
+        return 0
+    try:
+        training = setup(cfg)
+    except StoppedBeforeFirstStep as stop:
+        say_stopped_before_first_step(str(stop))
+        return EXIT_PREEMPTED
     try:
         if wrap is not None:
             wrap(training)
@@ -156,18 +179,53 @@ def train(cfg: Config, wrap: Callable[[Training], None] | None = None) -> int:
     return exit_code
 
 
+def finished_run(cfg: Config) -> str | None:
+    """The line saying that `cfg.output_dir` holds this very run, finished (`RunFolder.is_finished`:
+    the same config up to result-neutral keys, the same data), and where its results are; None when
+    it holds no finished run. A finished run that another config or other data would continue is
+    refused as setup refuses it (RunFolderConflict): a longer run (max_steps, max_epochs) is such a
+    config, as its learning rate schedule differs from the start."""
+    run = RunFolder(cfg.output_dir)
+    if not run.is_finished():
+        return None
+    return run.check_finished(cfg, lambda: data_fingerprint(split_from_config(cfg.data, seed=cfg.train.seed)))
+
+
+def _main_rank() -> bool:
+    """Rank 0 (or no launcher): before the Accelerator exists, the launcher's RANK says."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 # ------------------------------------------------------------------------------------------- setup
 
 
 def setup(cfg: Config) -> Training:
-    """Every part of the run, and its state restored when resuming (see the module docstring)."""
+    """Every part of the run, and its state restored when resuming (see the module docstring).
+
+    A stop request during setup raises StoppedBeforeFirstStep at once (nothing to save yet:
+    `emotrain.train.preemption`); whatever setup raises, it gives back the signal handlers and the
+    folder lock it took."""
+    run = RunFolder(cfg.output_dir)
+    run.check_writable()  # one line naming output_dir, before anything is built
+    lock = RunFolderLock(run.path)
+    watcher = PreemptionWatcher(at_once=True).install()
+    try:
+        training = _build_training(cfg, run, lock, watcher)
+    except BaseException:
+        watcher.uninstall()
+        lock.release()
+        raise
+    watcher.steps_begin()
+    return training
+
+
+def _build_training(cfg: Config, run: RunFolder, lock: RunFolderLock, watcher: PreemptionWatcher) -> Training:
     history = tracking.HistoryTracker(cfg.output_dir)  # the run folder's own curves, whatever report_to says
     accelerator = _build_accelerator(cfg, history)
     # The data decides the label set (and whether this variant can train on it at all).
     check_config_fits_dataset(cfg.data, cfg.model, read_dataset_info(cfg.data.path))
     split = split_from_config(cfg.data, seed=cfg.train.seed)
-    run = RunFolder(cfg.output_dir)
-    lock, log, run_provenance = _claim_run_folder(cfg, accelerator, run, split)
+    log, run_provenance = _claim_run_folder(cfg, accelerator, run, lock, split)
     log.info("fold %d: %s", cfg.data.fold, json.dumps(split.summary()))
     for note in split.notes:
         log.warning("fold %d: %s", cfg.data.fold, note)
@@ -176,7 +234,7 @@ def setup(cfg: Config) -> Training:
     if accelerator.is_main_process:
         stop_flag.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    watcher = PreemptionWatcher(stop_flag).install()
+    watcher.watch_flag_file(stop_flag)
     set_seed(cfg.train.seed)
     # What to resume: the main process decides (it also completes a replacement a crash interrupted,
     # and passes over a damaged checkpoint), so every rank loads the same folder.
@@ -234,15 +292,17 @@ def _build_accelerator(cfg: Config, history: tracking.HistoryTracker) -> Acceler
         # Several CPU processes (the tests): gloo. Without it DeepSpeed's processes each train alone.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=training_precision(cfg.train.mixed_precision, cuda=torch.cuda.is_available()),
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=[*cfg.logging.report_to, history],
         project_dir=cfg.output_dir,
         kwargs_handlers=handlers,
     )
     if accelerator.state.deepspeed_plugin is not None:  # the launch config's JSON: "auto" values, and a safety check
-        fill_deepspeed_auto(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
-        check_skips_nonfinite_steps(accelerator.state.deepspeed_plugin.deepspeed_config)
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        fill_deepspeed_auto(ds_config, cfg, mixed_precision=accelerator.mixed_precision)
+        check_skips_nonfinite_steps(ds_config)
+        check_precision_available(ds_config, cuda=torch.cuda.is_available())
     return accelerator
 
 
@@ -266,15 +326,14 @@ def decided_by_main(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
     return value[0]
 
 
-def _claim_run_folder(cfg: Config, accelerator: Accelerator, run: RunFolder,
-                      split: FoldSplit) -> tuple[RunFolderLock, logging.Logger, dict | None]:
+def _claim_run_folder(cfg: Config, accelerator: Accelerator, run: RunFolder, lock: RunFolderLock,
+                      split: FoldSplit) -> tuple[logging.Logger, dict | None]:
     """One training per folder (rank 0 holds the lock for the whole run), and a folder holding a run
     whose config would change the result, or that trained on other data (`data.path` may move, the
     data not), is refused, before anything is written; an export of best/ a crash cut short is
     finished or undone. Then the resolved config is printed once and saved with how this run was
     produced."""
     decided_by_main(accelerator, lambda: run.check_config(cfg))
-    lock = RunFolderLock(run.path)
     decided_by_main(accelerator, lock.acquire)
     unchecked = decided_by_main(accelerator, lambda: run.check_data(cfg.data.path, lambda: data_fingerprint(split)))
     log = tracking.setup_logging(run.path, accelerator.is_main_process)
@@ -293,7 +352,10 @@ def _claim_run_folder(cfg: Config, accelerator: Accelerator, run: RunFolder,
         log.info("resolved config:\n%s", cfg.to_yaml().rstrip())
         log.info("%d process(es), %s, mixed precision %s", accelerator.num_processes, accelerator.distributed_type,
                  accelerator.mixed_precision)
-    return lock, log, run_provenance
+        if training_precision(cfg.train.mixed_precision, cuda=torch.cuda.is_available()) != cfg.train.mixed_precision:
+            log.warning("train.mixed_precision=%s needs a CUDA GPU, and this machine has none: training in fp32 "
+                        "(mixed precision no; bf16 works on a CPU)", cfg.train.mixed_precision)
+    return log, run_provenance
 
 
 def _check_steps_per_epoch(t: Training) -> None:
@@ -310,9 +372,10 @@ def _describe_run(t: Training) -> None:
     """Log the plan's step count and how the model runs; measure its FLOPs once (main process: it
     alone logs), and on a GPU the matmul peak in the training precision."""
     cfg, accelerator, stream, progress = t.cfg, t.accelerator, t.state.stream, t.state.progress
-    t.log.info("%d optimizer steps (%d in this epoch, %d micro-batch(es) per step on each of %d rank(s))",
-               progress.step + _steps_left(t), stream.steps_in_epoch(), cfg.train.gradient_accumulation_steps,
-               accelerator.num_processes)
+    left, exact = _steps_left(t)
+    t.log.info("%s%d optimizer steps (%d in this epoch, %d micro-batch(es) per step on each of %d rank(s))",
+               "" if exact else "about ", progress.step + left, stream.steps_in_epoch(),
+               cfg.train.gradient_accumulation_steps, accelerator.num_processes)
     dynamo = accelerator.state.dynamo_plugin
     if dynamo.backend != DynamoBackend.NO:  # the launch config's dynamo_config (or ACCELERATE_DYNAMO_*)
         t.log.info("model compiled by torch.compile: backend %s, mode %s, dynamic shapes %s%s",
@@ -332,14 +395,14 @@ def _describe_run(t: Training) -> None:
                    t.flops_per_utterance / 1e9, cfg.train.mixed_precision, t.peak_flops / 1e12)
 
 
-def _steps_left(t: Training) -> int:
-    """Steps the plans still hold: the rest of this epoch, then the epochs after it (within max_steps)."""
-    stream, progress, train_cfg = t.state.stream, t.state.progress, t.cfg.train
+def _steps_left(t: Training) -> tuple[int, bool]:
+    """(steps the plans still hold: the rest of this epoch, then the epochs after it, within
+    max_steps; whether that count is exact, see `steps_ahead`)."""
+    progress, train_cfg = t.state.progress, t.cfg.train
     if progress.stop_reason is not None:
-        return 0
-    left = stream.steps_in_epoch() - stream.steps_done if progress.epoch < train_cfg.max_epochs else 0
-    left += sum(stream.steps_in_epoch(e) for e in range(progress.epoch + 1, train_cfg.max_epochs))
-    return min(left, train_cfg.max_steps - progress.step) if train_cfg.max_steps else left
+        return 0, True
+    return steps_ahead(t.state.stream, max_epochs=train_cfg.max_epochs,
+                       max_steps_left=train_cfg.max_steps - progress.step if train_cfg.max_steps else None)
 
 
 # --------------------------------------------------------------------------------------------- fit
@@ -348,12 +411,15 @@ def _steps_left(t: Training) -> int:
 def fit(t: Training) -> int:
     """The training loop. Returns 0 when training is done, EXIT_PREEMPTED after a stop request."""
     progress, stream = t.state.progress, t.state.stream
+    if _stop_requested_before_first_step(t):
+        say_stopped_before_first_step(t.watcher.reason())
+        return EXIT_PREEMPTED
     if progress.pending_evaluation:  # a stop request came on a step whose validation was due: do it now
         with t.state.window.pause():
             validate(t)
             decide_step_end(t, StepFacts(progress.step))
     bar = t.progress_bar = tqdm(
-        total=progress.step + _steps_left(t), initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+        total=progress.step + _steps_left(t)[0], initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
         disable=not (t.accelerator.is_main_process and t.cfg.logging.progress_bar))
     t.state.window.restart_clock()  # training time starts here (not at setup, nor the trackers' start)
     t.state.model.train()
@@ -401,6 +467,13 @@ def fit(t: Training) -> int:
     t.log.info("training stopped: %s after %d steps (best validation UA %.4f at step %s)",
                progress.stop_reason, progress.step, progress.best_ua, progress.best_step)
     return 0
+
+
+def _stop_requested_before_first_step(t: Training) -> bool:
+    """A stop request that came after setup and before the first step (the flag file, a signal),
+    agreed on by every rank (a collective): nothing new to save since setup."""
+    requested = torch.tensor([float(t.watcher.requested())], device=t.accelerator.device)
+    return bool(t.accelerator.reduce(requested, reduction="sum").item() > 0)
 
 
 def _plain_norm(grad_norm) -> float | str:

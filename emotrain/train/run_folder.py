@@ -24,7 +24,8 @@ never half-written: it is written into `.partial-best/` and swapped into place t
 (old folder aside, new one into place, aside deleted); `recover` finishes or undoes a swap a crash
 interrupted.
 
-One experiment per folder. Rerunning the same command resumes it (`train.resume=auto`); rerunning
+One experiment per folder. Rerunning the same command resumes it (`train.resume=auto`), or once it
+is finished does nothing (`check_finished`: the recipe says where the results are); rerunning
 it with, say, another `train.lr` would resume the old run's checkpoint under the new settings, or
 overwrite part of its outputs, and `metrics.json` would then describe neither. Keys that change only
 speed, memory, logging, where things are read and written, or the execution resources (like the
@@ -255,6 +256,29 @@ class RunFolder:
                 f"two experiments. Differences: {listed}. To train this config, {todo}; to continue that "
                 "run, use its config."
             )
+
+    def check_writable(self) -> None:
+        """Raise ConfigError naming output_dir when it (or, before it exists, the folder it would be
+        made in) cannot be written: a read-only filesystem, or no permission. Checked before a run
+        builds anything; `access` answers for this process, root included (a read-only mount)."""
+        existing = self.path.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+            where = "output_dir" if existing == self.path.absolute() else f"the folder output_dir goes in, {existing}"
+            raise ConfigError("output_dir", (
+                f"{self.path} cannot be written ({where} is on a read-only filesystem, or this user may not write "
+                "it): choose another output_dir, or make it writable"))
+
+    def check_finished(self, cfg: Config, fingerprint: Callable[[], dict[str, Any]]) -> str:
+        """For a finished run (`is_finished`) asked for again: the line saying that it is finished
+        and where its results are, after checking it is this run (`check_config`, `check_data`:
+        another config or other data raises RunFolderConflict, as a run in progress would)."""
+        self.check_config(cfg)
+        unchecked = self.check_data(cfg.data.path, fingerprint)
+        return (f"emotrain train: {self.path} holds this run, finished: results in {self.metrics}, the best model in "
+                f"{self.best}; nothing to do (a finished run is not trained further: to train longer or otherwise, "
+                f"use another output_dir){f'; note: {unchecked}' if unchecked else ''}")
 
     def trained_data(self) -> dict[str, Any] | None:
         """What the run trained on: `{"path": data.path then, **data_fingerprint}`, from metrics.json

@@ -14,13 +14,17 @@ Every command runs under a timeout: a hang fails its row.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from tests.integration.conftest import EMOTRAIN, REPO, subprocess_env, tiny_overrides
 
@@ -269,6 +273,54 @@ def _nothing_resumed(ws: Workspace) -> None:
 
 
 
+# --- runs: planning, stopping, finished runs, disk ----------------------------------------------
+
+_SNAPSHOTS: dict[Path, dict[str, tuple[int, bytes]]] = {}
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file and folder under `folder`: (mtime_ns, content) (folders: their mtime, no content)."""
+    return {str(path.relative_to(folder)): (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else b"")
+            for path in sorted([folder, *folder.rglob("*")])}
+
+
+def _rerun_finished(ws: Workspace) -> list[str]:
+    _SNAPSHOTS[ws.run] = _tree(ws.run)
+    return ws.train(*RUN_SETTINGS, "train.max_steps=4", output_dir=ws.run)  # the very command that finished it
+
+
+def _finished_run_untouched(ws: Workspace) -> None:
+    before, after = _SNAPSHOTS.pop(ws.run), _tree(ws.run)
+    assert after == before, sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))
+
+
+def _huge_max_epochs(ws: Workspace) -> list[str]:
+    # An int the config takes (`1e29` is a float: "train.max_epochs: expected int"): max_steps bounds the run.
+    return ws.train("train.max_epochs=" + "1" + "0" * 29, "train.max_steps=1")
+
+
+def _fp16_on_cpu(ws: Workspace) -> list[str]:
+    return ws.train("train.max_steps=1", "train.mixed_precision=fp16")
+
+
+def _says_fp32_not_fp16(ws: Workspace) -> None:
+    log = (ws.out / "train.log").read_text()
+    assert "mixed precision no" in log and "mixed precision fp16" not in log, log[-3000:]
+
+
+def _read_only_output_folder(ws: Workspace) -> list[str]:
+    parent = ws.root / "read-only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    return ws.train(output_dir=parent / "out")
+
+
+def _nothing_written_in_read_only(ws: Workspace) -> None:
+    parent = ws.root / "read-only"
+    assert list(parent.iterdir()) == []
+    parent.chmod(0o755)  # so that pytest can clean up
+
+
 PROBES: list[Probe] = [
     # --- configs ------------------------------------------------------------------------------
     Probe("config-not-utf8", _non_utf8_config, ("latin1.yaml", "UTF-8")),
@@ -322,6 +374,17 @@ PROBES: list[Probe] = [
           ("cannot load checkpoint", "step-000004", "SafetensorError"), rc=1, check=_nothing_resumed),
 
     # --- runs: planning, stopping, finished runs, disk ------------------------------------------
+    Probe("max-epochs-huge-max-steps-small", _huge_max_epochs, ("training stopped: max_steps after 1 steps",), rc=0),
+    Probe("finished-run-rerun", _rerun_finished, ("holds this run, finished", "metrics.json", "nothing to do"), rc=0,
+          check=_finished_run_untouched),
+    pytest.param(Probe("fp16-without-cuda", _fp16_on_cpu, ("mixed_precision=fp16", "training in fp32"), rc=0,
+                       check=_says_fp32_not_fp16),
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a GPU"),
+                 id="fp16-without-cuda"),
+    pytest.param(Probe("output-dir-read-only", _read_only_output_folder,
+                       ("output_dir", "read-only", "cannot be written"), check=_nothing_written_in_read_only),
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder (chmod): "
+                                          "tests/unit/test_cli_run_faults.py simulates it"), id="output-dir-read-only"),
 
     # --- predict / evaluate -------------------------------------------------------------------
     Probe("predict-audio-1e30", _predict_loud_audio, ("loud.wav", "non-finite features"), rc=1),
@@ -388,3 +451,42 @@ def test_bad_input_gets_one_line_naming_it(probe: Probe, workspace: Workspace):
                                                                                         proc.stderr[-4000:])
     if probe.check is not None:
         probe.check(workspace)
+
+
+# --- runs: a stop request before the first step ----------------------------------------------------
+
+
+def test_a_stop_request_before_the_first_step_ends_the_run_at_once_and_the_same_command_starts_it(workspace):
+    """SIGTERM during setup (here: once the resolved config is printed, while the data and model are
+    built and an astronomically long run's steps are counted) ends the run within seconds with one
+    line, exit 75 (what a preempted run exits with, which the Slurm script requeues) and nothing
+    saved; the requeued command then starts the run from scratch and finishes it."""
+    argv = workspace.train("train.max_epochs=" + "1" + "0" * 29, "train.max_steps=1")
+    proc = subprocess.Popen([*EMOTRAIN, *argv], cwd=workspace.root, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        head = []
+        for line in proc.stderr:
+            head.append(line)
+            if "resolved config" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, tail = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = "".join(head) + tail
+    assert "Traceback" not in stderr, stderr[-4000:]
+    assert proc.returncode == 75 and elapsed < 15, (proc.returncode, elapsed, stderr[-4000:])
+    stop_lines = [line for line in stderr.splitlines() if "stop requested" in line]
+    assert len(stop_lines) == 1 and "before the first step" in stop_lines[0], stderr[-4000:]
+    assert stderr.strip().splitlines()[-1] == stop_lines[0]
+    assert not (workspace.out / "checkpoints").exists()
+
+    requeued = subprocess.run([*EMOTRAIN, *argv], cwd=workspace.root, env=subprocess_env(), capture_output=True,
+                              text=True, timeout=TIMEOUT)
+    assert requeued.returncode == 0, requeued.stderr[-4000:]
+    assert "starting fresh" in requeued.stderr and (workspace.out / "metrics.json").is_file()

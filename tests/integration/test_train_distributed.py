@@ -570,3 +570,18 @@ def test_a_training_step_reads_the_device_once_and_makes_one_small_collective(sy
     for row in logged:
         assert row["perf/step_seconds"] > 0 and 0 <= row["perf/data_wait_share"] < 1 and row["perf/tflops_per_device"] > 0
         assert 0.1 < row["perf/peak_host_memory_gib"] < 64  # an interpreter with torch holds a few hundred MiB
+
+
+def test_fp16_without_cuda_trains_zero3_in_fp32_and_says_so(synthetic_corpus, tmp_path):
+    """One rule for every strategy (the plain path: tests/integration/test_bad_input.py): fp16 needs a
+    CUDA GPU, so without one the run trains in fp32, says so once, and DeepSpeed gets fp16 disabled."""
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on a GPU")
+    out = tmp_path / "run"
+    rc, log = _launch("cpu_zero3.yaml", synthetic_corpus, out, "train.mixed_precision=fp16", "train.max_steps=1",
+                      deepspeed=True)
+    assert rc == 0 and "Traceback" not in log, log[-6000:]
+    assert "2 process(es), DistributedType.DEEPSPEED, mixed precision no" in log, log[-6000:]
+    assert log.count("train.mixed_precision=fp16 needs a CUDA GPU") == 1 and "mixed precision fp16" not in log
+    config = _deepspeed_states(_checkpoints(out)[-1])["ds_config"]
+    assert config["fp16"]["enabled"] is False and config["bf16"]["enabled"] is False

@@ -639,3 +639,51 @@ def test_a_resume_on_relabelled_data_is_refused(root, meta, processors, tmp_path
     resumed = _stream(split, processors)
     resumed.load_state_dicts(older)
     assert resumed.position == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting a run's steps: lazily, epoch by epoch.
+
+
+class _CountingStream:
+    """A stream's step counts per epoch (any per-epoch function), counting the plans it is asked for."""
+
+    def __init__(self, steps_of, epoch=0, steps_done=0):
+        self.steps_of, self.epoch, self.steps_done, self.planned = steps_of, epoch, steps_done, []
+
+    def steps_in_epoch(self, epoch=None):
+        epoch = self.epoch if epoch is None else epoch
+        self.planned.append(epoch)
+        return self.steps_of(epoch)
+
+
+@pytest.mark.parametrize("max_epochs,max_steps_left,epoch,done", [
+    (1, None, 0, 0), (10, None, 0, 0), (10, None, 3, 2), (10, 7, 0, 0), (10, 1000, 0, 0), (10, 26, 0, 5),
+    (100, None, 40, 1), (101, None, 0, 0), (3, None, 5, 0),
+])
+def test_steps_ahead_is_the_exact_sum_of_the_plans_for_normal_runs(max_epochs, max_steps_left, epoch, done):
+    from emotrain.data.stream import steps_ahead
+
+    steps_of = lambda e: 5 + (e * 7) % 3  # noqa: E731  (bucketing: epochs differ a little)
+    stream = _CountingStream(steps_of, epoch, done)
+    total = ((steps_of(epoch) - done if epoch < max_epochs else 0)
+             + sum(steps_of(e) for e in range(epoch + 1, max_epochs)))
+    expected = min(total, max_steps_left) if max_steps_left is not None else total
+    assert steps_ahead(stream, max_epochs=max_epochs, max_steps_left=max_steps_left) == (expected, True)
+
+
+def test_steps_ahead_of_a_huge_max_epochs_plans_only_what_it_needs():
+    from emotrain.data.stream import COUNTED_EPOCHS, steps_ahead
+
+    # Bounded by max_steps: planned epoch by epoch until the bound is reached (one per 5 steps here).
+    stream = _CountingStream(lambda e: 5)
+    assert steps_ahead(stream, max_epochs=10**29, max_steps_left=12) == (12, True)
+    assert stream.planned == [0, 1, 2]
+    # Not bounded: COUNTED_EPOCHS plans, then their mean times the epochs left (an estimate, said so).
+    stream = _CountingStream(lambda e: 4 + e % 2)
+    steps, exact = steps_ahead(stream, max_epochs=10**29, max_steps_left=None)
+    assert not exact and len(stream.planned) == COUNTED_EPOCHS + 1 and steps == pytest.approx(4.5 * 10**29, rel=1e-6)
+    # ... and under a max_steps the extrapolation passes, the bound holds but is an estimate too.
+    stream = _CountingStream(lambda e: 1)
+    assert steps_ahead(stream, max_epochs=10**29, max_steps_left=10**6) == (10**6, False)
+    assert len(stream.planned) == COUNTED_EPOCHS + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -330,3 +331,36 @@ def test_an_older_run_is_checked_against_its_checkpoint_or_accepted_with_a_note(
     assert run.check_data(str(a), lambda: _fingerprint(a)) is None
     with pytest.raises(RunFolderConflict, match=f"trained on other data \\({a}\\) than data.path={b}"):
         run.check_data(str(b), lambda: _fingerprint(b))
+
+
+def test_a_finished_run_asked_again_is_done_unless_another_config_or_data_asks(tmp_path, two_corpora):
+    from emotrain.train.run_folder import RunFolder
+
+    first, second = two_corpora
+    cfg = _config(f"data.path={first}", f"output_dir={tmp_path}", "train.max_steps=4")
+    save_config(cfg, tmp_path / "config.yaml")
+    recorded = {"path": str(first), **_fingerprint(first)}
+    (tmp_path / "metrics.json").write_text(json.dumps({"test": {"ua": 0.5}, "data": recorded}))
+    run = RunFolder(tmp_path)
+    assert run.is_finished()
+    line = run.check_finished(_config(f"data.path={first}", f"output_dir={tmp_path}", "train.max_steps=4",
+                                      "logging.progress_bar=false"), lambda: _fingerprint(first))
+    assert "finished" in line and str(run.metrics) in line and "another output_dir" in line and "\n" not in line
+    with pytest.raises(RunFolderConflict, match="train.max_steps: 4 there, 8 now"):  # a longer run is another run
+        run.check_finished(_config(f"data.path={first}", f"output_dir={tmp_path}", "train.max_steps=8"),
+                           lambda: _fingerprint(first))
+    with pytest.raises(RunFolderConflict, match="other data"):
+        run.check_finished(_config(f"data.path={second}", f"output_dir={tmp_path}", "train.max_steps=4"),
+                           lambda: _fingerprint(second))
+
+
+def test_an_output_dir_that_cannot_be_written_is_a_config_error(tmp_path, monkeypatch):
+    from emotrain.train.run_folder import RunFolder
+
+    RunFolder(tmp_path / "new" / "run").check_writable()  # made later, under a writable folder
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != tmp_path and real_access(path, mode, **kw))
+    for folder in (tmp_path, tmp_path / "new" / "run"):  # the folder itself, or where it would be made
+        with pytest.raises(ConfigError, match="read-only") as err:
+            RunFolder(folder).check_writable()
+        assert err.value.key == "output_dir" and str(folder) in str(err.value)

@@ -163,6 +163,24 @@ def test_a_deepspeed_config_that_would_apply_non_finite_steps_is_refused():
         check_skips_nonfinite_steps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True, "check_grad_overflow": False}})
 
 
+def test_fp16_without_cuda_is_one_rule_for_every_strategy():
+    from emotrain.config import ConfigError, load_config
+    from emotrain.train.deepspeed_config import check_precision_available, fill_deepspeed_auto, training_precision
+
+    assert training_precision("fp16", cuda=False) == "no"  # trains in fp32 (the recipe says so in the log)
+    assert [training_precision(p, cuda=False) for p in ("no", "bf16")] == ["no", "bf16"]  # bf16 works on a CPU
+    assert [training_precision(p, cuda=True) for p in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+    # DeepSpeed's "auto" gets the precision the run trains in, not the config's.
+    ds = json.loads((REPO / "launch" / "ds_zero3.json").read_text())
+    fill_deepspeed_auto(ds, load_config(None, ["train.mixed_precision=fp16"]), mixed_precision="no")
+    assert ds["fp16"]["enabled"] is False and ds["bf16"]["enabled"] is False
+    check_precision_available(ds, cuda=False)
+    # A launch file that enables fp16 itself cannot follow the rule on a CPU: refused, in one line.
+    with pytest.raises(ConfigError, match=r"fp16.enabled: is true, but fp16 needs a CUDA GPU"):
+        check_precision_available({"fp16": {"enabled": True}}, cuda=False)
+    check_precision_available({"fp16": {"enabled": True}}, cuda=True)
+
+
 def _complete_partial(root, step, weights):
     """A partial folder exactly as `finalize` leaves it just before publishing."""
     partial = ckpt.partial_dir(root, step)
@@ -292,6 +310,23 @@ def test_preemption_by_signal_and_flag_file(tmp_path):
     finally:
         for sig, handler in original.items():
             signal.signal(sig, handler)
+
+
+
+def test_before_the_first_step_a_stop_signal_interrupts_at_once_and_only_once(tmp_path):
+    from emotrain.train.preemption import StoppedBeforeFirstStep
+
+    with PreemptionWatcher(tmp_path / "STOP", at_once=True) as watcher:
+        with pytest.raises(StoppedBeforeFirstStep, match="signal SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # setup's long work: the handler raises within it
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal, on the way out: only remembered
+        assert watcher.requested() and not watcher.at_once
+    with PreemptionWatcher(tmp_path / "STOP", at_once=True) as watcher:
+        watcher.steps_begin()  # steps begin: a stop now waits for a step boundary (state to save)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watcher.requested() and watcher.reason() == "signal SIGUSR1"
+    assert not issubclass(StoppedBeforeFirstStep, Exception)  # no library's `except Exception` swallows it
 
 
 class _Tiny(nn.Module):
