@@ -48,10 +48,6 @@ class Workspace:
         """`emotrain train` on this workspace's corpus with the tiny encoders."""
         return ["train", str(SMOKE), *tiny_overrides(self.corpus, output_dir or self.out, *extra)]
 
-    def resume(self, *extra: str) -> list[str]:
-        """`emotrain train` continuing `self.run` (the settings it was written with, two more steps)."""
-        return self.train(*RUN_SETTINGS, "train.max_steps=6", *extra, output_dir=self.run)
-
 
 RUN_SETTINGS = ("train.checkpoint_every_steps=2", "train.eval_every_steps=2", "train.keep_last_checkpoints=3")
 
@@ -130,8 +126,8 @@ def _no_output_folder(ws: Workspace) -> None:
 
 def _interrupted_run(ws: Workspace, *extra: str) -> list[str]:
     """Make `ws.run` a run killed after its step-4 checkpoint (no metrics.json, no best/) and return the
-    command that continues it: its own, unchanged (`ws.resume()` changes train.max_steps, and the run
-    folder refuses that as another experiment). From step 4 there is nothing left to train; from
+    command that continues it: its own, unchanged (another train.max_steps would be another
+    experiment, which the run folder refuses). From step 4 there is nothing left to train; from
     step 2, two steps."""
     (ws.run / "metrics.json").unlink()
     shutil.rmtree(ws.run / "best")
