@@ -65,6 +65,7 @@ import logging
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -177,6 +178,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256_of(folder: Path, names: list[str]) -> dict[str, str]:
+    """{name: sha256} of files in `folder`, hashed in parallel threads (hashlib releases the GIL on
+    large buffers): a checkpoint's time to hash is about that of its largest file, the optimizer state."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 8))) as pool:
+        return dict(zip(names, pool.map(lambda name: _sha256(folder / name), names)))
+
+
 def _listed_files(folder: Path) -> list[str]:
     """Every file under `folder` a manifest lists, as relative POSIX paths, sorted."""
     return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
@@ -186,10 +194,11 @@ def _listed_files(folder: Path) -> list[str]:
 def write_manifest(folder: str | Path) -> None:
     """Record the size and sha256 of every file of checkpoint `folder` in `manifest.json`. Main
     process, once per save, after every rank finished writing: hashing reads the checkpoint once
-    more (a few seconds for a 1.5 GB model), which a save can afford; it is never redone."""
+    more, just written and so mostly from the page cache (bench/checkpoint_io.py measures it)."""
     folder = Path(folder)
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-             for name in _listed_files(folder)}
+    names = _listed_files(folder)
+    digests = _sha256_of(folder, names)
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": digests[name]} for name in names}
     write_json(folder / MANIFEST, {"version": 1, "files": files})
 
 
@@ -232,8 +241,8 @@ def checkpoint_problem(folder: str | Path) -> str | None:
 
     Its files must be those `manifest.json` recorded: sizes first (cheap: a truncated or missing
     file is found without reading anything), then the sha256 of each, which reads the whole
-    checkpoint: seconds for a 1.5 GB model, paid once per resume (and for the best checkpoint at
-    the end of a run), never at a save. Without a manifest (written before it existed) nothing can
+    checkpoint again: paid once per resume (and for the best checkpoint at the end of a run), as
+    much as the hashing at each save (`write_manifest`; measured in bench/checkpoint_io.py). Without a manifest (written before it existed) nothing can
     be compared, and only a DeepSpeed checkpoint is refused (see the module docstring)."""
     folder = Path(folder)
     try:
@@ -250,8 +259,9 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     for name, recorded in files.items():
         if problem := _file_problem(folder, name, recorded):
             return f"is damaged ({problem})"
+    digests = _sha256_of(folder, sorted(files))
     for name, recorded in files.items():
-        if _sha256(folder / name) != recorded["sha256"]:
+        if digests[name] != recorded["sha256"]:
             return f"is damaged ({name}: its sha256 differs from the one recorded at save)"
     return None
 

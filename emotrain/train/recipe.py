@@ -317,12 +317,16 @@ def decided_by_main(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
             outcome = [("config", err.key, str(err).split(": ", 1)[1])]
         except (ResumeError, FileNotFoundError, ValueError) as err:
             outcome = [("resume", str(err))]
+        except OSError as err:  # a full disk, a folder it may not write: the CLI says it in one line
+            outcome = [("os", err.errno, err.strerror or str(err), err.filename)]
     broadcast_object_list(outcome)
     kind, *value = outcome[0]
     if kind == "config":
         raise ConfigError(*value)
     if kind == "resume":
         raise ResumeError(value[0])
+    if kind == "os":
+        raise OSError(*value)
     return value[0]
 
 

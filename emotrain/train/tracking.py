@@ -201,6 +201,21 @@ class _TqdmConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _RunLogFileHandler(logging.FileHandler):
+    """train.log. A line that cannot be written (the disk is full) is reported once, in one line, and
+    the console keeps every line: logging's default would print a traceback for each line lost."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            err = sys.exc_info()[1]
+            reason = getattr(err, "strerror", None) or err
+            print(f"emotrain: cannot write {self.baseFilename} ({reason}): from here on the log is on the console "
+                  "only", file=sys.stderr)
+
+
 def setup_logging(output_dir: str | Path, is_main_process: bool) -> logging.Logger:
     """`emotrain` logs to the console and `output_dir/train.log` on rank 0; other ranks report only
     their own data problems (`emotrain.data` warnings) and errors."""
@@ -211,7 +226,7 @@ def setup_logging(output_dir: str | Path, is_main_process: bool) -> logging.Logg
         logger.setLevel(logging.INFO)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-        for handler in (_TqdmConsoleHandler(), logging.FileHandler(RunFolder(output_dir).log)):
+        for handler in (_TqdmConsoleHandler(), _RunLogFileHandler(RunFolder(output_dir).log)):
             handler.setFormatter(formatter)
             logger.addHandler(handler)
     else:

@@ -137,3 +137,31 @@ def test_a_stop_signal_while_train_checks_its_config_and_loads_torch_ends_it_at_
         assert signal.getsignal(signal.SIGTERM) is unwatched  # the handler before it is given back
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_log_file_the_disk_cannot_take_is_said_once_and_the_console_keeps_every_line(tmp_path, capsys):
+    import logging
+
+    from emotrain.train.tracking import setup_logging
+
+    log = setup_logging(tmp_path, is_main_process=True)
+    file_handler = next(h for h in log.handlers if isinstance(h, logging.FileHandler))
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            pass
+
+    file_handler.stream = FullDisk()
+    try:
+        for i in range(3):
+            log.info("line %d", i)
+    finally:
+        file_handler.stream = None
+        log.handlers.clear()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err, err
+    assert err.count("cannot write") == 1 and "No space left on device" in err
+    assert all(f"line {i}" in err for i in range(3))

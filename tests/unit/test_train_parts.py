@@ -405,3 +405,31 @@ def test_the_fused_optimizer_is_chosen_by_config():
     assert fused.defaults["fused"] is True
     auto = build_optimizer(model, TrainConfig(), ModelConfig())
     assert bool(auto.defaults["fused"]) is torch.cuda.is_available()
+
+
+def test_an_os_error_deciding_on_the_main_process_is_raised_on_every_rank(monkeypatch):
+    """A full disk while rank 0 decides (the lock file, recovery) must not leave the other ranks
+    waiting in the broadcast: every rank raises the same OSError, which the CLI says in one line."""
+    import errno
+    import os
+    from types import SimpleNamespace
+
+    import emotrain.train.recipe as recipe
+
+    sent = []
+
+    def broadcast(objects):  # rank 0 sends its outcome, the others receive it
+        if sent:
+            objects[:] = sent[0]
+        else:
+            sent.append(list(objects))
+
+    monkeypatch.setattr(recipe, "broadcast_object_list", broadcast)
+
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/.lock")
+
+    for is_main in (True, False):
+        with pytest.raises(OSError) as err:
+            recipe.decided_by_main(SimpleNamespace(is_main_process=is_main), full)
+        assert (err.value.errno, err.value.filename) == (errno.ENOSPC, "/runs/x/.lock")
