@@ -22,8 +22,10 @@ so a resume would silently diverge. `load_checkpoint` loads that file first and 
 turns any other load failure into a one-line `ResumeError`; `rng_state_problem` checks every rank's
 file before a checkpoint is chosen, so `resume=auto` can fall back from it.
 
-A save that runs out of disk space (torch's writer then says `unexpected pos ...`) is reported as
-`OSError(ENOSPC)` saying how much a checkpoint needs. The save is a collective: a rank that fails
+A save that runs out of disk space is reported as `OSError(ENOSPC)` saying how much a checkpoint
+needs: when the error says the disk is full, or when it is torch's writer failing without a reason
+(`unexpected pos ...`, what it says on a full disk) and too little space is free. Any other error
+goes on unchanged. The save is a collective: a rank that fails
 leaves the others waiting in the next barrier until the launcher (torchrun, `accelerate launch`)
 ends them on that rank's exit; no collective is added after a failure. The same holds for a rank
 whose load fails alone, which is rare: the main process has checked every rank's files before.
@@ -269,20 +271,27 @@ class TrainingState:
 
 _MiB = 1 << 20
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28")
+_DISK_FULL_WORDS = ("No space left", "Disk quota exceeded", "StorageFull", "os error 28")
+_GENERIC_WRITE_FAILURE = ("unexpected pos", "file write failed", "PytorchStreamWriter")
+"""What torch's checkpoint writer says when a write fails, whatever the cause (a full disk among others)."""
 
 
 def _disk_full_error(err: Exception, checkpoints_dir: Path, step: int, model, optimizer) -> OSError | None:
     """`OSError(ENOSPC, <what happened, what a checkpoint needs, what to do>, checkpoints_dir)` when the
-    disk is why writing checkpoint `step` failed: the error says so, or what is free there cannot hold
-    the rest of a checkpoint (torch's writer says only `unexpected pos ...`). None otherwise."""
+    disk is why writing checkpoint `step` failed: the error says so (ENOSPC or EDQUOT anywhere in its
+    cause chain, or the words), or it is torch's writer failing without saying why (`unexpected pos
+    ...`, `file write failed`) and what is free there cannot hold the rest of a checkpoint. None
+    otherwise: any other error is not guessed to be the disk, however little space is free."""
+    says_full = _says_disk_full(err)
+    if not (says_full or _mentions(err, _GENERIC_WRITE_FAILURE)):
+        return None
     try:
         needed = _checkpoint_bytes(checkpoints_dir, model, optimizer)
         written = _folder_bytes(partial_dir(checkpoints_dir, step))
         free = shutil.disk_usage(checkpoints_dir).free
     except OSError:  # the folder itself is gone or unreadable: not a question of space
         return None
-    if not (_says_disk_full(err) or free < max(needed - written, _MiB)):
+    if not (says_full or free < max(needed - written, _MiB)):
         return None
     return OSError(errno.ENOSPC, (
         f"no space left on device while saving checkpoint {checkpoint_name(step)} "
@@ -295,15 +304,23 @@ def _megabytes(size: int) -> str:
     return f"{size / _MiB:.0f} MB" if size >= 10 * _MiB else f"{size / _MiB:.1f} MB"
 
 
-def _says_disk_full(err: BaseException | None) -> bool:
-    """Whether `err` or an error it was raised from is the disk (or quota) being full."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in _DISK_FULL:
-            return True
-        if any(words in str(err) for words in _DISK_FULL_WORDS):  # safetensors' and torch's wrapped errors
-            return True
+def _causes(err: BaseException | None) -> Iterator[BaseException]:
+    """`err` and every error it was raised from or while handling."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
         err = err.__cause__ or err.__context__
-    return False
+
+
+def _says_disk_full(err: BaseException) -> bool:
+    """Whether `err` or an error it was raised from is the disk (or quota) being full."""
+    return any(isinstance(cause, OSError) and cause.errno in _DISK_FULL for cause in _causes(err)) or _mentions(
+        err, _DISK_FULL_WORDS)  # (the words: safetensors' and torch's errors that wrap the OS one in text)
+
+
+def _mentions(err: BaseException, words: tuple[str, ...]) -> bool:
+    return any(word in str(cause) for cause in _causes(err) for word in words)
 
 
 def _folder_bytes(folder: Path) -> int:

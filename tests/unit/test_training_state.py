@@ -304,9 +304,18 @@ class _DiskFullAccelerator(_FakeAccelerator):
         raise self.error
 
 
+def _chained(error: Exception, cause: Exception) -> Exception:
+    error.__cause__ = cause
+    return error
+
+
 @pytest.mark.parametrize(("error", "free", "free_text"), [
     (RuntimeError("unexpected pos 1088 vs 1024"), 200 << 10, "0.2 MB"),  # torch's writer: only the space tells
+    (RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file "
+                  "write failed"), 200 << 10, "0.2 MB"),
     (OSError(errno.ENOSPC, "No space left on device"), 200 << 10, "0.2 MB"),
+    # the cause chain tells, whatever the message says and is free by the time we look
+    (_chained(RuntimeError("writing failed"), OSError(errno.EDQUOT, "Disk quota exceeded")), 50 << 30, "51200 MB"),
     # safetensors wraps the OS error in its own; the error tells, whatever is free by the time we look
     (RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on '
                   'device" })'), 50 << 30, "51200 MB"),
@@ -328,10 +337,20 @@ def test_a_save_that_runs_out_of_disk_space_says_so_and_what_a_checkpoint_needs(
     assert ckpt.latest_checkpoint(root) == root / "step-000002"  # nothing lost
 
 
-def test_a_save_failure_that_is_not_the_disk_goes_on_as_it_was(tmp_path):
+@pytest.mark.parametrize(("error", "free"), [
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), 50 << 30),
+    # Not a word of the disk: not called a full disk, however little is free (a guess would mislabel them).
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), 200 << 10),
+    (OSError(errno.EIO, "Input/output error"), 200 << 10),
+    (PermissionError(errno.EACCES, "Permission denied"), 200 << 10),
+    (_chained(RuntimeError("serializing failed"), OSError(errno.EROFS, "Read-only file system")), 200 << 10),
+    # torch's writer failing without a reason, with room to spare: something else than space
+    (RuntimeError("unexpected pos 1088 vs 1024"), 50 << 30),
+])
+def test_a_save_failure_that_is_not_the_disk_goes_on_as_it_was(tmp_path, monkeypatch, error, free):
     root = tmp_path / "checkpoints"
-    error = RuntimeError("CUDA error: an illegal memory access was encountered")
-    with pytest.raises(RuntimeError) as raised:  # (the disk has room for a Linear(2, 2))
+    monkeypatch.setattr("emotrain.train.state.shutil.disk_usage", lambda path: SimpleNamespace(free=free))
+    with pytest.raises(type(error)) as raised:
         _state(_FakeAccelerator(), Progress(step=2)).save(_DiskFullAccelerator(error), root, config_yaml="",
                                                           keep_last=2)
     assert raised.value is error
