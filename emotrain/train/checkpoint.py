@@ -10,6 +10,7 @@ This is the folder store, torch-free; what goes into a folder is the training st
                              and COMPLETE, written last
       .partial-step-000400/  being written: never picked by resume
       .replaced-step-000200/ the previous step-000200 while a new one takes its place (journal)
+      .deleting-step-000100/ being deleted: renamed here first, so a deletion cut short is provably ours
 
 Saving writes into a `.partial-` folder on every rank (DeepSpeed's `save_state` is a collective, so
 all ranks call it), then the main process adds the loop state, config and `COMPLETE` marker and
@@ -41,20 +42,33 @@ into place, delete the aside folder. `recover` (main process, before choosing wh
     (then the aside is deleted), otherwise the aside is renamed back;
   - a complete partial folder (it has `COMPLETE`, which the main process writes only after every
     rank finished writing) is published: renamed into place (journaled if the step folder exists).
-Incomplete partial folders are left for `rotate` to delete. A folder is deleted marker first, so a
-deletion cut short never leaves something that looks complete; and since a `step-*` folder is only
-ever published complete, one without a marker is such a deletion, which `recover` and `rotate`
-finish.
+Incomplete partial folders are left for `rotate` to delete. A folder is deleted by renaming it to
+`.deleting-<its name>` first (atomic, made durable), then removing it: a deletion cut short leaves
+only a `.deleting-` folder, which `recover` and `rotate` finish, and never a `step-*`,
+`.partial-` or `.replaced-` folder with part of its files. So an aside folder is never one whose
+deletion was cut short, and `recover` only ever restores a whole one. A `step-*` folder without a
+readable `COMPLETE` marker (or loop state) is then never ours mid-deletion: a checkpoint still being
+copied in, or one whose marker a sync tool skipped. It is left alone, never loaded nor deleted, and
+`recover` warns once per start that it is not a complete checkpoint.
 
 Damage after the save. `manifest.json` records every file of the checkpoint (relative path, size,
 sha256), written by the main process after every rank finished writing and before `COMPLETE` (on a
 shared filesystem it covers every rank's files, DeepSpeed's shards too). `checkpoint_problem`
-verifies it before a checkpoint is trusted: `resume=auto` falls back to the newest intact
-checkpoint, saying so; an explicit `train.resume=<folder>` that is damaged is a `ResumeError`.
+verifies it before a checkpoint is trusted: its files must be exactly those listed (a file added
+since is damage too), with their sizes and hashes. `resume=auto` falls back to the newest intact
+checkpoint, saying so, and marks the damaged ones written after it `ABANDONED` (as choosing that
+older checkpoint explicitly would: they are never verified again, and the next save rotates them
+away); an explicit `train.resume=<folder>` that is damaged is a `ResumeError`.
 A checkpoint written before the manifest existed is not hash-checked (the strict load in
 `emotrain.train.state` still is), except a DeepSpeed one, which is refused: DeepSpeed loads its
 files with `torch.load(weights_only=False)`, and only the recorded hashes say they are the files
 that were saved.
+
+What the manifest costs: hashing reads the whole checkpoint once more at each save, on the main
+process while the other ranks wait at the save's last barrier (the files were just written, so
+often from the page cache), once more when a run resumes from it, and once more for the best
+checkpoint a run loads at its end. The files are hashed in parallel threads (`_sha256_of`).
+bench/checkpoint_io.py measures both on a given machine and model (results in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -79,8 +93,10 @@ _UNLISTED = {COMPLETE, ABANDONED, MANIFEST}
 """Top-level files a manifest does not list: the markers are written after it, and it is itself."""
 _PARTIAL_PREFIX = ".partial-"
 _ASIDE_PREFIX = ".replaced-"
+_DELETING_PREFIX = ".deleting-"
 _NAME = re.compile(r"^step-(\d{6,})$")
 _ANY_NAME = re.compile(r"^(\.partial-|\.replaced-)?step-(\d{6,})$")  # every folder a save or a replacement makes
+_DELETING_NAME = re.compile(r"^\.deleting-(\.partial-|\.replaced-)?step-\d{6,}$")  # what `_delete` renames them to
 
 log = logging.getLogger("emotrain.train")
 
@@ -180,7 +196,7 @@ def _sha256(path: Path) -> str:
 
 def _sha256_of(folder: Path, names: list[str]) -> dict[str, str]:
     """{name: sha256} of files in `folder`, hashed in parallel threads (hashlib releases the GIL on
-    large buffers): a checkpoint's time to hash is about that of its largest file, the optimizer state."""
+    large buffers), so several files are read at once where the storage allows it."""
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 8))) as pool:
         return dict(zip(names, pool.map(lambda name: _sha256(folder / name), names)))
 
@@ -193,8 +209,9 @@ def _listed_files(folder: Path) -> list[str]:
 
 def write_manifest(folder: str | Path) -> None:
     """Record the size and sha256 of every file of checkpoint `folder` in `manifest.json`. Main
-    process, once per save, after every rank finished writing: hashing reads the checkpoint once
-    more, just written and so mostly from the page cache (bench/checkpoint_io.py measures it)."""
+    process, once per save, after every rank finished writing (the other ranks wait meanwhile):
+    hashing reads the whole checkpoint once more, just written and so often from the page cache
+    (bench/checkpoint_io.py measures it)."""
     folder = Path(folder)
     names = _listed_files(folder)
     digests = _sha256_of(folder, names)
@@ -239,11 +256,13 @@ def _written_by_deepspeed(folder: Path) -> bool:
 def checkpoint_problem(folder: str | Path) -> str | None:
     """Why checkpoint `folder` must not be loaded, as the end of "checkpoint step-N ...", or None.
 
-    Its files must be those `manifest.json` recorded: sizes first (cheap: a truncated or missing
-    file is found without reading anything), then the sha256 of each, which reads the whole
-    checkpoint again: paid once per resume (and for the best checkpoint at the end of a run), as
-    much as the hashing at each save (`write_manifest`; measured in bench/checkpoint_io.py). Without a manifest (written before it existed) nothing can
-    be compared, and only a DeepSpeed checkpoint is refused (see the module docstring)."""
+    Its files must be exactly those `manifest.json` recorded: sizes first (cheap: a truncated or
+    missing file is found without reading anything), then no file it does not list (one added
+    since the save, which Accelerate or DeepSpeed might load), then the sha256 of each, which reads
+    the whole checkpoint again: paid once per resume (and for the best checkpoint at the end of a
+    run), as much as the hashing at each save (`write_manifest`; bench/checkpoint_io.py measures
+    both). Without a manifest (written before it existed) nothing can be compared, and only a
+    DeepSpeed checkpoint is refused (see the module docstring)."""
     folder = Path(folder)
     try:
         files = _read_manifest(folder)
@@ -259,6 +278,9 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     for name, recorded in files.items():
         if problem := _file_problem(folder, name, recorded):
             return f"is damaged ({problem})"
+    for name in _listed_files(folder):
+        if name not in files:
+            return f"is damaged ({name}: not in the manifest written at save)"
     digests = _sha256_of(folder, sorted(files))
     for name, recorded in files.items():
         if digests[name] != recorded["sha256"]:
@@ -267,13 +289,16 @@ def checkpoint_problem(folder: str | Path) -> str | None:
 
 
 def _delete(folder: Path) -> None:
-    """Delete a checkpoint folder, marker first: if this is cut short, what is left is ignored
-    (and `recover` never restores a half-deleted aside folder)."""
-    marker = folder / COMPLETE
-    if marker.exists():
-        marker.unlink()
-        fsync_dir(folder)
-    shutil.rmtree(folder, ignore_errors=True)
+    """Delete a folder of the store (step, partial or aside): rename it to `.deleting-<name>`, make
+    the rename durable, then remove it. Cut short, what is left is a `.deleting-` folder that only a
+    deletion makes (`_finish_deletions` removes it), never a folder that is partly deleted under a
+    name `recover`, `rotate` or `resume` would act on."""
+    doomed = folder.with_name(_DELETING_PREFIX + folder.name)
+    if doomed.exists():  # (an earlier deletion of a folder of the same name, cut short)
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(folder, doomed)
+    fsync_dir(folder.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +338,10 @@ def finalize(checkpoints_dir: str | Path, step: int, loop_state: dict, config_ya
 
 
 def _recover_replacement(checkpoints_dir: Path, step: int) -> str:
-    """Finish or undo the replacement of `step` that left its aside folder behind."""
+    """Finish or undo the replacement of `step` that left its aside folder behind. The aside folder
+    is whole: a deletion renames a folder away before removing anything (`_delete`), so it is what
+    the replacement set aside, and rolling back restores exactly that (a `step-*` folder that was
+    not a complete checkpoint comes back as it was: left alone, never loaded)."""
     final = checkpoints_dir / checkpoint_name(step)
     aside = aside_dir(checkpoints_dir, step)
     partial = partial_dir(checkpoints_dir, step)
@@ -325,9 +353,6 @@ def _recover_replacement(checkpoints_dir: Path, step: int) -> str:
         fsync_dir(checkpoints_dir)
         _delete(aside)
         return f"renamed {partial.name} to {final.name} (interrupted replacement rolled forward)"
-    if not _is_complete(aside):  # a deletion that was cut short: nothing left worth restoring
-        _delete(aside)
-        return f"deleted {aside.name}: incomplete"
     os.rename(aside, final)  # the new folder never got complete: roll back
     fsync_dir(checkpoints_dir)
     return f"renamed {aside.name} back to {final.name} (interrupted replacement rolled back)"
@@ -343,15 +368,33 @@ def _steps_named(checkpoints_dir: Path, prefix: str) -> list[int]:
 
 
 def _finish_deletions(checkpoints_dir: Path) -> list[Path]:
-    """Delete every published `step-*` folder that has no marker file at all: a folder is published
-    only complete (the rename of a complete partial), and `_delete` removes the marker first, so
-    this is a deletion a kill cut short, which nothing else would ever remove. (A marker that is
-    there but unreadable is damage, not a deletion: left alone.)"""
-    unmarked = [checkpoints_dir / checkpoint_name(step) for step in _steps_named(checkpoints_dir, "")]
-    unmarked = [folder for folder in unmarked if not (folder / COMPLETE).exists()]
-    for folder in unmarked:
+    """Remove the `.deleting-` folders deletions cut short left: only `_delete` makes that name, so
+    these and nothing else are provably ours to remove. Returns them."""
+    doomed = sorted(child for child in checkpoints_dir.iterdir()
+                    if _DELETING_NAME.match(child.name) and child.is_dir())
+    for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
-    return unmarked
+    return doomed
+
+
+def _not_a_checkpoint(folder: Path) -> str | None:
+    """Why published step folder `folder` is not a complete checkpoint, or None if it is one."""
+    if not (folder / COMPLETE).exists():
+        return f"no {COMPLETE} marker"
+    if read_marker(folder) is None:
+        return f"its {COMPLETE} marker is unreadable"
+    return None if (folder / LOOP_STATE).is_file() else f"no {LOOP_STATE}"
+
+
+def _warn_incomplete(checkpoints_dir: Path) -> None:
+    """Say once per start which `step-*` folders are ignored: a save publishes only complete folders
+    and a deletion renames them away first, so such a folder is not one of ours half-done (a
+    checkpoint being copied in, one whose marker a sync tool skipped): never loaded, never deleted."""
+    for step in _steps_named(checkpoints_dir, ""):
+        folder = checkpoints_dir / checkpoint_name(step)
+        if reason := _not_a_checkpoint(folder):
+            log.warning("%s is not a complete checkpoint (%s): ignored, neither resumed nor deleted "
+                        "(copy it in whole, or delete it yourself)", folder, reason)
 
 
 def recover(checkpoints_dir: str | Path) -> list[str]:
@@ -361,8 +404,7 @@ def recover(checkpoints_dir: str | Path) -> list[str]:
     if not checkpoints_dir.is_dir():
         return []
     done = [_recover_replacement(checkpoints_dir, step) for step in _steps_named(checkpoints_dir, _ASIDE_PREFIX)]
-    done += [f"deleted {folder.name}: its deletion was cut short (no {COMPLETE} marker)"
-             for folder in _finish_deletions(checkpoints_dir)]
+    done += [f"deleted {folder.name}: its deletion was cut short" for folder in _finish_deletions(checkpoints_dir)]
     for step in _steps_named(checkpoints_dir, _PARTIAL_PREFIX):
         # COMPLETE is written after every rank finished writing: the folder is a whole checkpoint.
         if _is_complete(partial_dir(checkpoints_dir, step)):
@@ -370,6 +412,7 @@ def recover(checkpoints_dir: str | Path) -> list[str]:
             done.append(f"published the complete {partial_dir(checkpoints_dir, step).name} as {checkpoint_name(step)}")
     for line in done:
         log.warning("checkpoint recovery: %s", line)
+    _warn_incomplete(checkpoints_dir)
     return done
 
 
@@ -511,14 +554,19 @@ def _problem(folder: Path, check_loads: Check | None) -> str | None:
 
 
 def _newest_intact(checkpoints_dir: Path, check_loads: Check | None) -> Path | None:
-    """`resume=auto`: the newest current checkpoint that passes the checks. The damaged ones passed
-    over are left as they are (a save of the same step replaces one, rotation deletes the others)."""
+    """`resume=auto`: the newest current checkpoint that passes the checks. Falling back from damaged
+    ones is choosing an older checkpoint: they are abandoned (`abandon_after`), so they are not
+    hashed and warned about again at every start, and the next save rotates them away (they cannot
+    be loaded; a save of the same step replaces one)."""
     damaged = []
     for saved in reversed(current_checkpoints(checkpoints_dir)):
         problem = _problem(saved.folder, check_loads)
         if problem is None:
             for name, reason in damaged:
                 log.warning("checkpoint %s %s: resuming from %s instead", name, reason, saved.folder.name)
+            if damaged:  # (each one's damage is in the warning above; its ABANDONED marker says it in short)
+                abandon_after(checkpoints_dir, saved.folder,
+                              f"damaged, train.resume=auto resumed from {saved.folder.name} instead")
             return saved.folder
         damaged.append((saved.folder.name, problem))
     if damaged:
@@ -533,9 +581,10 @@ def rotate(checkpoints_dir: str | Path, keep_last: int, keep_steps: set[int] = f
     sequence, never fewer than one: the checkpoint just written survives) and those whose step is in
     `keep_steps` (the best step the loop state refers to: kept even if marked abandoned, as a restart
     cut short between its marker writes may leave it; deleting it cannot be undone, and the run
-    must load it at the end), incomplete partial folders of crashed saves, and step folders whose
-    deletion was cut short. Complete partial folders are `recover`'s. Main process only. Returns what
-    was removed."""
+    must load it at the end), incomplete partial folders of crashed saves, and what deletions cut
+    short left (`.deleting-` folders). Complete partial folders are `recover`'s, and a `step-*` folder
+    that is not a complete checkpoint is left alone (see the module docstring). Main process only.
+    Returns what was removed."""
     found = saved_checkpoints(checkpoints_dir)
     current = [saved for saved in found if not is_abandoned(saved.folder)]
     keep = {saved.folder for saved in current[-max(keep_last, 1):]}
@@ -545,9 +594,10 @@ def rotate(checkpoints_dir: str | Path, keep_last: int, keep_steps: set[int] = f
         if saved.folder not in keep:
             _delete(saved.folder)
             removed.append(saved.folder)
-    for leftover in sorted(Path(checkpoints_dir).glob(f"{_PARTIAL_PREFIX}*")):
+    for step in _steps_named(Path(checkpoints_dir), _PARTIAL_PREFIX):
+        leftover = partial_dir(checkpoints_dir, step)
         if not _is_complete(leftover):
-            shutil.rmtree(leftover, ignore_errors=True)
+            _delete(leftover)
             removed.append(leftover)
     return removed + _finish_deletions(Path(checkpoints_dir))  # (an earlier rotation's, killed midway)
 

@@ -105,6 +105,18 @@ def test_the_manifest_records_every_file_and_finds_each_kind_of_damage(tmp_path)
     shard.write_bytes(b"rank 1's shard, grown")
     assert "pytorch_model/zero_pp_rank_1_optim_states.pt: 21 bytes, 14 recorded" in ckpt.checkpoint_problem(folder)
     shard.write_bytes(b"rank 1's shard")
+    assert ckpt.checkpoint_problem(folder) is None
+    # A file added since the save, which Accelerate or DeepSpeed might load: anywhere in the folder.
+    (folder / "random_states_1.pkl").write_bytes(b"not saved by this run")
+    assert ckpt.checkpoint_problem(folder) == ("is damaged (random_states_1.pkl: not in the manifest written "
+                                               "at save)")
+    (folder / "random_states_1.pkl").unlink()
+    (folder / "pytorch_model" / "zero_pp_rank_2_optim_states.pt").write_bytes(b"")
+    assert ckpt.checkpoint_problem(folder) == ("is damaged (pytorch_model/zero_pp_rank_2_optim_states.pt: not in "
+                                               "the manifest written at save)")
+    (folder / "pytorch_model" / "zero_pp_rank_2_optim_states.pt").unlink()
+    (folder / ckpt.ABANDONED).write_text("a restart\n")  # the markers, written after the manifest, are not files of it
+    assert ckpt.checkpoint_problem(folder) is None
     (folder / ckpt.MANIFEST).write_text("{not json")
     assert ckpt.checkpoint_problem(folder) == "is damaged (manifest.json is unreadable (JSONDecodeError))"
 
@@ -139,16 +151,37 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_
     assert [record.getMessage() for record in caplog.records] == [
         "checkpoint step-000006 is damaged (model.safetensors: 1 bytes, 9 recorded): resuming from step-000002 instead",
         "checkpoint step-000004 is damaged (random_states_0.pkl does not load): resuming from step-000002 instead",
+        "checkpoints step-000004, step-000006 belong to an abandoned branch (damaged, train.resume=auto resumed "
+        "from step-000002 instead): never resumed, deleted at the next save",
     ]
+    # Falling back is choosing step 2: the damaged ones are abandoned, so the next start (killed
+    # before a save) neither hashes nor warns about them again ...
+    assert _steps(root) == [(2, False), (4, True), (6, True)]
     verified.clear()
-    assert ckpt.resolve_resume("auto", root) == four  # (without the load check, four is intact)
-    (two / "optimizer.bin").mkdir()  # not in the manifest: not a file of the checkpoint
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="emotrain.train"):
+        assert ckpt.resolve_resume("auto", root, check_loads=check_loads) == two
+    assert verified == ["step-000002"] and caplog.records == []
+    # ... an explicit choice of one is still refused, naming the damage ...
     with pytest.raises(ckpt.ResumeError, match=r"train.resume=.*step-000006 is damaged \(model.safetensors.*"
                                                r"train.resume=never or in another output_dir"):
         ckpt.resolve_resume(str(six), root)
+    # ... and the next save (step 4 again, as the run resumed from step 2 goes on) rotates step 6 away.
+    _saved(root, 4)
+    ckpt.rotate(root, keep_last=3)
+    assert _steps(root) == [(2, False), (4, False)] and ckpt.checkpoint_problem(four) is None
+
+
+def test_resume_auto_with_no_intact_checkpoint_names_each_and_changes_nothing(tmp_path):
+    root = tmp_path / "checkpoints"
+    two, four, six = _saved(root, 2, 4, 6)
+    (six / "model.safetensors").write_bytes(b"w")
+    (two / "optimizer.bin").mkdir()  # an empty folder: no file the manifest would list
+    assert ckpt.checkpoint_problem(two) is None
     (two / "model.safetensors").unlink()
     with pytest.raises(ckpt.ResumeError) as refused:
-        ckpt.resolve_resume("auto", root, check_loads=check_loads)
+        ckpt.resolve_resume("auto", root, check_loads=lambda folder: (
+            "is damaged (random_states_0.pkl does not load)" if folder == four else None))
     assert str(refused.value) == (
         f"no checkpoint in {root} can be resumed: checkpoint step-000006 is damaged (model.safetensors: 1 bytes, "
         "9 recorded); checkpoint step-000004 is damaged (random_states_0.pkl does not load); checkpoint "
@@ -157,30 +190,54 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_
     assert not any(ckpt.is_abandoned(folder) for folder in (two, four, six))  # refusing changes nothing
 
 
-def test_a_deletion_killed_between_marker_and_folder_is_finished(tmp_path):
-    """Rotation deletes marker first: killed right after, the step folder has no marker, which only
-    a cut-short deletion leaves (folders are published complete). Recovery and rotation finish it."""
+def _die_in_rmtree(die):
+    ckpt.shutil.rmtree = lambda *args, **kwargs: die()
+
+
+def test_a_deletion_cut_short_is_finished(tmp_path):
+    """A deletion renames the folder to `.deleting-<name>` first: killed while removing it, only that
+    name is left, which nothing but a deletion makes. Recovery and rotation finish it."""
     root = tmp_path / "checkpoints"
     _saved(root, 2, 4)
-
-    def die_in_rmtree(die):
-        ckpt.shutil.rmtree = lambda *args, **kwargs: die()
-
-    status = die_in_child(lambda die: ckpt.rotate(root, keep_last=1), fault=die_in_rmtree)
-    assert status == KILLED
-    assert (root / "step-000002").is_dir() and not (root / "step-000002" / ckpt.COMPLETE).exists()
-    assert ckpt.recover(root) == ["deleted step-000002: its deletion was cut short (no COMPLETE marker)"]
+    assert die_in_child(lambda die: ckpt.rotate(root, keep_last=1), fault=_die_in_rmtree) == KILLED
+    assert sorted(child.name for child in root.iterdir()) == [".deleting-step-000002", "step-000004"]
+    assert ckpt.recover(root) == ["deleted .deleting-step-000002: its deletion was cut short"]
     assert sorted(child.name for child in root.iterdir()) == ["step-000004"]
 
     _saved(root, 6)  # the same kill, then the next save's rotation finishes it
-    assert die_in_child(lambda die: ckpt.rotate(root, keep_last=1), fault=die_in_rmtree) == KILLED
+    assert die_in_child(lambda die: ckpt.rotate(root, keep_last=1), fault=_die_in_rmtree) == KILLED
     _saved(root, 8)
-    assert ckpt.rotate(root, keep_last=2) == [root / "step-000004"]
+    assert ckpt.rotate(root, keep_last=2) == [root / ".deleting-step-000004"]
+    assert sorted(child.name for child in root.iterdir()) == ["step-000006", "step-000008"]
+
+    ckpt.partial_dir(root, 10).mkdir()  # a save killed while the ranks wrote; its deletion killed too
+    assert die_in_child(lambda die: ckpt.rotate(root, keep_last=2), fault=_die_in_rmtree) == KILLED
+    assert ckpt.rotate(root, keep_last=2) == [root / ".deleting-.partial-step-000010"]
     assert sorted(child.name for child in root.iterdir()) == ["step-000006", "step-000008"]
 
 
-def test_a_step_folder_whose_marker_is_damaged_is_not_taken_for_a_deletion(tmp_path):
+def test_a_step_folder_that_is_not_a_complete_checkpoint_is_left_alone_and_said_once(tmp_path, caplog):
+    """Not one of ours half-deleted (those are renamed away first): one being copied in, or whose
+    marker a sync tool skipped, or whose marker is damaged. Never resumed, never deleted."""
     root = tmp_path / "checkpoints"
-    (two,) = _saved(root, 2)
-    (two / ckpt.COMPLETE).write_text("{garbage")
-    assert ckpt.recover(root) == [] and ckpt.rotate(root, keep_last=1) == [] and two.is_dir()
+    copying, unsynced, damaged, _ = _saved(root, 2, 4, 6, 8)
+    (copying / ckpt.COMPLETE).unlink()
+    (copying / ckpt.LOOP_STATE).unlink()
+    (unsynced / ckpt.LOOP_STATE).unlink()
+    (damaged / ckpt.COMPLETE).write_text("{garbage")
+    before = {folder: sorted(p.name for p in folder.rglob("*")) for folder in (copying, unsynced, damaged)}
+    with caplog.at_level("WARNING", logger="emotrain.train"):
+        assert ckpt.recover(root) == []
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{copying} is not a complete checkpoint (no COMPLETE marker): ignored, neither resumed nor deleted "
+        "(copy it in whole, or delete it yourself)",
+        f"{unsynced} is not a complete checkpoint (no loop_state.json): ignored, neither resumed nor deleted "
+        "(copy it in whole, or delete it yourself)",
+        f"{damaged} is not a complete checkpoint (its COMPLETE marker is unreadable): ignored, neither resumed "
+        "nor deleted (copy it in whole, or delete it yourself)",
+    ]
+    assert ckpt.rotate(root, keep_last=1) == []
+    _saved(root, 10)
+    assert ckpt.rotate(root, keep_last=1) == [root / "step-000008"]
+    assert ckpt.resolve_resume("auto", root) == root / "step-000010"
+    assert {folder: sorted(p.name for p in folder.rglob("*")) for folder in before} == before

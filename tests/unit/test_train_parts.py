@@ -15,6 +15,7 @@ from emotrain.config import TrainConfig
 from emotrain.train import checkpoint as ckpt
 from emotrain.train.optim import parameter_groups
 from emotrain.train.preemption import STOP_SIGNALS, PreemptionWatcher
+from tests.faults import KILLED, die_in_child
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -224,13 +225,30 @@ def test_recover_an_interrupted_replacement_at_every_crash_point(tmp_path):
     ckpt.rotate(root, keep_last=1)  # the incomplete partial is rotation's to delete
     assert _names(root) == ["step-000100"]
 
-    # A deletion of an aside folder that was cut short (marker gone): nothing to restore.
+    # Killed while deleting the aside folder, the new one in place: a deletion renames the folder away
+    # before removing anything, so no half-deleted aside folder is ever there for recover to restore.
     root = tmp_path / "d"
     _save(root, 100, b"old")
     os.rename(root / "step-000100", ckpt.aside_dir(root, 100))
-    (ckpt.aside_dir(root, 100) / ckpt.COMPLETE).unlink()
+    os.rename(_complete_partial(root, 100, b"new"), root / "step-000100")
+
+    def die_in_rmtree(die):
+        ckpt.shutil.rmtree = lambda *args, **kwargs: die()
+
+    assert die_in_child(lambda die: ckpt.recover(root), fault=die_in_rmtree) == KILLED
+    assert _names(root) == [".deleting-.replaced-step-000100", "step-000100"]
+    assert ckpt.recover(root) == ["deleted .deleting-.replaced-step-000100: its deletion was cut short"]
+    assert _names(root) == ["step-000100"] and _weights(root / "step-000100") == b"new"
+
+    # A replacement set aside a step folder that was no complete checkpoint (still being copied in),
+    # and its new folder never got complete: it is put back as it was, and left alone.
+    root = tmp_path / "e"
+    _save(root, 100, b"copied")
+    (root / "step-000100" / ckpt.COMPLETE).unlink()
+    os.rename(root / "step-000100", ckpt.aside_dir(root, 100))
     ckpt.recover(root)
-    assert _names(root) == []
+    assert _names(root) == ["step-000100"] and _weights(root / "step-000100") == b"copied"
+    assert ckpt.resolve_resume("auto", root) is None and _names(root) == ["step-000100"]
 
 
 def test_recover_publishes_a_complete_partial(tmp_path):
