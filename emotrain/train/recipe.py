@@ -639,7 +639,7 @@ def _best_checkpoint(t: Training) -> Path:
     for folder in (t.run.checkpoints / best_name, t.resumed_from.parent / best_name if t.resumed_from else None):
         # (an abandoned folder of the same step is another attempt's, not this run's best)
         if folder is not None and (folder / COMPLETE).is_file() and not is_abandoned(folder):
-            if problem := checkpoint_problem(folder):  # (hashing it: seconds for a large model, once a run)
+            if problem := checkpoint_problem(folder):  # (hashing it: reads the checkpoint once more, once a run)
                 raise ResumeError(f"the best checkpoint {folder} {problem}: best/ cannot be exported nor tested; "
                                   "train this run again in another output_dir")
             return folder
