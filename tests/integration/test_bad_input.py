@@ -252,14 +252,35 @@ def _malicious_rng_state(ws: Workspace) -> list[str]:
     return _interrupted_run(ws)
 
 
+def _added_rng_state(ws: Workspace) -> list[str]:
+    """A file the save did not write, which a load might read (here another rank's RNG state)."""
+    shutil.copy(_step(ws, 4) / "random_states_0.pkl", _step(ws, 4) / "random_states_1.pkl")
+    return _interrupted_run(ws)
+
+
+def _step_6_being_copied_in(ws: Workspace) -> list[str]:
+    """A checkpoint folder copied in without its COMPLETE marker yet (or that a sync tool left without
+    it); the run restarts from step 2, so it saves step 4 again and rotates."""
+    shutil.copytree(_step(ws, 4), _step(ws, 6))
+    (_step(ws, 6) / "COMPLETE").unlink()
+    return _interrupted_run(ws, f"train.resume={_step(ws, 2)}")
+
+
 def _resumed_from_step_2(ws: Workspace) -> None:
-    from emotrain.train.checkpoint import checkpoint_problem
+    from emotrain.train.checkpoint import checkpoint_problem, is_abandoned
 
     log = (ws.run / "train.log").read_text()
     assert f"resumed from {_step(ws, 2)} " in log and f"resumed from {_step(ws, 4)} " not in log
     assert (ws.run / "metrics.json").is_file()  # the run trained steps 3 and 4 again and finished
-    assert checkpoint_problem(_step(ws, 4)) is None  # the damaged checkpoint was replaced by a sound one
+    # The damaged checkpoint, abandoned by the fallback, was replaced by a sound and current one.
+    assert checkpoint_problem(_step(ws, 4)) is None and not is_abandoned(_step(ws, 4))
     assert not (ws.root / "pwned").exists()
+
+
+def _step_6_left_alone(ws: Workspace) -> None:
+    _resumed_from_step_2(ws)
+    assert sorted(path.name for path in _step(ws, 6).iterdir()) == sorted(
+        path.name for path in _step(ws, 4).iterdir() if path.name != "COMPLETE")
 
 
 def _nothing_resumed(ws: Workspace) -> None:
@@ -365,6 +386,11 @@ PROBES: list[Probe] = [
     Probe("checkpoint-malicious-rng-state-no-manifest-auto", _malicious_rng_state,
           ("step-000004 is damaged (random_states_0.pkl does not load", "io.open", "resuming from step-000002"),
           rc=0, check=_resumed_from_step_2),
+    Probe("checkpoint-added-file-auto", _added_rng_state,
+          ("step-000004 is damaged (random_states_1.pkl: not in the manifest written at save)",
+           "resuming from step-000002"), rc=0, check=_resumed_from_step_2),
+    Probe("checkpoint-step-folder-without-marker-left-alone", _step_6_being_copied_in,
+          ("step-000006 is not a complete checkpoint (no COMPLETE marker): ignored",), rc=0, check=_step_6_left_alone),
     Probe("checkpoint-truncated-model-no-manifest-explicit",
           lambda ws: _without_manifests(ws) or _truncated_model(ws, f"train.resume={_step(ws, 4)}"),
           ("cannot load checkpoint", "step-000004", "SafetensorError"), rc=1, check=_nothing_resumed),
