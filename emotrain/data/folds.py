@@ -308,6 +308,19 @@ def read_metadata(path: str, sessions: tuple[int, ...] | None = None, info: Data
     )
 
 
+def check_unique_ids(path: str, meta: Metadata) -> None:
+    """Raise PreparedDataError naming the shards that hold the same utterance id: a shard copied in by
+    hand (or two preparations mixed) would train on those rows twice, or test on training rows."""
+    ids, counts = np.unique(meta.id.astype(str), return_counts=True)
+    if counts.max(initial=1) == 1:
+        return
+    repeated = ids[counts > 1]
+    holders = sorted({meta.files[f] for f in meta.file[meta.id == repeated[0]]})
+    raise PreparedDataError(f"{len(repeated)} utterance id(s) appear more than once in the prepared dataset at {path} "
+                            f"({repeated[0]!r} in {' and '.join(holders)}): a shard was copied or two preparations "
+                            f"mixed; remove the copy or {REPREPARE}")
+
+
 def make_fold_split(
     path: str,
     fold: int,
@@ -325,8 +338,7 @@ def make_fold_split(
     info = info if info is not None else read_dataset_info(path)
     spec = fold_spec(info, fold, path)
     meta = meta if meta is not None else read_metadata(path, info=info)
-    if len(set(meta.id.tolist())) != len(meta):
-        raise ValueError(f"duplicate utterance ids in the prepared dataset at {path}")
+    check_unique_ids(path, meta)
     train_sessions, test_sessions = spec.train, spec.test
     in_train = np.isin(meta.session, train_sessions)
     # Every shard of a training group, empty ones included: shard counts decide rank sharding.

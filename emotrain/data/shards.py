@@ -197,17 +197,25 @@ def row_groups_of(parquet: pq.ParquetFile, rows: Sequence[int]) -> tuple[np.ndar
 
 SHARD_NAME = re.compile(r"data-(\d{5})-of-(\d{5})\.parquet")
 """`shard_name`'s pattern: a shard's index and how many shards its group has."""
+SHARD_NAME_SHAPE = "data-0000k-of-0000n.parquet"
 
 
 def check_shard_names(folder: str, names: Iterable[str]) -> None:
     """Raise PreparedDataError unless the shards named `data-0000k-of-0000n.parquet` in the group folder
-    `folder` are all n of one preparation: a missing shard would silently train on less data. Names of
-    another shape (a layout made by hand) are not checked."""
+    `folder` are all n of one preparation: a missing shard would silently train on less data, and any
+    other `data-*.parquet` beside them (a copy) on duplicates. A folder of other names only (a layout
+    made by hand) is not checked."""
     indices: dict[int, set[int]] = {}
+    others = []
     for name in names:
         match = SHARD_NAME.fullmatch(name)
         if match:
             indices.setdefault(int(match[2]), set()).add(int(match[1]))
+        else:
+            others.append(name)
+    if indices and others:  # `data-00000-of-00008 (1).parquet`: a copy, read as one more shard of the group
+        raise PreparedDataError(f"{join(folder, sorted(others)[0])} was not written by `emotrain prepare` (its shards "
+                                f"are named {SHARD_NAME_SHAPE}): remove it or {REPREPARE}")
     if len(indices) > 1:
         counts = ", ".join(f"-of-{n:05d}" for n in sorted(indices))
         raise PreparedDataError(f"{folder} holds shards of {len(indices)} preparations ({counts}): {REPREPARE}")

@@ -103,6 +103,12 @@ def _truncate_shard(ws: Workspace) -> None:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
+def _copy_of_a_shard(ws: Workspace) -> None:
+    """What a file manager's copy is named; without the report's row counts only the name tells."""
+    (ws.corpus / "prepare_report.json").unlink()
+    shutil.copy(ws.corpus / "session2/data-00000-of-00008.parquet", ws.corpus / "session2/data-00000-of-00008 (1).parquet")
+
+
 def _swap_dataset_labels(ws: Workspace) -> list[str]:
     path = ws.corpus / "dataset.json"
     info = json.loads(path.read_text())
@@ -347,6 +353,9 @@ PROBES: list[Probe] = [
           (SHARD, "damaged", "emotrain prepare"), check=_no_output_folder),
     Probe("data-shard-truncated-evaluate", _after(_truncate_shard, _evaluate),
           (SHARD, "damaged", "emotrain prepare")),
+    Probe("data-shard-copy-beside-the-shards", _after(_copy_of_a_shard, _train_briefly),
+          ("data-00000-of-00008 (1).parquet was not written by `emotrain prepare`", "remove it"),
+          check=_no_output_folder),
     Probe("data-labels-swapped-in-dataset-json", _swap_dataset_labels,
           ("dataset.json lists the labels ['happy', 'neutral'", "prepared with ['neutral', 'happy'",
            "emotrain prepare"), check=_no_output_folder),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -66,6 +67,36 @@ def test_the_last_shard_missing_and_shards_of_two_preparations_are_refused(root)
     shutil.copy(root / "session3" / "data-00000-of-00003.parquet", root / "session3" / "data-00000-of-00004.parquet")
     with pytest.raises(PreparedDataError, match="session3 holds shards of 2 preparations"):
         check_prepared(str(root))
+
+
+def test_a_copy_of_a_shard_beside_the_numbered_ones_is_refused_by_name(root):
+    """`data-00000-of-00003 (1).parquet` (a file manager's copy) matches `data-*.parquet`: read, it
+    would be one more shard of the group, its rows twice."""
+    copy = root / "session2" / "data-00000-of-00003 (1).parquet"
+    shutil.copy(root / "session2" / "data-00000-of-00003.parquet", copy)
+    (root / REPORT_FILE).unlink()  # the row counts would catch it too: the name alone must
+    for read in (check_prepared, read_metadata, lambda path: make_fold_split(path, 1)):
+        with pytest.raises(PreparedDataError) as err:
+            read(str(root))
+        assert f"{copy} was not written by `emotrain prepare`" in str(err.value), str(err.value)
+        assert "remove it or re-run `emotrain prepare`" in str(err.value)
+
+
+def test_the_same_utterance_id_in_two_shards_names_both(root):
+    from emotrain.data.folds import Metadata
+
+    (root / REPORT_FILE).unlink()
+    shards = [root / "session2" / f"data-0000{k}-of-00003.parquet" for k in (0, 1)]
+    first = pq.read_table(shards[0])
+    second = pq.read_table(shards[1])
+    # A row of the first shard written into the second one: a valid file under the right name.
+    pq.write_table(pa.concat_tables([second, first.slice(0, 1)]), shards[1])
+    with pytest.raises(PreparedDataError) as err:
+        make_fold_split(str(root), 1)
+    message = str(err.value)
+    assert "1 utterance id(s) appear more than once" in message and first["id"][0].as_py() in message
+    assert f"{shards[0]} and {shards[1]}" in message and "emotrain prepare" in message and "\n" not in message
+    assert isinstance(read_metadata(str(root)), Metadata)  # reading is fine: the split refuses it
 
 
 def test_a_group_with_fewer_rows_than_prepared_is_refused(root):
