@@ -41,7 +41,7 @@ from emotrain.data.shards import (
     list_shard_files,
     read_dataset_info,
     read_prepare_report,
-    read_shard_footer,
+    read_shard_footers,
     reading_shard,
     shard_labels,
     storage_error,
@@ -205,13 +205,14 @@ def check_prepared(path: str) -> DatasetInfo:
     for a missing, damaged or relabelled shard or a group whose row count is not the one prepared
     (`check_shards`). Reads `dataset.json`, `prepare_report.json` and each shard's footer, no rows."""
     info = read_dataset_info(path)
+    files = {session: list_session_files(path, session, info) for session in info.groups.values()}
+    urls = [url for group in files.values() for url in group]  # by group, then file name: the first error is the same
+    footers = dict(zip(urls, read_shard_footers(urls)))
     rows: dict[int, int] = {}
-    for session in info.groups.values():
-        files = list_session_files(path, session, info)
-        footers = [read_shard_footer(url) for url in files]
-        rows[session] = sum(footer.num_rows for footer in footers)
-        for url, footer in zip(files, footers):
-            check_shard_labels(path, info, url, footer.schema.to_arrow_schema().metadata)
+    for session, group in files.items():
+        rows[session] = sum(footers[url].num_rows for url in group)
+        for url in group:
+            check_shard_labels(path, info, url, footers[url].schema.to_arrow_schema().metadata)
     check_group_rows(path, info, rows)
     return info
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -260,6 +261,21 @@ def read_shard_footer(url: str) -> pq.FileMetaData:
     fs, path = filesystem(url)
     with reading_shard(url), fs.open(path, "rb") as handle:
         return pq.ParquetFile(handle).metadata
+
+
+FOOTER_THREADS = 16
+"""Footers read at once: on object storage each is a request or two, and a dataset has hundreds."""
+
+
+def read_shard_footers(urls: Sequence[str]) -> list[pq.FileMetaData]:
+    """`read_shard_footer` of each of `urls`, in parallel threads (every rank checks the whole dataset
+    before training: one request after another would be thousands per rank on object storage). The
+    error raised for damaged shards is that of the first in `urls`' order, whichever thread ends first."""
+    if not urls:
+        return []
+    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(urls))) as pool:
+        futures = [pool.submit(read_shard_footer, url) for url in urls]
+    return [future.result() for future in futures]
 
 
 def shard_labels(schema_metadata: dict[bytes, bytes] | None) -> tuple[str, ...] | None:

@@ -99,6 +99,36 @@ def test_the_same_utterance_id_in_two_shards_names_both(root):
     assert isinstance(read_metadata(str(root)), Metadata)  # reading is fine: the split refuses it
 
 
+def test_shard_footers_are_read_in_parallel_and_the_first_damaged_shard_is_named(root, monkeypatch):
+    """Every rank checks every footer before training: in threads, not one request after another. Of two
+    damaged shards the first by group and name is named, even when its thread ends last."""
+    import threading
+    import time
+
+    from emotrain.data import shards
+
+    damaged = [root / "session1" / "data-00002-of-00003.parquet", root / "session4" / "data-00000-of-00003.parquet"]
+    for shard in damaged:
+        shard.write_bytes(shard.read_bytes()[:-100])
+    read, lock, active = shards.read_shard_footer, threading.Lock(), [0, 0]  # now, most at once
+
+    def slow_read(url):
+        with lock:
+            active[0] += 1
+            active[1] = max(active)
+        try:
+            time.sleep(0.3 if url == str(damaged[0]) else 0.02)
+            return read(url)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(shards, "read_shard_footer", slow_read)
+    with pytest.raises(PreparedDataError, match=f"cannot read the shard {damaged[0]} "):
+        check_prepared(str(root))
+    assert active[1] > 1
+
+
 def test_a_group_with_fewer_rows_than_prepared_is_refused(root):
     shard = root / "session4" / "data-00000-of-00003.parquet"
     table = pq.read_table(shard)
