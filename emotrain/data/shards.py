@@ -33,9 +33,12 @@ Whole or refused. A group's shard names say how many it has (`data-00003-of-0000
 schema carries the label names it was written with, and `prepare_report.json` counts each group's
 rows. Whatever reads the prepared data (`folds.check_prepared` before training, `folds.read_metadata`
 for a split or `emotrain evaluate`, the evaluation and training readers) checks what it touches
-against them and refuses a missing, truncated or relabelled shard, or a `dataset.json` that is not
-one, with a one-line `PreparedDataError` naming the file: never fewer utterances, or swapped class
-names, without a word.
+against them and refuses a missing, truncated or relabelled shard, a copy beside the numbered ones, an
+utterance held twice, or a `dataset.json` that is not one, with a one-line `PreparedDataError` naming
+the file. One case is a skip instead: a shard damaged after the check, while training reads it (the
+file replaced mid-run): the reader logs the error, naming the file, and its remaining rows stand in as
+skipped utterances, counted in `train/skipped_utterances` and metrics.json's `skipped_training_utterances`.
+Fewer utterances, or swapped class names, are never trained on without a word.
 """
 
 from __future__ import annotations

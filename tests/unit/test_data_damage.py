@@ -163,6 +163,17 @@ def test_a_truncated_shard_is_named_in_the_check_the_metadata_and_the_evaluation
         assert "emotrain prepare" in message
 
 
+def test_a_shard_rewritten_after_the_metadata_was_read_is_refused_by_the_evaluation_rows(root):
+    meta = read_metadata(str(root))
+    shard = root / "session1" / "data-00000-of-00003.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), shard)  # the same rows, another order
+    with pytest.raises(PreparedDataError) as err:
+        EvalDataset(meta, meta.id[meta.session == 1].tolist())
+    assert f"{shard} row " in str(err.value) and "but the dataset's metadata says" in str(err.value)
+    assert "changed after it was read" in str(err.value) and "emotrain prepare" in str(err.value)
+
+
 def test_a_dataset_json_that_is_not_json_names_the_file(root):
     (root / DATASET_FILE).write_text("{not json")
     with pytest.raises(PreparedDataError) as err:
