@@ -174,17 +174,22 @@ def list_session_files(path: str, session: int, info: DatasetInfo | None = None)
         except StopIteration:
             raise NoPreparedDataset(path, session) from None
         found = list_shard_files(path, folder)
-        # Nothing prepared at all is the common mistake (train before prepare): say that.
-        anything = found or any(list_shard_files(path, name) for name in info.groups)
-    except NoPreparedDataset:
+        if not found:
+            # dataset.json is written after every group's shards: with it, a group folder was lost since.
+            fs, described = fsspec.core.url_to_fs(join(path, DATASET_FILE))
+            if fs.exists(described):
+                raise PreparedDataError(f"{join(path, folder)} holds no shards, but {join(path, DATASET_FILE)} lists "
+                                        f"the group {folder}: the prepared dataset is incomplete (a group folder was "
+                                        f"removed or not copied); {REPREPARE}")
+            # Nothing prepared at all is the common mistake (train before prepare): say that.
+            raise NoPreparedDataset(path, session if any(list_shard_files(path, name) for name in info.groups) else None)
+    except (NoPreparedDataset, PreparedDataError):
         raise
     except Exception as err:  # no credentials, access denied, no such bucket, endpoint down: one line
         error = storage_error(path, err)
         if error is None:
             raise
         raise error from err
-    if not found:
-        raise NoPreparedDataset(path, session if anything else None)
     return found
 
 

@@ -109,6 +109,10 @@ def _copy_of_a_shard(ws: Workspace) -> None:
     shutil.copy(ws.corpus / "session2/data-00000-of-00008.parquet", ws.corpus / "session2/data-00000-of-00008 (1).parquet")
 
 
+def _remove_a_group_folder(ws: Workspace) -> None:
+    shutil.rmtree(ws.corpus / "session3")
+
+
 def _swap_dataset_labels(ws: Workspace) -> list[str]:
     path = ws.corpus / "dataset.json"
     info = json.loads(path.read_text())
@@ -355,6 +359,9 @@ PROBES: list[Probe] = [
           (SHARD, "damaged", "emotrain prepare")),
     Probe("data-shard-copy-beside-the-shards", _after(_copy_of_a_shard, _train_briefly),
           ("data-00000-of-00008 (1).parquet was not written by `emotrain prepare`", "remove it"),
+          check=_no_output_folder),
+    Probe("data-group-folder-removed", _after(_remove_a_group_folder, _train_briefly),
+          ("session3 holds no shards", "dataset.json lists the group session3", "incomplete", "emotrain prepare"),
           check=_no_output_folder),
     Probe("data-labels-swapped-in-dataset-json", _swap_dataset_labels,
           ("dataset.json lists the labels ['happy', 'neutral'", "prepared with ['neutral', 'happy'",

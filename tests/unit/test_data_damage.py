@@ -60,6 +60,18 @@ def test_a_missing_shard_is_named_with_its_group_folder(root):
         assert "emotrain prepare" in message and "\n" not in message
 
 
+def test_a_group_folder_removed_from_a_prepared_dataset_says_it_is_incomplete(root):
+    """With dataset.json (written after every group's shards) the data was prepared: not "run emotrain
+    synth, then prepare", as if there were nothing."""
+    shutil.rmtree(root / "session3")
+    for read in (check_prepared, read_metadata, lambda path: make_fold_split(path, 1)):
+        with pytest.raises(PreparedDataError) as err:
+            read(str(root))
+        message = str(err.value)
+        assert f"{root / 'session3'} holds no shards, but {root / DATASET_FILE} lists the group session3" in message
+        assert "incomplete" in message and "emotrain prepare" in message and "synth" not in message
+
+
 def test_the_last_shard_missing_and_shards_of_two_preparations_are_refused(root):
     (root / "session3" / "data-00002-of-00003.parquet").unlink()
     with pytest.raises(PreparedDataError, match="missing data-00002-of-00003.parquet"):
