@@ -238,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = verbs.add_parser("prepare", help="a corpus (IEMOCAP release, Hub dataset, manifest, EmoBox) → Parquet shards")
-    p.add_argument("source", metavar="SOURCE", help="the IEMOCAP_full_release folder (holding Session1..5); a CSV/JSONL manifest; "
-                                  "an EmoBox corpus folder (data/<corpus>, with --download-root); or anything "
-                                  "datasets.load_dataset takes (a Hub name, or a local copy of one)")
+    p.add_argument("source", metavar="SOURCE",
+                   help="the IEMOCAP_full_release folder (holding Session1..5); a CSV/JSONL manifest; an EmoBox "
+                        "corpus folder (data/<corpus>, with --download-root); or anything datasets.load_dataset "
+                        "takes (a Hub name, or a local copy of one)")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--kind", choices=["auto", "release", "manifest", "emobox", "hub"], default="auto",
                    help="what SOURCE is (default: detected)")

@@ -182,7 +182,8 @@ def list_session_files(path: str, session: int, info: DatasetInfo | None = None)
                                         f"the group {folder}: the prepared dataset is incomplete (a group folder was "
                                         f"removed or not copied); {REPREPARE}")
             # Nothing prepared at all is the common mistake (train before prepare): say that.
-            raise NoPreparedDataset(path, session if any(list_shard_files(path, name) for name in info.groups) else None)
+            anything = any(list_shard_files(path, name) for name in info.groups)
+            raise NoPreparedDataset(path, session if anything else None)
     except (NoPreparedDataset, PreparedDataError):
         raise
     except Exception as err:  # no credentials, access denied, no such bucket, endpoint down: one line

@@ -106,7 +106,8 @@ def _truncate_shard(ws: Workspace) -> None:
 def _copy_of_a_shard(ws: Workspace) -> None:
     """What a file manager's copy is named; without the report's row counts only the name tells."""
     (ws.corpus / "prepare_report.json").unlink()
-    shutil.copy(ws.corpus / "session2/data-00000-of-00008.parquet", ws.corpus / "session2/data-00000-of-00008 (1).parquet")
+    shard = ws.corpus / "session2" / "data-00000-of-00008.parquet"
+    shutil.copy(shard, shard.with_name("data-00000-of-00008 (1).parquet"))
 
 
 def _remove_a_group_folder(ws: Workspace) -> None:

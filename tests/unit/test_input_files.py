@@ -215,7 +215,8 @@ def test_predict_inputs_carrying_credentials_are_refused_without_repeating_them(
     secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
     assert main(["predict", str(model_folder), "--audio", f"s3://b/clip.wav?sig={secret}", "--text", "hi",
                  "--device", "cpu"]) == 1
-    assert main(["predict", str(model_folder), "--batch", f"https://h/clips.csv?token={secret}", "--device", "cpu"]) == 2
+    batch_url = f"https://h/clips.csv?token={secret}"
+    assert main(["predict", str(model_folder), "--batch", batch_url, "--device", "cpu"]) == 2
     sf.write(tmp_path / "a.wav", tone(0.5, 16000), 16000)
     (tmp_path / "clips.csv").write_text(f"audio,text\na.wav,hi\ns3://KEY:{secret}@b/c.wav,hi\n")
     assert main(["predict", str(model_folder), "--batch", str(tmp_path / "clips.csv"), "--device", "cpu"]) == 1
