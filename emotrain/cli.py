@@ -68,8 +68,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             audio_format=args.audio_format,
             workers=args.workers,
         )
-    except (NothingToPrepareError, FileNotFoundError, ManifestError, RecogniserError) as err:
-        print(f"emotrain prepare: error: {err}", file=sys.stderr)
+    except (NothingToPrepareError, FileNotFoundError, ManifestError, RecogniserError, ConfigError) as err:
+        print(f"emotrain prepare: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(summarize(report))
     print(f"report: {args.out_dir}/prepare_report.json")
@@ -238,10 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = verbs.add_parser("prepare", help="a corpus (IEMOCAP release, Hub dataset, manifest, EmoBox) → Parquet shards")
-    p.add_argument("source", help="the IEMOCAP_full_release folder (holding Session1..5); a CSV/JSONL manifest; "
-                                  "an EmoBox corpus folder (data/<corpus>, with --download-root); or anything "
-                                  "datasets.load_dataset takes (a Hub name, or a local copy of one)")
-    p.add_argument("out_dir")
+    p.add_argument("source", metavar="SOURCE",
+                   help="the IEMOCAP_full_release folder (holding Session1..5); a CSV/JSONL manifest; an EmoBox "
+                        "corpus folder (data/<corpus>, with --download-root); or anything datasets.load_dataset "
+                        "takes (a Hub name, or a local copy of one)")
+    p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--kind", choices=["auto", "release", "manifest", "emobox", "hub"], default="auto",
                    help="what SOURCE is (default: detected)")
     p.add_argument("--columns", help="role=column pairs for a manifest or an unknown Hub layout, e.g. "
@@ -292,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = verbs.add_parser("evaluate", help="metrics of a saved model on prepared data (metrics.json format)")
-    p.add_argument("model_dir", help="a model folder (a run's best/)")
-    p.add_argument("data_dir", help="prepared data (emotrain prepare)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model folder (a run's best/)")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="prepared data (emotrain prepare)")
     p.add_argument("--session", type=int, help="only this session (group number in the data's dataset.json; default: all)")
     p.add_argument("--batch-size", type=int, help="most utterances per batch (default: the run's data.eval_batch_size)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="default: the run's train.mixed_precision")
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = verbs.add_parser("predict", help="emotion of new recordings (JSON), one file or a CSV/JSONL batch")
-    p.add_argument("model_dir", help="a model folder (a run's best/)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model folder (a run's best/)")
     p.add_argument("--audio", help="one audio file (any rate, any channel count)")
     p.add_argument("--text", help="its transcript (models with text)")
     p.add_argument("--batch", help="a CSV or JSONL manifest: `audio` (paths relative to it), optional `text`, `id`")

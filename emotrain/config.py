@@ -94,19 +94,42 @@ def _secret_query_names(path: str) -> list[str]:
     return [name for name in names if _SECRET_QUERY_NAME.match(name)]
 
 
-def check_no_credentials(path: str | Path, key: str) -> None:
-    """Refuse a data URL that carries credentials, in its user part (`s3://KEY:SECRET@bucket/...`,
-    `ftp://user:pw@host`) or its query string (`abfs://...?sv=..&sig=...`, a presigned
-    `...?X-Amz-Signature=...`): paths are saved in config.yaml and checkpoints and written to logs.
-    Credentials belong in the environment or the filesystem's own configuration
-    (AWS_ACCESS_KEY_ID, ~/.aws, AZURE_STORAGE_SAS_TOKEN, ~/.config/fsspec)."""
-    where = "the environment or the filesystem's own configuration (e.g. AWS_ACCESS_KEY_ID, AZURE_STORAGE_SAS_TOKEN)"
+def credentials_in(path: str | Path) -> str | None:
+    """What credential a URL carries, in words that do not repeat it (`user:password@ in the URL`,
+    `query parameter sig in the URL`), or None for a URL (or local path) without one."""
     if _URL_USERINFO.match(str(path)):
-        raise ConfigError(key, f"must not carry credentials (user:password@ in the URL): give them through {where}")
+        return "user:password@ in the URL"
     secret_names = _secret_query_names(str(path))
-    if secret_names:
-        raise ConfigError(key, f"must not carry credentials (query parameter {', '.join(secret_names)} in the URL): "
-                               f"give them through {where}")
+    return f"query parameter {', '.join(secret_names)} in the URL" if secret_names else None
+
+
+CREDENTIALS_PLACE = ("the environment or the filesystem's own configuration (e.g. AWS_ACCESS_KEY_ID, "
+                     "AZURE_STORAGE_SAS_TOKEN)")
+"""Where credentials belong instead of a URL."""
+
+
+def check_no_credentials(path: str | Path, key: str) -> None:
+    """Refuse a URL that carries credentials, in its user part (`s3://KEY:SECRET@bucket/...`,
+    `ftp://user:pw@host`) or its query string (`abfs://...?sv=..&sig=...`, a presigned
+    `...?X-Amz-Signature=...`), with a ConfigError naming `key` (a config key or a command's
+    argument) that never repeats the secret: paths are saved in config.yaml, reports and checkpoints
+    and written to logs. Credentials belong in the environment or the filesystem's own configuration
+    (AWS_ACCESS_KEY_ID, ~/.aws, AZURE_STORAGE_SAS_TOKEN, ~/.config/fsspec)."""
+    found = credentials_in(path)
+    if found:
+        raise ConfigError(key, f"must not carry credentials ({found}): give them through {CREDENTIALS_PLACE}")
+
+
+def check_no_credentials_in_tree(node: Any, prefix: str = "") -> None:
+    """`check_no_credentials` on every string of a config tree (data.path, train.resume, output_dir,
+    model.audio_encoder...: any key may be given a URL), each named by its dotted key."""
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            check_no_credentials_in_tree(value, key + ".")
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, str):
+                check_no_credentials(item, f"{key}[{i}]" if isinstance(value, list) else key)
 
 
 @dataclass
@@ -184,7 +207,6 @@ class DataConfig:
         return max(0, min(4, cores // max(processes_per_node, 1) - 1))
 
     def validate(self) -> None:
-        check_no_credentials(self.path, "data.path")
         # The upper bound is the prepared dataset's fold count, checked when its split is made.
         _check(self.fold >= 0, "data.fold", f"must be >= 0, got {self.fold}")
         _check(self.labels is None or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)
@@ -410,6 +432,8 @@ class Config:
     def validate(self) -> None:
         _check(bool(self.experiment), "experiment", "must not be empty")
         _check(bool(self.output_dir), "output_dir", "must not be empty")
+        # First: a later check's message may quote a value (a path, a resume folder).
+        check_no_credentials_in_tree(self)
         for section in (self.data, self.model, self.train, self.logging):
             section.validate()
         _check(self.model.attention != "flash_attention_2" or self.train.mixed_precision != "no", "model.attention",

@@ -39,6 +39,7 @@ import soxr
 import torch
 from safetensors import SafetensorError
 
+from emotrain.config import ConfigError, check_no_credentials
 from emotrain.data.asr import Transcriber
 from emotrain.data.audio import AudioDecodeError, check_waveform, decode_audio
 from emotrain.data.batching import Collator
@@ -52,6 +53,15 @@ MAX_FULL_SECONDS = 60.0
 
 class InputError(ValueError):
     """One input (a row of a batch) that cannot be predicted: the message says why."""
+
+
+def refuse_credentials(path: str | Path, argument: str) -> None:
+    """InputError naming `argument` (never the secret) for a path that is a URL carrying credentials:
+    messages, results and logs quote the paths they were given (`check_no_credentials`)."""
+    try:
+        check_no_credentials(path, argument)
+    except ConfigError as err:
+        raise InputError(str(err)) from None
 
 
 @dataclass
@@ -71,6 +81,7 @@ class PreparedInput:
 def read_audio(audio: str | Path | np.ndarray, sampling_rate: int | None, target_rate: int) -> tuple[np.ndarray, dict]:
     """(mono float32 samples at `target_rate`, what the input was). Raises InputError."""
     if isinstance(audio, (str, Path)):
+        refuse_credentials(audio, "the audio path")
         path = Path(audio)
         if not path.is_file():
             raise InputError(f"{path} is not a file" if path.exists() else f"no such audio file: {path}")
@@ -256,6 +267,7 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
     """Rows of a CSV (header with `audio`, optional `text`, `id`) or JSONL manifest: `{"row", "audio",
     "text", "id"}` with audio paths resolved against the manifest's folder, or `{"row", "error"}` for
     a malformed row (the rest still come)."""
+    refuse_credentials(path, "--batch")
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such manifest: {path}")
@@ -270,6 +282,10 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
         audio = record.get("audio")
         if not isinstance(audio, str) or not audio.strip():
             return {"row": number, "id": record.get("id"), "error": "malformed row: no `audio` path"}
+        try:  # before the path is resolved against the manifest's folder, which makes `s3://` `s3:/`
+            refuse_credentials(audio.strip(), "its `audio` path")
+        except InputError as err:
+            return {"row": number, "id": record.get("id"), "error": f"malformed row: {err}"}
         resolved = Path(audio.strip())
         if not resolved.is_absolute():
             resolved = path.parent / resolved
@@ -300,6 +316,7 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
 
 def check_model_folder(model_dir: str | Path) -> None:
     """Raise InputError unless `model_dir` is a model folder `EmotionModel.from_pretrained` loads."""
+    refuse_credentials(model_dir, "MODEL_DIR")
     if not (Path(model_dir) / CONFIG_FILE).is_file():
         raise InputError(f"{model_dir} is not a model folder (no {CONFIG_FILE}): give a run's best/ folder, "
                          "e.g. runs/smoke/fold1/best")
@@ -414,8 +431,9 @@ def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] 
     from emotrain.train.evaluation import evaluate
     from emotrain.train.run_folder import CONFIG_FILE as RUN_CONFIG_FILE
 
-    model_dir = Path(model_dir)
+    refuse_credentials(data_dir, "DATA_DIR")
     check_model_folder(model_dir)
+    model_dir = Path(model_dir)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: give a whole number of utterances, 1 or more")
     # As the run evaluated: its training precision and its evaluation batches (best/config.yaml).

@@ -39,7 +39,7 @@ from emotrain.config import SAMPLING_RATE, ConfigError, DataConfig
 from emotrain.data.audio import AudioDecodeError, decode_audio
 from emotrain.data.batching import Collator, cut_sorted, ladder_seconds
 from emotrain.data.folds import FoldSplit, Metadata
-from emotrain.data.shards import reading_shard, row_groups_of
+from emotrain.data.shards import REPREPARE, PreparedDataError, reading_shard, row_groups_of
 
 logger = logging.getLogger("emotrain.data")
 
@@ -86,7 +86,9 @@ class EvalDataset(Dataset):
             audio = table.column("audio").combine_chunks().field("bytes")
             for k, m in enumerate(ms):
                 if got_ids[k] != meta.id[m]:
-                    raise RuntimeError(f"{meta.files[f]}: row {meta.row[m]} is {got_ids[k]!r}, expected {meta.id[m]!r}")
+                    raise PreparedDataError(f"{meta.files[f]} row {meta.row[m]} is {got_ids[k]!r}, but the dataset's "
+                                            f"metadata says {meta.id[m]!r}: the prepared dataset changed after it was "
+                                            f"read; {REPREPARE}")
                 records[m] = (got_ids[k], labels[k], texts[k] or "", audio[k].as_py())
         self.ids = [records[m][0] for m in order]
         self.labels = np.array([records[m][1] for m in order], dtype=np.int64)

@@ -41,7 +41,7 @@ from emotrain.data.shards import (
     list_shard_files,
     read_dataset_info,
     read_prepare_report,
-    read_shard_footer,
+    read_shard_footers,
     reading_shard,
     shard_labels,
     storage_error,
@@ -174,17 +174,23 @@ def list_session_files(path: str, session: int, info: DatasetInfo | None = None)
         except StopIteration:
             raise NoPreparedDataset(path, session) from None
         found = list_shard_files(path, folder)
-        # Nothing prepared at all is the common mistake (train before prepare): say that.
-        anything = found or any(list_shard_files(path, name) for name in info.groups)
-    except NoPreparedDataset:
+        if not found:
+            # dataset.json is written after every group's shards: with it, a group folder was lost since.
+            fs, described = fsspec.core.url_to_fs(join(path, DATASET_FILE))
+            if fs.exists(described):
+                raise PreparedDataError(f"{join(path, folder)} holds no shards, but {join(path, DATASET_FILE)} lists "
+                                        f"the group {folder}: the prepared dataset is incomplete (a group folder was "
+                                        f"removed or not copied); {REPREPARE}")
+            # Nothing prepared at all is the common mistake (train before prepare): say that.
+            anything = any(list_shard_files(path, name) for name in info.groups)
+            raise NoPreparedDataset(path, session if anything else None)
+    except (NoPreparedDataset, PreparedDataError):
         raise
     except Exception as err:  # no credentials, access denied, no such bucket, endpoint down: one line
         error = storage_error(path, err)
         if error is None:
             raise
         raise error from err
-    if not found:
-        raise NoPreparedDataset(path, session if anything else None)
     return found
 
 
@@ -205,13 +211,14 @@ def check_prepared(path: str) -> DatasetInfo:
     for a missing, damaged or relabelled shard or a group whose row count is not the one prepared
     (`check_shards`). Reads `dataset.json`, `prepare_report.json` and each shard's footer, no rows."""
     info = read_dataset_info(path)
+    files = {session: list_session_files(path, session, info) for session in info.groups.values()}
+    urls = [url for group in files.values() for url in group]  # by group, then file name: the first error is the same
+    footers = dict(zip(urls, read_shard_footers(urls)))
     rows: dict[int, int] = {}
-    for session in info.groups.values():
-        files = list_session_files(path, session, info)
-        footers = [read_shard_footer(url) for url in files]
-        rows[session] = sum(footer.num_rows for footer in footers)
-        for url, footer in zip(files, footers):
-            check_shard_labels(path, info, url, footer.schema.to_arrow_schema().metadata)
+    for session, group in files.items():
+        rows[session] = sum(footers[url].num_rows for url in group)
+        for url in group:
+            check_shard_labels(path, info, url, footers[url].schema.to_arrow_schema().metadata)
     check_group_rows(path, info, rows)
     return info
 
@@ -308,6 +315,19 @@ def read_metadata(path: str, sessions: tuple[int, ...] | None = None, info: Data
     )
 
 
+def check_unique_ids(path: str, meta: Metadata) -> None:
+    """Raise PreparedDataError naming the shards that hold the same utterance id: a shard copied in by
+    hand (or two preparations mixed) would train on those rows twice, or test on training rows."""
+    ids, counts = np.unique(meta.id.astype(str), return_counts=True)
+    if counts.max(initial=1) == 1:
+        return
+    repeated = ids[counts > 1]
+    holders = sorted({meta.files[f] for f in meta.file[meta.id == repeated[0]]})
+    raise PreparedDataError(f"{len(repeated)} utterance id(s) appear more than once in the prepared dataset at {path} "
+                            f"({repeated[0]!r} in {' and '.join(holders)}): a shard was copied or two preparations "
+                            f"mixed; remove the copy or {REPREPARE}")
+
+
 def make_fold_split(
     path: str,
     fold: int,
@@ -325,8 +345,7 @@ def make_fold_split(
     info = info if info is not None else read_dataset_info(path)
     spec = fold_spec(info, fold, path)
     meta = meta if meta is not None else read_metadata(path, info=info)
-    if len(set(meta.id.tolist())) != len(meta):
-        raise ValueError(f"duplicate utterance ids in the prepared dataset at {path}")
+    check_unique_ids(path, meta)
     train_sessions, test_sessions = spec.train, spec.test
     in_train = np.isin(meta.session, train_sessions)
     # Every shard of a training group, empty ones included: shard counts decide rank sharding.

@@ -225,7 +225,7 @@ def open_output(out_dir: str | Path) -> list[str]:
     """Refuse an `out_dir` URL that carries credentials, and create `out_dir` (a folder, or a prefix on
     object storage) before the source is read: missing credentials or an unreachable endpoint then
     fail in a second, not after the whole corpus. Returns the local folders it created, deepest first."""
-    check_no_credentials(out_dir, "out_dir")
+    check_no_credentials(out_dir, "OUT_DIR")
     fs, root = filesystem(out_dir)
     created: list[str] = []
     if is_local(fs):  # a prefix on object storage is no folder: nothing of it exists until a file does
@@ -236,7 +236,7 @@ def open_output(out_dir: str | Path) -> list[str]:
     try:
         fs.makedirs(root, exist_ok=True)
     except Exception as err:
-        error = storage_error(out_dir, err, key="out_dir")
+        error = storage_error(out_dir, err, key="OUT_DIR")
         if error is None:
             raise
         raise error from err

@@ -33,9 +33,12 @@ Whole or refused. A group's shard names say how many it has (`data-00003-of-0000
 schema carries the label names it was written with, and `prepare_report.json` counts each group's
 rows. Whatever reads the prepared data (`folds.check_prepared` before training, `folds.read_metadata`
 for a split or `emotrain evaluate`, the evaluation and training readers) checks what it touches
-against them and refuses a missing, truncated or relabelled shard, or a `dataset.json` that is not
-one, with a one-line `PreparedDataError` naming the file: never fewer utterances, or swapped class
-names, without a word.
+against them and refuses a missing, truncated or relabelled shard, a copy beside the numbered ones, an
+utterance held twice, or a `dataset.json` that is not one, with a one-line `PreparedDataError` naming
+the file. One case is a skip instead: a shard damaged after the check, while training reads it (the
+file replaced mid-run): the reader logs the error, naming the file, and its remaining rows stand in as
+skipped utterances, counted in `train/skipped_utterances` and metrics.json's `skipped_training_utterances`.
+Fewer utterances, or swapped class names, are never trained on without a word.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -197,17 +201,25 @@ def row_groups_of(parquet: pq.ParquetFile, rows: Sequence[int]) -> tuple[np.ndar
 
 SHARD_NAME = re.compile(r"data-(\d{5})-of-(\d{5})\.parquet")
 """`shard_name`'s pattern: a shard's index and how many shards its group has."""
+SHARD_NAME_SHAPE = "data-0000k-of-0000n.parquet"
 
 
 def check_shard_names(folder: str, names: Iterable[str]) -> None:
     """Raise PreparedDataError unless the shards named `data-0000k-of-0000n.parquet` in the group folder
-    `folder` are all n of one preparation: a missing shard would silently train on less data. Names of
-    another shape (a layout made by hand) are not checked."""
+    `folder` are all n of one preparation: a missing shard would silently train on less data, and any
+    other `data-*.parquet` beside them (a copy) on duplicates. A folder of other names only (a layout
+    made by hand) is not checked."""
     indices: dict[int, set[int]] = {}
+    others = []
     for name in names:
         match = SHARD_NAME.fullmatch(name)
         if match:
             indices.setdefault(int(match[2]), set()).add(int(match[1]))
+        else:
+            others.append(name)
+    if indices and others:  # `data-00000-of-00008 (1).parquet`: a copy, read as one more shard of the group
+        raise PreparedDataError(f"{join(folder, sorted(others)[0])} was not written by `emotrain prepare` (its shards "
+                                f"are named {SHARD_NAME_SHAPE}): remove it or {REPREPARE}")
     if len(indices) > 1:
         counts = ", ".join(f"-of-{n:05d}" for n in sorted(indices))
         raise PreparedDataError(f"{folder} holds shards of {len(indices)} preparations ({counts}): {REPREPARE}")
@@ -252,6 +264,21 @@ def read_shard_footer(url: str) -> pq.FileMetaData:
     fs, path = filesystem(url)
     with reading_shard(url), fs.open(path, "rb") as handle:
         return pq.ParquetFile(handle).metadata
+
+
+FOOTER_THREADS = 16
+"""Footers read at once: on object storage each is a request or two, and a dataset has hundreds."""
+
+
+def read_shard_footers(urls: Sequence[str]) -> list[pq.FileMetaData]:
+    """`read_shard_footer` of each of `urls`, in parallel threads (every rank checks the whole dataset
+    before training: one request after another would be thousands per rank on object storage). The
+    error raised for damaged shards is that of the first in `urls`' order, whichever thread ends first."""
+    if not urls:
+        return []
+    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(urls))) as pool:
+        futures = [pool.submit(read_shard_footer, url) for url in urls]
+    return [future.result() for future in futures]
 
 
 def shard_labels(schema_metadata: dict[bytes, bytes] | None) -> tuple[str, ...] | None:

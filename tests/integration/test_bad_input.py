@@ -7,7 +7,8 @@ checkpoints, a free output folder) and returns the `emotrain` command to run. Th
     "emotrain" and holds every `expect` string (it names the file or key, and what to do);
   - `rc == 0`: the command succeeds (a counted, reported skip, or a fallback it says it took): some
     stderr line holds every `expect` string (none given: nothing is asked of stderr).
-`check`, when given, then asserts what the workspace must (or must not) hold afterwards.
+`absent` strings (a secret the input carried) must appear in neither stdout nor stderr. `check`, when
+given, then asserts what the workspace must (or must not) hold afterwards.
 Every command runs under a timeout: a hang fails its row.
 """
 
@@ -61,6 +62,8 @@ class Probe:
     rc: int = 2
     check: Callable[[Workspace], None] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    absent: tuple[str, ...] = ()
+    """Strings that must appear nowhere in stdout or stderr (a secret the input carried)."""
 
 
 def _non_utf8_config(ws: Workspace) -> list[str]:
@@ -98,6 +101,17 @@ def _delete_shard(ws: Workspace) -> None:
 def _truncate_shard(ws: Workspace) -> None:
     shard = ws.corpus / SHARD
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _copy_of_a_shard(ws: Workspace) -> None:
+    """What a file manager's copy is named; without the report's row counts only the name tells."""
+    (ws.corpus / "prepare_report.json").unlink()
+    shard = ws.corpus / "session2" / "data-00000-of-00008.parquet"
+    shutil.copy(shard, shard.with_name("data-00000-of-00008 (1).parquet"))
+
+
+def _remove_a_group_folder(ws: Workspace) -> None:
+    shutil.rmtree(ws.corpus / "session3")
 
 
 def _swap_dataset_labels(ws: Workspace) -> list[str]:
@@ -338,9 +352,24 @@ def _nothing_written_in_read_only(ws: Workspace) -> None:
     parent.chmod(0o755)  # so that pytest can clean up
 
 
+# --- secrets: URLs carrying credentials ------------------------------------------------------
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
 PROBES: list[Probe] = [
     # --- configs ------------------------------------------------------------------------------
     Probe("config-not-utf8", _non_utf8_config, ("latin1.yaml", "UTF-8")),
+    # --- secrets ------------------------------------------------------------------------------
+    Probe("secret-in-evaluate-data-dir",
+          lambda ws: ["evaluate", str(ws.run / "best"), f"memory://b/prepared?sig={SECRET}"],
+          ("emotrain evaluate: error: DATA_DIR: must not carry credentials", "query parameter sig"), absent=(SECRET,)),
+    Probe("secret-in-prepare-source", lambda ws: ["prepare", f"memory://release?sig={SECRET}", str(ws.out)],
+          ("emotrain prepare: error: SOURCE: must not carry credentials",), absent=(SECRET,), check=_no_output_folder),
+    Probe("secret-in-train-resume", lambda ws: ws.train(f"train.resume=s3://b/ck?X-Amz-Signature={SECRET}"),
+          ("train.resume: must not carry credentials", "X-Amz-Signature"), absent=(SECRET,), check=_no_output_folder),
+    Probe("secret-in-config-resume", lambda ws: ["config", str(SMOKE), f"train.resume=s3://b/ck?sig={SECRET}"],
+          ("train.resume: must not carry credentials",), absent=(SECRET,)),
     # --- data ---------------------------------------------------------------------------------
     Probe("data-shard-deleted-train", _after(_delete_shard, _train_briefly),
           ("session2 is missing data-00003-of-00008.parquet", "emotrain prepare"), check=_no_output_folder),
@@ -350,6 +379,12 @@ PROBES: list[Probe] = [
           (SHARD, "damaged", "emotrain prepare"), check=_no_output_folder),
     Probe("data-shard-truncated-evaluate", _after(_truncate_shard, _evaluate),
           (SHARD, "damaged", "emotrain prepare")),
+    Probe("data-shard-copy-beside-the-shards", _after(_copy_of_a_shard, _train_briefly),
+          ("data-00000-of-00008 (1).parquet was not written by `emotrain prepare`", "remove it"),
+          check=_no_output_folder),
+    Probe("data-group-folder-removed", _after(_remove_a_group_folder, _train_briefly),
+          ("session3 holds no shards", "dataset.json lists the group session3", "incomplete", "emotrain prepare"),
+          check=_no_output_folder),
     Probe("data-labels-swapped-in-dataset-json", _swap_dataset_labels,
           ("dataset.json lists the labels ['happy', 'neutral'", "prepared with ['neutral', 'happy'",
            "emotrain prepare"), check=_no_output_folder),
@@ -462,6 +497,8 @@ def test_bad_input_gets_one_line_naming_it(probe: Probe, workspace: Workspace):
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     assert proc.returncode == probe.rc, proc.stderr[-4000:]
+    for text in probe.absent:
+        assert text not in proc.stdout + proc.stderr, proc.stderr[-4000:]
     lines = proc.stderr.strip().splitlines()
     if probe.rc != 0:
         assert lines and lines[-1].startswith("emotrain"), proc.stderr[-4000:]

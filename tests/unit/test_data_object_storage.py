@@ -148,7 +148,7 @@ def test_a_data_url_carrying_credentials_is_refused_without_repeating_them(path,
     printed = capsys.readouterr()
     assert "config error: data.path: must not carry credentials" in printed.err and SECRET not in printed.err + printed.out
     assert not (tmp_path / "run").exists()
-    with pytest.raises(ConfigError, match="out_dir: must not carry credentials"):
+    with pytest.raises(ConfigError, match="OUT_DIR: must not carry credentials"):
         prepare(tmp_path / "no-release", path)
 
 
@@ -157,6 +157,40 @@ def test_a_data_url_carrying_credentials_is_refused_without_repeating_them(path,
                                   "hf://datasets/me/emo?revision=main&split=train"])
 def test_data_paths_without_credentials_are_accepted(path):
     assert load_config(None, [f"data.path={path}"]).data.path == path
+
+
+@pytest.mark.parametrize("key", ["train.resume", "output_dir", "model.audio_encoder", "model.text_encoder",
+                                 "model.tokenizer", "logging.run_name", "logging.tags"])
+def test_any_config_key_given_a_url_with_credentials_is_refused_without_repeating_them(key, capsys):
+    """Every string of the tree is checked, not data.path alone: each is printed by `emotrain config`
+    and saved in the run's config.yaml."""
+    url = f"s3://bucket/checkpoints/step-000004?X-Amz-Signature={SECRET}"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}={url}"])
+    assert err.value.key == (f"{key}[0]" if key == "logging.tags" else key) and SECRET not in str(err.value)
+    assert main(["config", "configs/smoke.yaml", f"{key}={url}"]) == 2
+    printed = capsys.readouterr()
+    assert f"{key}" in printed.err and "must not carry credentials" in printed.err
+    assert SECRET not in printed.err + printed.out
+
+
+@pytest.mark.parametrize("argv, argument", [
+    (["evaluate", "runs/none/best", f"memory://bucket/prepared?sig={SECRET}"], "DATA_DIR"),
+    (["evaluate", f"s3://KEY:{SECRET}@bucket/best", "runs/prepared"], "MODEL_DIR"),
+    (["predict", f"gs://bucket/best?X-Goog-Credential={SECRET}", "--audio", "clip.wav"], "MODEL_DIR"),
+    (["prepare", f"memory://release?sig={SECRET}", "{out}"], "SOURCE"),
+    (["prepare", "{out}-source", "{out}", "--kind", "emobox", "--download-root", f"s3://b/wav?token={SECRET}"],
+     "--download-root"),
+], ids=["evaluate-data", "evaluate-model", "predict-model", "prepare-source", "prepare-download-root"])
+def test_command_arguments_carrying_credentials_are_refused_naming_the_argument(argv, argument, tmp_path, capsys):
+    """The verb's own arguments, not only the config's keys: one line naming the argument (not
+    data.path), exit 2, nothing written, and the secret nowhere."""
+    out = str(tmp_path / "out")
+    assert main([item.replace("{out}", out) for item in argv]) == 2
+    printed = capsys.readouterr()
+    lines = printed.err.strip().splitlines()
+    assert lines[-1].startswith(f"emotrain {argv[0]}: error: {argument}: must not carry credentials"), printed.err
+    assert SECRET not in printed.err + printed.out and not (tmp_path / "out").exists()
 
 
 @pytest.fixture
@@ -178,7 +212,7 @@ def test_storage_that_cannot_be_reached_is_a_one_line_error_naming_the_key(s3, b
     assert err.count("\n") == 1 and f"config error: data.path: cannot reach {remote} (NoCredentialsError" in err, err
     assert "AWS_ACCESS_KEY_ID" in err and not (tmp_path / "run").exists()
     # prepare finds out before it reads (let alone encodes) anything: the release need not exist yet.
-    with pytest.raises(ConfigError, match=r"out_dir: cannot reach s3://.*NoCredentialsError"):
+    with pytest.raises(ConfigError, match=r"OUT_DIR: cannot reach s3://.*NoCredentialsError"):
         prepare(tmp_path / "no-release-yet", s3.url("new"))
 
 
@@ -186,9 +220,9 @@ def test_any_source_s_output_is_checked_before_the_source_is_read(s3, without_cr
     from emotrain.data.sources import prepare_source
 
     missing = str(tmp_path / "not-written-yet.csv")  # reading it would be a FileNotFoundError
-    with pytest.raises(ConfigError, match=r"out_dir: cannot reach s3://.*NoCredentialsError"):
+    with pytest.raises(ConfigError, match=r"OUT_DIR: cannot reach s3://.*NoCredentialsError"):
         prepare_source(missing, s3.url("manifest-corpus"), kind="manifest")
-    with pytest.raises(ConfigError, match="out_dir: must not carry credentials"):
+    with pytest.raises(ConfigError, match="OUT_DIR: must not carry credentials"):
         prepare_source(missing, "s3://KEY:SECRET@bucket/x", kind="manifest")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from emotrain.config import NUM_SHARDS_PER_GROUP
+from emotrain.config import NUM_SHARDS_PER_GROUP, check_no_credentials
 
 KINDS = ("auto", "release", "manifest", "emobox", "hub")
 
@@ -39,6 +39,9 @@ def prepare_source(source: str, out_dir: str | Path, *, kind: str = "auto", colu
     """`emotrain prepare SOURCE OUT`: scan the source, write the prepared layout; return the report."""
     from emotrain.data.prepare import output_folder, write_prepared
 
+    check_no_credentials(source, "SOURCE")  # it is written into prepare_report.json and dataset.json
+    if download_root is not None:
+        check_no_credentials(download_root, "--download-root")
     started = time.perf_counter()
     with output_folder(out_dir):  # created now (fail fast), removed again if nothing gets written
         kind = detect_kind(source) if kind == "auto" else kind
