@@ -13,7 +13,7 @@ own is its own experiment, `<experiment>-<variant>` (`paper` + `--variants audio
 (the folds and seeds it expects), which `emotrain report` reads.
 
 Rerunning the same command skips finished runs (`RunFolder.is_finished`: their `metrics.json` holds
-test metrics; their saved config is checked against the new one, and the data they trained on
+the results written at their end; their saved config is checked against the new one, and the data they trained on
 against `data.path`'s) and resumes an unfinished one from its newest checkpoint. Runs are subprocesses: a crash in one does not end the others (the exit code says so).
 A stop request (SIGTERM, SIGINT, SIGUSR1, SIGHUP) is passed on to the running training as SIGTERM:
 it saves and exits with 75, and so does `cv`. If `cv` itself is killed, the training gets SIGTERM

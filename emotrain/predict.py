@@ -417,6 +417,23 @@ def predict_manifest(predictor: Predictor, manifest: str | Path, out) -> int:
 # Evaluation on prepared data.
 
 
+def _evaluation_precision(requested: str | None, run_config: dict, saved: Path) -> str:
+    """The precision to evaluate in: `requested` (--mixed-precision), else the run's training
+    precision, under training's one rule (`training_precision`: fp16 needs a CUDA GPU, fp32 without
+    one, said once on stderr); the results record what ran."""
+    from emotrain.train.deepspeed_config import training_precision
+
+    source = "--mixed-precision" if requested is not None else f"the run's train.mixed_precision ({saved})"
+    if requested is None:
+        run_train = run_config.get("train")
+        requested = run_train.get("mixed_precision", "no") if isinstance(run_train, dict) else "no"
+    precision = training_precision(requested, cuda=torch.cuda.is_available())
+    if precision != requested:
+        print(f"emotrain evaluate: {source} asks for {requested}, which needs a CUDA GPU, and this machine has none: "
+              "evaluating in fp32 (mixed precision no)", file=sys.stderr)
+    return precision
+
+
 def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] | None = None,
                    batch_size: int | None = None, mixed_precision: str | None = None,
                    per_utterance: bool = False) -> dict:
@@ -447,8 +464,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str, *, sessions: list[int] 
         raise InputError(f"{saved} is not a run's configuration (a mapping with `data` and `train`): restore it, "
                          "or remove it and give --batch-size and --mixed-precision")
     run_data = run_config.get("data", {})
-    if mixed_precision is None:
-        mixed_precision = run_config.get("train", {}).get("mixed_precision", "no")
+    mixed_precision = _evaluation_precision(mixed_precision, run_config, saved)
     model = load_model_folder(model_dir)
     info = read_dataset_info(data_dir)
     if tuple(info.labels) != tuple(model.label_names):

@@ -4,9 +4,9 @@
 
 An experiment folder holds one run folder per (fold, seed) — `runs/<experiment>/fold<k>` or
 `fold<k>-seed<s>`, as `emotrain train` and `emotrain cv` write them. A run is *finished* when its
-`metrics.json` holds test metrics (`RunFolder.is_finished`); anything else there is *unfinished*, and a fold (or seed) the
-experiment expects (its `cv.json`, written by `emotrain cv`, else folds 1-5) without a folder is
-*missing*. Both are named in the report, and only finished runs are counted.
+`metrics.json` holds test metrics (`RunFolder.finished_metrics(tested=True)`); anything else there
+is *unfinished*, and a fold (or seed) the experiment expects (its `cv.json`, written by `emotrain
+cv`, else folds 1-5) without a folder is *missing*. Both are named in the report, and only finished runs are counted.
 
 What is written into `--out`:
     report.md       the side-by-side table (mean ± sd over folds), per-fold tables, the paired
@@ -156,7 +156,7 @@ def read_run(folder: Path) -> Run:
     try:
         config = run_folder.read_config()
         fold, seed = int(config["data"]["fold"]), int(config["train"]["seed"])
-        metrics = run_folder.finished_metrics()  # fold 0 (no test) is never finished: nothing to report
+        metrics = run_folder.finished_metrics(tested=True)  # fold 0 (no test): nothing to report
     except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as err:
         raise ReportError(f"{folder}: unreadable run ({type(err).__name__}: {' '.join(str(err).split())})") from None
     return Run(folder=folder, fold=fold, seed=seed, config=config, metrics=metrics)

@@ -9,6 +9,11 @@ so a stop costs no collective of its own), so all ranks save the same step toget
 SIGTERM is what Slurm and torchrun send; SIGUSR1 is what `#SBATCH --signal=B:USR1@...` sends to the
 batch shell (torchrun does not forward it, so the batch script turns it into the flag file).
 
+A flag file is a stop request only when it is *fresh* (`stop_flag_is_fresh`): touched since this
+run started (`started_at`). An older one is stale, left by an earlier stop, and the recipe removes it
+at setup; a fresh one, touched while the run started up (the Slurm script's USR1 trap), is kept and
+stops the run like a signal: before the first step at once, nothing to save.
+
 Before the first step there is nothing to save, and no step boundary may come for a long time (the
 data read, the model built and sharded, W&B reached): a watcher made with `at_once=True` (`emotrain
 train`'s while it loads, then the recipe's during setup) raises `StoppedBeforeFirstStep` from the
@@ -38,6 +43,40 @@ class StoppedBeforeFirstStep(BaseException):
     error of the library code it interrupts (`except Exception`)."""
 
 
+_IMPORTED_AT = time.time()
+
+
+def started_at() -> float:
+    """Since when a flag file asks this run to stop (wall clock, as file times are):
+    `$EMOTRAIN_STOP_FILE_SINCE` (the Slurm script sets it once it removed its job's stale flag, so a
+    flag touched while the launcher starts counts), else when this process imported this module:
+    `emotrain train` does first thing, before its config is read or torch imported."""
+    since = os.environ.get("EMOTRAIN_STOP_FILE_SINCE")
+    try:
+        return float(since) if since else _IMPORTED_AT
+    except ValueError:
+        return _IMPORTED_AT
+
+
+def stop_flag_is_fresh(flag_file: Path, since: float) -> bool:
+    """Whether `flag_file` asks to stop: it exists and was last touched at or after `since` (an older
+    one is stale: an earlier run's request, already served). The one rule for the recipe's clean-up
+    at setup and for `PreemptionWatcher.requested`."""
+    try:
+        return flag_file.stat().st_mtime >= since
+    except OSError:  # none (or none this process may see): no request
+        return False
+
+
+def remove_stale_stop_flag(flag_file: Path, since: float) -> bool:
+    """At setup (main process): delete `flag_file` when it is stale; returns whether a fresh one asks
+    this run to stop (it is kept: the Slurm script removes its flag when the job ends)."""
+    if stop_flag_is_fresh(flag_file, since):
+        return True
+    flag_file.unlink(missing_ok=True)
+    return False
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 FLAG_POLL_SECONDS = float(os.environ.get("EMOTRAIN_STOP_FILE_POLL_SECONDS", "2"))
 """How often the flag file is looked for (a stop reaches the run within this, plus one step);
@@ -45,11 +84,13 @@ FLAG_POLL_SECONDS = float(os.environ.get("EMOTRAIN_STOP_FILE_POLL_SECONDS", "2")
 
 
 class PreemptionWatcher:
-    """Remembers a stop request from SIGTERM / SIGUSR1 or from the existence of `flag_file`."""
+    """Remembers a stop request from SIGTERM / SIGUSR1 or from a fresh `flag_file` (touched at or
+    after `since`, default `started_at()`: `stop_flag_is_fresh`)."""
 
     def __init__(self, flag_file: str | Path | None = None, poll_seconds: float = FLAG_POLL_SECONDS, *,
-                 at_once: bool = False):
+                 at_once: bool = False, since: float | None = None):
         self.flag_file = Path(flag_file) if flag_file else None
+        self.since = started_at() if since is None else since
         self.at_once = at_once
         """A stop signal raises StoppedBeforeFirstStep in the handler (until `steps_begin`)."""
         self.poll_seconds = poll_seconds
@@ -76,7 +117,7 @@ class PreemptionWatcher:
             raise StoppedBeforeFirstStep(self.reason())
 
     def watch_flag_file(self, flag_file: str | Path) -> None:
-        """Also look for `flag_file` (set once a stale one from an earlier stop is removed)."""
+        """Also look for `flag_file` (a fresh one: see `stop_flag_is_fresh`)."""
         self.flag_file = Path(flag_file)
 
     def steps_begin(self) -> None:
@@ -88,19 +129,19 @@ class PreemptionWatcher:
         self._requested_by = reason
 
     def requested(self) -> bool:
-        """A signal came, or the flag file exists (looked for at most every `poll_seconds`: a `stat`
+        """A signal came, or the flag file is fresh (looked for at most every `poll_seconds`: a `stat`
         per step would be metadata-server traffic on a parallel filesystem)."""
         if self.signal_received is not None or self._flag_seen or self._requested_by:
             return True
         if self.flag_file is not None and time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + self.poll_seconds
-            self._flag_seen = self.flag_file.exists()
+            self._flag_seen = stop_flag_is_fresh(self.flag_file, self.since)
         return self._flag_seen
 
     def reason(self) -> str:
         if self.signal_received is not None:
             return f"signal {signal.Signals(self.signal_received).name}"
-        if self.flag_file is not None and self.flag_file.exists():
+        if self._flag_seen or (self.flag_file is not None and stop_flag_is_fresh(self.flag_file, self.since)):
             return f"flag file {self.flag_file}"
         return self._requested_by or "nothing"
 

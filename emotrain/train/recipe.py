@@ -26,7 +26,8 @@ DDP's gradient buckets); they save a checkpoint and exit with EXIT_PREEMPTED (75
 validation to the resumed run; a stop request before the first step ends the run at once, nothing
 to save (`emotrain.train.preemption`). Rerunning the same command (`train.resume=auto`) continues
 from the newest checkpoint this run wrote and ends with the same weights and metrics as an
-uninterrupted run; rerunning a finished run does nothing (`finished_run`).
+uninterrupted run; rerunning a finished run does nothing (`finished_run`; `train.resume=never` or a
+checkpoint folder start it afresh or restart it from there).
 Under DDP it may resume on another number of processes: the rest of the interrupted epoch is
 planned over the new ranks (every utterance not yet seen in it is seen exactly once).
 """
@@ -89,6 +90,7 @@ from emotrain.train.preemption import (
     PreemptionWatcher,
     StoppedBeforeFirstStep,
     default_flag_file,
+    remove_stale_stop_flag,
     say_stopped_before_first_step,
 )
 from emotrain.data.state import data_fingerprint
@@ -129,6 +131,9 @@ class Training:
     run_provenance: dict | None
     flops_per_utterance: float | None = None
     peak_flops: float | None = None
+    steps_left: int = 0
+    """The optimizer steps the plans held when setup ended (`_steps_left`, counted once: the log's
+    step count and the progress bar's total)."""
     progress_bar: Any = None
     """The console's progress bar while `fit` runs."""
 
@@ -184,9 +189,13 @@ def finished_run(cfg: Config) -> str | None:
     the same config up to result-neutral keys, the same data), and where its results are; None when
     it holds no finished run. A finished run that another config or other data would continue is
     refused as setup refuses it (RunFolderConflict): a longer run (max_steps, max_epochs) is such a
-    config, as its learning rate schedule differs from the start."""
+    config, as its learning rate schedule differs from the start.
+
+    Only `train.resume=auto` ("continue this run", the rerun of the same command) finds a finished
+    run done: `never` asks to start afresh and a checkpoint folder to restart from it, and setup
+    does what they say (None here)."""
     run = RunFolder(cfg.output_dir)
-    if not run.is_finished():
+    if cfg.train.resume != "auto" or not run.is_finished():
         return None
     return run.check_finished(cfg, lambda: data_fingerprint(split_from_config(cfg.data, seed=cfg.train.seed)))
 
@@ -229,11 +238,11 @@ def _build_training(cfg: Config, run: RunFolder, lock: RunFolderLock, watcher: P
     log.info("fold %d: %s", cfg.data.fold, json.dumps(split.summary()))
     for note in split.notes:
         log.warning("fold %d: %s", cfg.data.fold, note)
-    # A stale flag from an earlier stop must not stop this run at once.
+    # A stale flag (an earlier stop's) is removed; a fresh one, touched while this run started up
+    # (Slurm's USR1 trap), stops it at once, as a signal would.
     stop_flag = default_flag_file(run.path)
-    if accelerator.is_main_process:
-        stop_flag.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
+    if decided_by_main(accelerator, lambda: remove_stale_stop_flag(stop_flag, watcher.since)):
+        raise StoppedBeforeFirstStep(f"flag file {stop_flag}")
     watcher.watch_flag_file(stop_flag)
     set_seed(cfg.train.seed)
     # What to resume: the main process decides (it also completes a replacement a crash interrupted,
@@ -376,9 +385,9 @@ def _describe_run(t: Training) -> None:
     """Log the plan's step count and how the model runs; measure its FLOPs once (main process: it
     alone logs), and on a GPU the matmul peak in the training precision."""
     cfg, accelerator, stream, progress = t.cfg, t.accelerator, t.state.stream, t.state.progress
-    left, exact = _steps_left(t)
+    t.steps_left, exact = _steps_left(t)
     t.log.info("%s%d optimizer steps (%d in this epoch, %d micro-batch(es) per step on each of %d rank(s))",
-               "" if exact else "about ", progress.step + left, stream.steps_in_epoch(),
+               "" if exact else "about ", progress.step + t.steps_left, stream.steps_in_epoch(),
                cfg.train.gradient_accumulation_steps, accelerator.num_processes)
     dynamo = accelerator.state.dynamo_plugin
     if dynamo.backend != DynamoBackend.NO:  # the launch config's dynamo_config (or ACCELERATE_DYNAMO_*)
@@ -423,7 +432,8 @@ def fit(t: Training) -> int:
             validate(t)
             decide_step_end(t, StepFacts(progress.step))
     bar = t.progress_bar = tqdm(
-        total=progress.step + _steps_left(t)[0], initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+        total=progress.step + (0 if progress.stop_reason is not None else t.steps_left), initial=progress.step,
+        desc="train", unit="step", dynamic_ncols=True,
         disable=not (t.accelerator.is_main_process and t.cfg.logging.progress_bar))
     t.state.window.restart_clock()  # training time starts here (not at setup, nor the trackers' start)
     t.state.model.train()

@@ -18,14 +18,17 @@ before a training writes into it.
       metrics.json      written last, atomically, with `data`: what the run trained on (`data_fingerprint`)
       .lock, STOP       held by the training writing the folder; a stop request
 
-*Finished* (`is_finished`, the one definition `emotrain cv` and `emotrain report` use): metrics.json
-holds test metrics, and no best/ export is cut short. best/ is published before metrics.json and
-never half-written: it is written into `.partial-best/` and swapped into place through a journal
-(old folder aside, new one into place, aside deleted); `recover` finishes or undoes a swap a crash
-interrupted.
+*Finished* (`is_finished`, the one definition `emotrain train`, `emotrain cv` and `emotrain report`
+use): metrics.json holds the results the run wrote at its end, whatever the fold (fold 0 trains on
+everything and has no test set: finished too), and no best/ export is cut short. `emotrain report`
+counts the finished runs that hold test metrics (`finished_metrics(tested=True)`). best/ is
+published before metrics.json and never half-written: it is written into `.partial-best/` and
+swapped into place through a journal (old folder aside, new one into place, aside deleted);
+`recover` finishes or undoes a swap a crash interrupted.
 
 One experiment per folder. Rerunning the same command resumes it (`train.resume=auto`), or once it
-is finished does nothing (`check_finished`: the recipe says where the results are); rerunning
+is finished does nothing (`check_finished`: the recipe says where the results are;
+`train.resume=never` or a checkpoint folder start it afresh, or restart it from there); rerunning
 it with, say, another `train.lr` would resume the old run's checkpoint under the new settings, or
 overwrite part of its outputs, and `metrics.json` would then describe neither. Keys that change only
 speed, memory, logging, where things are read and written, or the execution resources (like the
@@ -201,16 +204,17 @@ class RunFolder:
             raise ValueError(f"{self.metrics} does not hold metrics")
         return loaded
 
-    def finished_metrics(self) -> dict[str, Any] | None:
-        """metrics.json when the run is finished (`is_finished`), else None; raises like `read_metrics`."""
+    def finished_metrics(self, *, tested: bool = False) -> dict[str, Any] | None:
+        """metrics.json when the run is finished (`is_finished`), else None; with `tested`, only when
+        it holds test metrics too (a fold-0 run has none). Raises like `read_metrics`."""
         metrics = self.read_metrics()
-        finished = metrics is not None and bool(metrics.get("test")) and not self._best_aside.exists()
-        return metrics if finished else None
+        finished = metrics is not None and _holds_final_results(metrics) and not self._best_aside.exists()
+        return metrics if finished and (not tested or metrics.get("test")) else None
 
     def is_finished(self) -> bool:
-        """The run wrote its final metrics, test metrics included (fold 0, without a test, is never
-        finished), and best/ is whole: no export of it was cut short (a swap `recover` has not yet
-        finished or undone). Never raises: an unreadable metrics.json is not finished."""
+        """The run wrote its final metrics (`_holds_final_results`; with or without a test set), and
+        best/ is whole: no export of it was cut short (a swap `recover` has not yet finished or
+        undone). Never raises: an unreadable metrics.json is not finished."""
         try:
             return self.finished_metrics() is not None
         except (OSError, ValueError):
@@ -384,6 +388,13 @@ class RunFolder:
             shutil.rmtree(self._best_partial)
             done.append(f"deleted {_BEST_PARTIAL} (an export cut short)")
         return done
+
+
+def _holds_final_results(metrics: dict[str, Any]) -> bool:
+    """Whether metrics.json holds what `finish` writes at a run's very end, in one atomic write:
+    `stop_reason` for every fold (every emotrain version wrote it), and test metrics when the fold
+    has a test set. Either one says the run got to its end."""
+    return "stop_reason" in metrics or bool(metrics.get("test"))
 
 
 def _fsync_tree(folder: Path) -> None:

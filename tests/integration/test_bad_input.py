@@ -339,6 +339,15 @@ def _says_fp32_not_fp16(ws: Workspace) -> None:
     assert "mixed precision no" in log and "mixed precision fp16" not in log, log[-3000:]
 
 
+def _evaluate_fp16_on_cpu(ws: Workspace) -> list[str]:
+    return ["evaluate", str(ws.run / "best"), str(ws.corpus), "--mixed-precision", "fp16",
+            "--out", str(ws.root / "evaluation.json")]
+
+
+def _records_fp32(ws: Workspace) -> None:
+    assert json.loads((ws.root / "evaluation.json").read_text())["mixed_precision"] == "no"
+
+
 def _read_only_output_folder(ws: Workspace) -> list[str]:
     parent = ws.root / "read-only"
     parent.mkdir()
@@ -438,6 +447,11 @@ PROBES: list[Probe] = [
                        check=_says_fp32_not_fp16),
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a GPU"),
                  id="fp16-without-cuda"),
+    pytest.param(Probe("evaluate-fp16-without-cuda", _evaluate_fp16_on_cpu,
+                       ("--mixed-precision asks for fp16", "needs a CUDA GPU", "evaluating in fp32"), rc=0,
+                       check=_records_fp32),
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a GPU"),
+                 id="evaluate-fp16-without-cuda"),
     pytest.param(Probe("output-dir-read-only", _read_only_output_folder,
                        ("output_dir", "read-only", "cannot be written"), check=_nothing_written_in_read_only),
                  marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder (chmod): "

@@ -11,7 +11,9 @@ Root writes into a `chmod`-ed folder, and a full disk cannot be made in a test: 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,110 @@ def test_a_log_file_the_disk_cannot_take_is_said_once_and_the_console_keeps_ever
     assert "Traceback" not in err and "Logging error" not in err, err
     assert err.count("cannot write") == 1 and "No space left on device" in err
     assert all(f"line {i}" in err for i in range(3))
+
+
+# --- finished runs: what "finished" means whatever the fold, and train.resume on one ---------------
+
+def _finish(corpus: Path, out: Path, *extra: str) -> None:
+    assert cli.main([*_train_argv(corpus, out), "train.max_steps=2", "train.checkpoint_every_steps=1", *extra]) == 0
+
+
+def _snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(out.rglob("*")) if p.name != ".lock"}
+
+
+def test_a_finished_fold_0_run_is_done_when_rerun(corpus, tmp_path, capsys):
+    # Fold 0 trains on everything: no test set, no test metrics; it is finished all the same.
+    out = tmp_path / "out"
+    _finish(corpus, out, "data.fold=0")
+    assert "test" not in json.loads((out / "metrics.json").read_text())
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert cli.main([*_train_argv(corpus, out), "train.max_steps=2", "train.checkpoint_every_steps=1",
+                     "data.fold=0"]) == 0
+    err = capsys.readouterr().err
+    assert "holds this run, finished" in err and "nothing to do" in err, err[-3000:]
+    assert _snapshot(out) == before  # not resumed: best/, metrics.json and history.jsonl as they were
+
+
+def test_train_resume_never_or_a_checkpoint_on_a_finished_run_does_what_it_says(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    _finish(corpus, out)
+    finished = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    # An explicit checkpoint: the run restarts from it (its step 2 again) and finishes anew.
+    step1 = out / "checkpoints" / "step-000001"
+    assert cli.main([*_train_argv(corpus, out), "train.max_steps=2", "train.checkpoint_every_steps=1",
+                     f"train.resume={step1}"]) == 0
+    err = capsys.readouterr().err
+    assert "nothing to do" not in err and f"resumed from {step1} (epoch 0, step 1)" in err, err[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == finished["steps"] == 2
+    # never: it starts afresh (the old checkpoints abandoned) and finishes anew.
+    written = (out / "metrics.json").stat().st_mtime_ns
+    assert cli.main([*_train_argv(corpus, out), "train.max_steps=2", "train.checkpoint_every_steps=1",
+                     "train.resume=never"]) == 0
+    err = capsys.readouterr().err
+    assert "nothing to do" not in err and "starting fresh" in err, err[-3000:]
+    assert (out / "metrics.json").stat().st_mtime_ns != written
+
+
+# --- a stop-flag file: fresh (touched since the run started) stops it, stale is removed -------------
+
+def test_a_flag_touched_during_setup_stops_the_run_before_its_first_step(corpus, tmp_path, monkeypatch, capsys):
+    # What Slurm's USR1 trap does while the run starts up: the flag must not be taken for a stale one.
+    import emotrain.train.recipe as recipe
+
+    out, flag = tmp_path / "out", tmp_path / ".emotrain-stop-123"
+    monkeypatch.setenv("EMOTRAIN_STOP_FILE", str(flag))  # as slurm/train.sbatch sets it
+    real_check = recipe.check_config_fits_dataset
+
+    def check_then_touch(*args, **kwargs):  # setup has begun; the stale-flag clean-up is still to come
+        flag.touch()
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "check_config_fits_dataset", check_then_touch)
+    monkeypatch.setattr(recipe, "build_model", lambda *a, **kw: pytest.fail("setup went on to build the model"))
+    assert cli.main(_train_argv(corpus, out)) == 75
+    said = capsys.readouterr().err
+    assert f"stop requested (flag file {flag}) before the first step" in said, said[-3000:]
+    assert not (out / "checkpoints").exists() and flag.exists()  # (the Slurm script removes it when the job ends)
+
+
+def test_a_stale_flag_is_removed_and_does_not_stop_the_run(corpus, tmp_path, monkeypatch):
+    import emotrain.train.recipe as recipe
+
+    out = tmp_path / "out"
+    out.mkdir()
+    flag = out / "STOP"
+    flag.touch()
+    an_hour_ago = time.time() - 3600  # an earlier run's stop request, already served
+    os.utime(flag, (an_hour_ago, an_hour_ago))
+    counted = []
+    real_steps_ahead = recipe.steps_ahead
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return real_steps_ahead(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "steps_ahead", counting)
+    assert cli.main([*_train_argv(corpus, out), "train.max_steps=1"]) == 0
+    assert not flag.exists() and (out / "metrics.json").is_file()
+    assert len(counted) == 1  # the run's steps are counted once (the log's and the progress bar's)
+
+
+# --- evaluate: fp16 needs CUDA, as in training ------------------------------------------------------
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 runs on a GPU")
+@pytest.mark.parametrize("asked", [["--mixed-precision", "fp16"], []])
+def test_evaluate_in_fp16_without_cuda_says_so_and_records_fp32(corpus, tmp_path, capsys, asked):
+    out = tmp_path / "out"
+    _finish(corpus, out, "train.max_steps=1", "train.mixed_precision=fp16")  # the run's default: fp16
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out / "best"), str(corpus), *asked]) == 0
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert results["mixed_precision"] == "no", results["mixed_precision"]
+    notes = [line for line in captured.err.splitlines() if "needs a CUDA GPU" in line]
+    assert len(notes) == 1 and "evaluating in fp32" in notes[0], captured.err[-3000:]
+    assert ("--mixed-precision asks for fp16" if asked else "the run's train.mixed_precision") in notes[0]

@@ -176,6 +176,21 @@ def finished_run(tmp_path):
     return run
 
 
+def test_a_run_is_finished_by_what_it_wrote_at_its_end_whatever_the_fold(tmp_path):
+    from emotrain.train.run_folder import RunFolder
+
+    run = RunFolder(tmp_path)
+    # Fold 0 trains on everything: its metrics.json holds no test metrics, and it is finished.
+    run.metrics.write_text(json.dumps({"validation": {"ua": 0.5}, "best_step": 2, "stop_reason": "max_steps",
+                                       "steps": 2, "nonfinite_steps": 0}))
+    assert run.is_finished() and run.finished_metrics() is not None
+    assert run.finished_metrics(tested=True) is None  # `emotrain report` counts only runs with test metrics
+    run.metrics.write_text(json.dumps({"test": {"ua": 0.5}, "stop_reason": "max_steps"}))
+    assert run.is_finished() and run.finished_metrics(tested=True) is not None
+    run.metrics.write_text("{}")  # not what a run writes at its end
+    assert not run.is_finished()
+
+
 def _rename_dies_on_call(number: int):
     def fault(die):
         real, calls = os.rename, []

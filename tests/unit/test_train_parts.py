@@ -331,6 +331,28 @@ def test_preemption_by_signal_and_flag_file(tmp_path):
 
 
 
+def test_a_stop_flag_older_than_the_run_is_stale_and_a_fresh_one_is_a_request(tmp_path, monkeypatch):
+    from emotrain.train.preemption import remove_stale_stop_flag, started_at, stop_flag_is_fresh
+
+    since = time.time()
+    flag = tmp_path / "STOP"
+    flag.touch()
+    os.utime(flag, (since - 60, since - 60))  # an earlier run's request, served
+    assert not stop_flag_is_fresh(flag, since)
+    with PreemptionWatcher(flag, poll_seconds=0, since=since) as watcher:
+        assert not watcher.requested() and watcher.reason() == "nothing"
+        assert not remove_stale_stop_flag(flag, since) and not flag.exists()  # setup removes it
+        flag.touch()  # touched during this run (setup, or a step): a request, kept
+        assert stop_flag_is_fresh(flag, since) and remove_stale_stop_flag(flag, since) and flag.exists()
+        assert watcher.requested() and watcher.reason() == f"flag file {flag}"
+    assert not stop_flag_is_fresh(tmp_path / "none", since)
+    # The Slurm script says since when its job's flag counts (a flag touched while the launcher starts).
+    monkeypatch.setenv("EMOTRAIN_STOP_FILE_SINCE", "1700000000")
+    assert started_at() == 1700000000.0 and PreemptionWatcher().since == 1700000000.0
+    monkeypatch.delenv("EMOTRAIN_STOP_FILE_SINCE")
+    assert started_at() <= since  # else: when this process imported the module
+
+
 def test_before_the_first_step_a_stop_signal_interrupts_at_once_and_only_once(tmp_path):
     from emotrain.train.preemption import StoppedBeforeFirstStep
 
