@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -364,10 +365,15 @@ def test_deepspeed_zero2_bf16(zero2_run, fault, fold1_sizes):
     assert moved <= 4, (rescored["confusion"], metrics["test"]["confusion"])
 
 
-def test_a_deepspeed_checkpoint_resumed_on_another_world_size_is_a_clear_error(synthetic_corpus, zero2_run):
-    out, rc, log, _ = zero2_run
+def test_a_deepspeed_checkpoint_resumed_on_another_world_size_is_a_clear_error(synthetic_corpus, zero2_run, tmp_path):
+    finished, rc, log, _ = zero2_run
     assert rc == 0, log[-6000:]
-    # The same ZeRO-2 run's folder, now on one process: refused before anything loads, in one line.
+    # A copy of the ZeRO-2 run's folder as a run killed after its last checkpoint (a finished run has
+    # nothing left to resume), now on one process: refused before anything loads, in one line.
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "best")
     rc, log = _launch("cpu_zero2.yaml", synthetic_corpus, out, "train.mixed_precision=bf16", deepspeed=True,
                       processes=1)
     assert rc != 0
