@@ -69,17 +69,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             workers=args.workers,
         )
     except (NothingToPrepareError, FileNotFoundError, ManifestError, RecogniserError, ConfigError) as err:
-        print(f"emotrain prepare: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return fail("prepare", err, 2)
     print(summarize(report))
     print(f"report: {args.out_dir}/prepare_report.json")
     return 0
 
 
-def _damaged_data(verb: str, err: Exception) -> int:
-    """A damaged or incomplete prepared dataset (`PreparedDataError`): one line naming the file, exit 2."""
+def fail(verb: str, err: Exception | str, status: int) -> int:
+    """Say `emotrain <verb>: error: <message>` in one line (the message's line breaks joined: the
+    messages name the file or key and what to do) and return the exit status: 2 for bad input, 1 for
+    a run that failed."""
     print(f"emotrain {verb}: error: {' '.join(str(err).split())}", file=sys.stderr)
-    return 2
+    return status
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -108,15 +109,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         say_stopped_before_first_step(str(stop))
         return EXIT_PREEMPTED
     except PreparedDataError as err:
-        return _damaged_data("train", err)
+        return fail("train", err, 2)
 
     try:
         return train(cfg, wrap=args.wrap_training)
     except (TooManyNonFiniteSteps, NonFiniteStepApplied, ResumeError) as err:
-        print(f"emotrain train: error: {err}", file=sys.stderr)
-        return 1
+        return fail("train", err, 1)
     except PreparedDataError as err:  # found while reading (a data worker's too): the same one line
-        return _damaged_data("train", err)
+        return fail("train", err, 2)
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
@@ -125,7 +125,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     try:
         return _cross_validate(args)
     except PreparedDataError as err:
-        return _damaged_data("cv", err)
+        return fail("cv", err, 2)
 
 
 def _cross_validate(args: argparse.Namespace) -> int:
@@ -151,8 +151,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         report = build_report(args.experiment_dirs, out, plots=not args.no_plots)
     except ReportError as err:
-        print(f"emotrain report: error: {err}", file=sys.stderr)
-        return 2
+        return fail("report", err, 2)
     print(report["table"])
     say_report(report, out, args.wandb)
     return 0
@@ -175,10 +174,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                                      per_utterance=args.per_utterance)
         except InputError as err:
-            print(f"emotrain evaluate: error: {err}", file=sys.stderr)
-            return 2
+            return fail("evaluate", err, 2)
         except PreparedDataError as err:
-            return _damaged_data("evaluate", err)
+            return fail("evaluate", err, 2)
     text = json.dumps(results, indent=2)
     print(format_results(results), file=sys.stderr)
     print(text, file=results_out)  # before --out: the results are not lost if it cannot be written
@@ -186,8 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         try:
             Path(args.out).write_text(text + "\n")
         except OSError as err:
-            print(f"emotrain evaluate: error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
-            return 1
+            return fail("evaluate", f"cannot write {args.out}: {err.strerror or err}", 1)
     return 0
 
 
@@ -208,16 +205,14 @@ def _predict(args: argparse.Namespace, results_out) -> int:
         predictor = load(args.model_dir, device=args.device, asr=args.asr, max_full_seconds=args.max_full_seconds,
                          window_seconds=args.window_seconds, batch_size=args.batch_size)
     except (InputError, FileNotFoundError, ValueError) as err:  # the model folder or recogniser: an input error
-        print(f"emotrain predict: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return fail("predict", err, 2)
     try:
         if args.audio is not None:
             print(json.dumps(predictor.predict(args.audio, text=args.text), indent=2), file=results_out)
             return 0
         return predict_manifest(predictor, args.batch, args.out or results_out)
     except (InputError, FileNotFoundError, ValueError) as err:
-        print(f"emotrain predict: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1 if args.audio is not None else 2
+        return fail("predict", err, 1 if args.audio is not None else 2)
 
 
 def build_parser() -> argparse.ArgumentParser:
