@@ -72,8 +72,9 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
-_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
-"""`scheme://user:secret@host/...`: the userinfo part of a URL."""
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:[^/?#]*@")
+"""`scheme://user:secret@host/...`: a password in the userinfo part of a URL. A user name alone is
+not a secret, and Azure addresses a container that way (`abfs://container@account.dfs.core.windows.net`)."""
 
 _SECRET_QUERY_NAME = re.compile(
     r"^(sig|signature|x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|"
@@ -505,7 +506,9 @@ def _describe(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `key` and what is allowed."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(key, f"expected {_describe(tp)}, got {value!r}")
+    # A URL given to the wrong key is not repeated if it carries credentials.
+    shown = "a URL carrying credentials" if isinstance(value, str) and credentials_in(value) else repr(value)
+    bad = ConfigError(key, f"expected {_describe(tp)}, got {shown}")
     if origin is Literal:
         if value in typing.get_args(tp):
             return value

@@ -281,7 +281,7 @@ def read_metadata(path: str, sessions: tuple[int, ...] | None = None, info: Data
 
     Raises NoPreparedDataset (a ConfigError and a FileNotFoundError) when `path` holds none, and
     PreparedDataError for a missing, damaged or relabelled shard or a group short of rows (the checks
-    of `check_prepared`, on what is read here anyway).
+    of `check_prepared`, on what is read here anyway) or an utterance id held twice.
     """
     info = info if info is not None else read_dataset_info(path)
     sessions = tuple(sorted(info.groups.values())) if sessions is None else sessions
@@ -302,7 +302,7 @@ def read_metadata(path: str, sessions: tuple[int, ...] | None = None, info: Data
             files.append(url)
             file_session.append(session)
     check_group_rows(path, info, rows)
-    return Metadata(
+    meta = Metadata(
         files=tuple(files),
         file_session=tuple(file_session),
         id=np.array(parts["id"], dtype=object),
@@ -313,6 +313,8 @@ def read_metadata(path: str, sessions: tuple[int, ...] | None = None, info: Data
         file=np.array(parts["file"], dtype=np.int64),
         row=np.array(parts["row"], dtype=np.int64),
     )
+    check_unique_ids(path, meta)  # every reader (a fold split, evaluate) needs each id once
+    return meta
 
 
 def check_unique_ids(path: str, meta: Metadata) -> None:
@@ -324,7 +326,7 @@ def check_unique_ids(path: str, meta: Metadata) -> None:
     repeated = ids[counts > 1]
     holders = sorted({meta.files[f] for f in meta.file[meta.id == repeated[0]]})
     raise PreparedDataError(f"{len(repeated)} utterance id(s) appear more than once in the prepared dataset at {path} "
-                            f"({repeated[0]!r} in {' and '.join(holders)}): a shard was copied or two preparations "
+                            f"({str(repeated[0])!r} in {' and '.join(holders)}): a shard was copied or two preparations "
                             f"mixed; remove the copy or {REPREPARE}")
 
 
@@ -345,7 +347,7 @@ def make_fold_split(
     info = info if info is not None else read_dataset_info(path)
     spec = fold_spec(info, fold, path)
     meta = meta if meta is not None else read_metadata(path, info=info)
-    check_unique_ids(path, meta)
+    check_unique_ids(path, meta)  # (a `meta` given by the caller too)
     train_sessions, test_sessions = spec.train, spec.test
     in_train = np.isin(meta.session, train_sessions)
     # Every shard of a training group, empty ones included: shard counts decide rank sharding.

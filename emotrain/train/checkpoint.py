@@ -48,8 +48,9 @@ only a `.deleting-` folder, which `recover` and `rotate` finish, and never a `st
 `.partial-` or `.replaced-` folder with part of its files. So an aside folder is never one whose
 deletion was cut short, and `recover` only ever restores a whole one. A `step-*` folder without a
 readable `COMPLETE` marker (or loop state) is then never ours mid-deletion: a checkpoint still being
-copied in, or one whose marker a sync tool skipped. It is left alone, never loaded nor deleted, and
-`recover` warns once per start that it is not a complete checkpoint.
+copied in, one whose marker a sync tool skipped, or one an emotrain before the rename-first deletion
+left half-deleted. It is never loaded, rotation and recovery leave it alone (only a save of the same
+step replaces it, as it replaces any folder of that name), and `recover` warns once per start.
 
 Damage after the save. `manifest.json` records every file of the checkpoint (relative path, size,
 sha256), written by the main process after every rank finished writing and before `COMPLETE` (on a
@@ -389,11 +390,12 @@ def _not_a_checkpoint(folder: Path) -> str | None:
 def _warn_incomplete(checkpoints_dir: Path) -> None:
     """Say once per start which `step-*` folders are ignored: a save publishes only complete folders
     and a deletion renames them away first, so such a folder is not one of ours half-done (a
-    checkpoint being copied in, one whose marker a sync tool skipped): never loaded, never deleted."""
+    checkpoint being copied in, one whose marker a sync tool skipped, one an older emotrain left
+    half-deleted): never loaded; not deleted here (a save of the same step would replace it)."""
     for step in _steps_named(checkpoints_dir, ""):
         folder = checkpoints_dir / checkpoint_name(step)
         if reason := _not_a_checkpoint(folder):
-            log.warning("%s is not a complete checkpoint (%s): ignored, neither resumed nor deleted "
+            log.warning("%s is not a complete checkpoint (%s): ignored, never resumed nor rotated away "
                         "(copy it in whole, or delete it yourself)", folder, reason)
 
 

@@ -10,7 +10,7 @@ SIGTERM is what Slurm and torchrun send; SIGUSR1 is what `#SBATCH --signal=B:USR
 batch shell (torchrun does not forward it, so the batch script turns it into the flag file).
 
 A flag file is a stop request only when it is *fresh* (`stop_flag_is_fresh`): touched since this
-run started (`started_at`). An older one is stale, left by an earlier stop, and the recipe removes it
+run's setup began (`started_at`). An older one is stale, left by an earlier stop, and the recipe removes it
 at setup; a fresh one, touched while the run started up (the Slurm script's USR1 trap), is kept and
 stops the run like a signal: before the first step at once, nothing to save.
 
@@ -43,27 +43,31 @@ class StoppedBeforeFirstStep(BaseException):
     error of the library code it interrupts (`except Exception`)."""
 
 
-_IMPORTED_AT = time.time()
+MTIME_TOLERANCE_SECONDS = 2.0
+"""A flag touched this long before the run started still counts: file times come from a coarser clock
+(and on a shared filesystem, the server's), while a stale flag is an earlier job's, minutes old."""
 
 
-def started_at() -> float:
+def started_at(now: float | None = None) -> float:
     """Since when a flag file asks this run to stop (wall clock, as file times are):
     `$EMOTRAIN_STOP_FILE_SINCE` (the Slurm script sets it once it removed its job's stale flag, so a
-    flag touched while the launcher starts counts), else when this process imported this module:
-    `emotrain train` does first thing, before its config is read or torch imported."""
+    flag touched while the launcher starts counts), else `now` (default: this moment; the recipe
+    asks when its setup begins, so a second run in the same process does not take the first one's
+    flag for its own)."""
+    now = time.time() if now is None else now
     since = os.environ.get("EMOTRAIN_STOP_FILE_SINCE")
     try:
-        return float(since) if since else _IMPORTED_AT
+        return float(since) if since else now
     except ValueError:
-        return _IMPORTED_AT
+        return now
 
 
 def stop_flag_is_fresh(flag_file: Path, since: float) -> bool:
-    """Whether `flag_file` asks to stop: it exists and was last touched at or after `since` (an older
-    one is stale: an earlier run's request, already served). The one rule for the recipe's clean-up
-    at setup and for `PreemptionWatcher.requested`."""
+    """Whether `flag_file` asks to stop: it exists and was last touched at or after `since` (within
+    MTIME_TOLERANCE_SECONDS; an older one is stale: an earlier run's request, already served). The
+    one rule for the recipe's clean-up at setup and for `PreemptionWatcher.requested`."""
     try:
-        return flag_file.stat().st_mtime >= since
+        return flag_file.stat().st_mtime >= since - MTIME_TOLERANCE_SECONDS
     except OSError:  # none (or none this process may see): no request
         return False
 

@@ -356,6 +356,10 @@ def _claim_run_folder(cfg: Config, accelerator: Accelerator, run: RunFolder, loc
             log.warning("%s", unchecked)
         for line in run.recover():
             log.warning("run folder recovery: %s", line)
+        if run.metrics.exists():  # a finished run restarted (train.resume=never or a checkpoint): not finished
+            run.metrics.unlink()  # while it trains again, nor if it is stopped (`emotrain cv`, report, a rerun)
+            log.warning("%s restarts a finished run (train.resume=%s): its metrics.json is removed until this run "
+                        "writes its own", run.path, cfg.train.resume)
         run_provenance = provenance.merge_with_earlier(
             provenance.collect(world_size=accelerator.num_processes,
                                distributed_type=accelerator.distributed_type.value,

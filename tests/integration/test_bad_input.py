@@ -98,6 +98,12 @@ def _delete_shard(ws: Workspace) -> None:
     (ws.corpus / SHARD).unlink()
 
 
+def _shard_copied_over_another_group(ws: Workspace) -> None:
+    """A shard of session 2 copied over one of session 3: the same rows twice, every count unchanged."""
+    shutil.copyfile(ws.corpus / "session2" / "data-00000-of-00008.parquet",
+                    ws.corpus / "session3" / "data-00000-of-00008.parquet")
+
+
 def _truncate_shard(ws: Workspace) -> None:
     shard = ws.corpus / SHARD
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -388,6 +394,8 @@ PROBES: list[Probe] = [
           (SHARD, "damaged", "emotrain prepare"), check=_no_output_folder),
     Probe("data-shard-truncated-evaluate", _after(_truncate_shard, _evaluate),
           (SHARD, "damaged", "emotrain prepare")),
+    Probe("data-shard-copied-over-another-group-evaluate", _after(_shard_copied_over_another_group, _evaluate),
+          ("appear more than once", "session2/data-00000-of-00008.parquet and", "emotrain prepare")),
     Probe("data-shard-copy-beside-the-shards", _after(_copy_of_a_shard, _train_briefly),
           ("data-00000-of-00008 (1).parquet was not written by `emotrain prepare`", "remove it"),
           check=_no_output_folder),

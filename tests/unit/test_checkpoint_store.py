@@ -229,12 +229,12 @@ def test_a_step_folder_that_is_not_a_complete_checkpoint_is_left_alone_and_said_
     with caplog.at_level("WARNING", logger="emotrain.train"):
         assert ckpt.recover(root) == []
     assert [record.getMessage() for record in caplog.records] == [
-        f"{copying} is not a complete checkpoint (no COMPLETE marker): ignored, neither resumed nor deleted "
+        f"{copying} is not a complete checkpoint (no COMPLETE marker): ignored, never resumed nor rotated away "
         "(copy it in whole, or delete it yourself)",
-        f"{unsynced} is not a complete checkpoint (no loop_state.json): ignored, neither resumed nor deleted "
+        f"{unsynced} is not a complete checkpoint (no loop_state.json): ignored, never resumed nor rotated away "
         "(copy it in whole, or delete it yourself)",
-        f"{damaged} is not a complete checkpoint (its COMPLETE marker is unreadable): ignored, neither resumed "
-        "nor deleted (copy it in whole, or delete it yourself)",
+        f"{damaged} is not a complete checkpoint (its COMPLETE marker is unreadable): ignored, never resumed "
+        "nor rotated away (copy it in whole, or delete it yourself)",
     ]
     assert ckpt.rotate(root, keep_last=1) == []
     _saved(root, 10)

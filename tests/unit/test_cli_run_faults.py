@@ -215,6 +215,28 @@ def test_train_resume_never_or_a_checkpoint_on_a_finished_run_does_what_it_says(
     assert (out / "metrics.json").stat().st_mtime_ns != written
 
 
+def test_a_finished_run_restarted_is_not_finished_until_the_restart_is(corpus, tmp_path, monkeypatch, capsys):
+    """Its old metrics.json goes when the restart begins: stopped before its end, the folder is an
+    unfinished run (cv and report do not count it, the plain rerun continues it, not "nothing to do")."""
+    import emotrain.train.recipe as recipe
+    from emotrain.train.run_folder import RunFolder
+
+    out = tmp_path / "out"
+    _finish(corpus, out)
+    stopped = []
+    real_fit = recipe.fit
+    monkeypatch.setattr(recipe, "fit", lambda t: stopped.append(t.state.progress.step) or 75)  # preempted
+    argv = [*_train_argv(corpus, out), "train.max_steps=2", "train.checkpoint_every_steps=1"]
+    assert cli.main([*argv, "train.resume=never"]) == 75 and stopped == [0]
+    assert "restarts a finished run (train.resume=never)" in capsys.readouterr().err
+    assert not (out / "metrics.json").exists() and not RunFolder(out).is_finished()
+    monkeypatch.setattr(recipe, "fit", real_fit)
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "nothing to do" not in err and "starting fresh" in err, err[-3000:]
+    assert RunFolder(out).is_finished()
+
+
 # --- a stop-flag file: fresh (touched since the run started) stops it, stale is removed -------------
 
 def test_a_flag_touched_during_setup_stops_the_run_before_its_first_step(corpus, tmp_path, monkeypatch, capsys):

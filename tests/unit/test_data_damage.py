@@ -108,7 +108,11 @@ def test_the_same_utterance_id_in_two_shards_names_both(root):
     message = str(err.value)
     assert "1 utterance id(s) appear more than once" in message and first["id"][0].as_py() in message
     assert f"{shards[0]} and {shards[1]}" in message and "emotrain prepare" in message and "\n" not in message
-    assert isinstance(read_metadata(str(root)), Metadata)  # reading is fine: the split refuses it
+    assert f"({first['id'][0].as_py()!r} in" in message  # the id as written, not numpy's repr of it
+    # Every reader of the metadata refuses it: a fold split, and `emotrain evaluate` (which reads groups).
+    with pytest.raises(PreparedDataError, match="appear more than once"):
+        read_metadata(str(root), (2,))
+    assert isinstance(read_metadata(str(root), (1,)), Metadata)  # a group without the copy reads fine
 
 
 def test_shard_footers_are_read_in_parallel_and_the_first_damaged_shard_is_named(root, monkeypatch):

@@ -133,7 +133,7 @@ SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 
 
 @pytest.mark.parametrize("path", [
-    f"s3://AKIAEXAMPLE:{SECRET}@bucket/prepared", f"ftp://user:{SECRET}@host/prepared", "sftp://user@host/prepared",
+    f"s3://AKIAEXAMPLE:{SECRET}@bucket/prepared", f"ftp://user:{SECRET}@host/prepared",
     # in the query string: an Azure SAS, an S3 / GCS presigned URL, a token
     f"abfs://container/prepared?sv=2022-11-02&ss=b&sig={SECRET}",
     f"https://bucket.s3.amazonaws.com/prepared?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature={SECRET}",
@@ -154,6 +154,7 @@ def test_a_data_url_carrying_credentials_is_refused_without_repeating_them(path,
 
 @pytest.mark.parametrize("path", ["s3://bucket/prepared", "hf://datasets/me/emotions@main/prepared",
                                   "runs/with@sign/prepared", "gs://bucket/a@b", "runs/what?sig=1",
+                                  "sftp://user@host/prepared", "abfs://container@account.dfs.core.windows.net/prepared",
                                   "hf://datasets/me/emo?revision=main&split=train"])
 def test_data_paths_without_credentials_are_accepted(path):
     assert load_config(None, [f"data.path={path}"]).data.path == path
@@ -265,3 +266,10 @@ def test_the_endpoint_may_come_from_fsspec_configuration_instead_of_aws_variable
     proc = subprocess.run([sys.executable, "-c", code, remote], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [str(sum(PER_SESSION))] * 2
+
+
+def test_a_url_with_credentials_given_to_a_key_of_another_type_is_not_repeated():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"train.max_steps=s3://bucket/x?sig={SECRET}"])
+    assert err.value.key == "train.max_steps" and SECRET not in str(err.value)
+    assert "a URL carrying credentials" in str(err.value)

@@ -330,7 +330,6 @@ def test_preemption_by_signal_and_flag_file(tmp_path):
             signal.signal(sig, handler)
 
 
-
 def test_a_stop_flag_older_than_the_run_is_stale_and_a_fresh_one_is_a_request(tmp_path, monkeypatch):
     from emotrain.train.preemption import remove_stale_stop_flag, started_at, stop_flag_is_fresh
 
@@ -350,7 +349,8 @@ def test_a_stop_flag_older_than_the_run_is_stale_and_a_fresh_one_is_a_request(tm
     monkeypatch.setenv("EMOTRAIN_STOP_FILE_SINCE", "1700000000")
     assert started_at() == 1700000000.0 and PreemptionWatcher().since == 1700000000.0
     monkeypatch.delenv("EMOTRAIN_STOP_FILE_SINCE")
-    assert started_at() <= since  # else: when this process imported the module
+    assert started_at() >= since  # else: now (a second run in this process does not take the first's flag)
+    assert started_at(now=since + 5) == since + 5 and PreemptionWatcher().since >= since
 
 
 def test_before_the_first_step_a_stop_signal_interrupts_at_once_and_only_once(tmp_path):
