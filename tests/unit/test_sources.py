@@ -204,15 +204,20 @@ def test_a_csv_manifest_with_sessions_gives_leave_one_session_out_over_its_own_l
     for i, (label, session) in enumerate([("calm", 1), ("fear", 1), ("calm", 2), ("fear", 2), ("joy", 3), ("", 3)]):
         lines.append(f"wav/u{i}.wav,words {i},{label},s{i % 2},{session}")
     lines.append("wav/missing.wav,words,joy,s1,3")
+    lines.append("https://host/u9.wav?X-Amz-Signature=SECRETSIG,words,joy,s1,3")  # its id would be the URL
     manifest = tmp_path / "corpus" / "meta.csv"
     manifest.write_text("\n".join(lines) + "\n")
     report = prepare_source(str(manifest), tmp_path / "out", workers=1, num_shards=1)
     info = read_dataset_info(str(tmp_path / "out"))
     assert info.labels == ("calm", "fear", "joy") and info.fold_kind == "sessions"
     assert info.groups == {"session1": 1, "session2": 2, "session3": 3} and info.fold_numbers() == [1, 2, 3]
-    assert report["read"] == 7 and report["kept"] == 5
+    assert report["read"] == 8 and report["kept"] == 5
     assert report["dropped_outside_labels"] == {"(empty)": 1}
-    assert report["skipped"] == [{"id": "wav/missing", "reason": "missing wav"}]
+    assert sorted(report["skipped"], key=lambda skip: skip["id"]) == [
+        {"id": "row8", "reason": "its audio path carries credentials (query parameter X-Amz-Signature in the URL): "
+                                 "give them through the environment"},
+        {"id": "wav/missing", "reason": "missing wav"}]
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and b"SECRETSIG" in p.read_bytes()]
     split = make_fold_split(str(tmp_path / "out"), 3, validation="speakers")
     assert split.test_ids == ("wav/u4",) and set(split.validation_speakers) <= {"s0", "s1"}
 

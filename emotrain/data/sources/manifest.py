@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from emotrain.config import LABEL_NAMES
+from emotrain.config import LABEL_NAMES, credentials_in
 from emotrain.data.records import AudioInput, Record, Scan
 from emotrain.data.shards import DatasetInfo, FoldSpec, leave_one_out_folds
 from emotrain.data.sources.release import parse_utterance_id
@@ -201,13 +201,17 @@ def scan_manifest(path: str | Path, *, columns: dict[str, str] | None = None, la
     records, skipped, dropped, ids = [], [], Counter(), Counter()
     for number, (row, label, group) in enumerate(zip(rows, mapped, group_of), 1):
         audio = cell(row, "audio")
-        utt_id = cell(row, "id") or str(Path(audio).with_suffix("").as_posix()) or f"row{number}"
+        secret = credentials_in(audio) if audio else None
+        # (an id derived from an audio path that carries credentials would write them into the shards)
+        utt_id = cell(row, "id") or (f"row{number}" if secret else str(Path(audio).with_suffix("").as_posix())) \
+            or f"row{number}"
         ids[utt_id] += 1
         if label not in label_set:
             dropped[label or "(empty)"] += 1
             continue
-        if not audio:
-            skipped.append({"id": utt_id, "reason": "no audio path"})
+        if not audio or secret:
+            skipped.append({"id": utt_id, "reason": f"its audio path carries credentials ({secret}): give them "
+                                                    "through the environment" if secret else "no audio path"})
             continue
         resolved = Path(audio) if Path(audio).is_absolute() else path.parent / audio
         text = cell(row, "text") if cols["text"] else None
