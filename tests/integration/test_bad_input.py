@@ -15,7 +15,6 @@ Every command runs under a timeout: a hang fails its row.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -354,17 +353,14 @@ def _records_fp32(ws: Workspace) -> None:
     assert json.loads((ws.root / "evaluation.json").read_text())["mixed_precision"] == "no"
 
 
-def _read_only_output_folder(ws: Workspace) -> list[str]:
-    parent = ws.root / "read-only"
-    parent.mkdir()
-    parent.chmod(0o555)
-    return ws.train(output_dir=parent / "out")
+UNWRITABLE = Path("/sys/emotrain-probe-run")
+"""An output_dir no user may create, root included (sysfs refuses mkdir: EPERM), so the row runs in
+CI as root; as another user, the up-front check refuses it (`RunFolder.check_writable`). (A chmod-ed
+folder does not stop root: tests/unit/test_cli_run_faults.py simulates a read-only output_dir.)"""
 
 
-def _nothing_written_in_read_only(ws: Workspace) -> None:
-    parent = ws.root / "read-only"
-    assert list(parent.iterdir()) == []
-    parent.chmod(0o755)  # so that pytest can clean up
+def _nothing_created_there(ws: Workspace) -> None:
+    assert not UNWRITABLE.exists()
 
 
 # --- secrets: URLs carrying credentials ------------------------------------------------------
@@ -460,10 +456,8 @@ PROBES: list[Probe] = [
                        check=_records_fp32),
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a GPU"),
                  id="evaluate-fp16-without-cuda"),
-    pytest.param(Probe("output-dir-read-only", _read_only_output_folder,
-                       ("output_dir", "read-only", "cannot be written"), check=_nothing_written_in_read_only),
-                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder (chmod): "
-                                          "tests/unit/test_cli_run_faults.py simulates it"), id="output-dir-read-only"),
+    Probe("output-dir-not-permitted", lambda ws: ws.train(output_dir=UNWRITABLE), (str(UNWRITABLE), "choose another"),
+          check=_nothing_created_there),
 
     # --- predict / evaluate -------------------------------------------------------------------
     Probe("predict-audio-1e30", _predict_loud_audio, ("loud.wav", "non-finite features"), rc=1),

@@ -6,7 +6,8 @@ or 2 (a path that cannot be written or read). A stop request after setup and bef
 ends the run with nothing saved.
 
 Root writes into a `chmod`-ed folder, and a full disk cannot be made in a test: both are simulated
-(the probe table, tests/integration/test_bad_input.py, has the chmod row for other users)."""
+(the probe table, tests/integration/test_bad_input.py, has a row with an output_dir under /sys, where
+no user may create a folder)."""
 
 from __future__ import annotations
 
