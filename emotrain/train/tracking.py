@@ -1,9 +1,11 @@
 """Experiment tracking through Accelerate's trackers (W&B, TensorBoard); rank 0 only.
 
 A W&B run id is created once per training run and stored in every checkpoint, so a resumed or
-requeued job continues the same run (`resume="allow"`). All metrics are plotted against our own
-`train/step` (W&B drops points whose internal step is lower than one it already has, which is what
-happens after resuming from a checkpoint older than the last logged point).
+requeued job continues the same run (`resume="allow"`). W&B plots every metric against our own
+`train/step` and gets no step of its own (it drops points whose internal step is lower than one it
+already has, which is what happens after resuming from a checkpoint older than the last logged
+point); TensorBoard gets the optimizer step as its step (it plots a later point at an earlier step
+as a second value there, which a resumed run's repeated steps are).
 """
 
 from __future__ import annotations
@@ -168,9 +170,12 @@ def read_history(path: str | Path) -> list[dict]:
 
 
 def log(accelerator, values: dict, step: int) -> None:
-    """Log scalars against `train/step` (no tracker-side step, see the module docstring)."""
-    if accelerator.trackers:
-        accelerator.log({**values, STEP_METRIC: step})
+    """Log scalars at optimizer step `step`, as each tracker plots them: TensorBoard (and any other
+    tracker) gets it as its step; W&B gets it as `train/step`, its x-axis (`define_metric`), and no
+    step of its own (see the module docstring). Trackers live on the main process only."""
+    values = {**values, STEP_METRIC: step}
+    for tracker in accelerator.trackers:
+        tracker.log(values, step=None if tracker.name == "wandb" else step)
 
 
 def log_confusion(accelerator, cfg: Config, split: str, confusion: list[list[int]], label_names, step: int) -> None:

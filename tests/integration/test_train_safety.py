@@ -48,13 +48,30 @@ def test_secrets_stay_out_of_outputs_and_tensorboard_logs(synthetic_corpus, tmp_
         env=subprocess_env(WANDB_API_KEY=secret_key, HF_TOKEN=secret_token),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list(out.rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, "TensorBoard wrote no event file"
+    _assert_tensorboard_has_the_steps_of_the_history(events[0].parent, out)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) > 20
     for path in files:
         data = path.read_bytes()
         assert secret_key.encode() not in data and secret_token.encode() not in data, path
     assert secret_key not in proc.stdout + proc.stderr and secret_token not in proc.stdout + proc.stderr
+
+
+def _assert_tensorboard_has_the_steps_of_the_history(event_dir, out) -> None:
+    """TensorBoard's own reader finds every scalar at the optimizer step it was logged at (not all at 0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from emotrain.train.tracking import STEP_METRIC, read_history
+
+    scalars = EventAccumulator(str(event_dir), size_guidance={"scalars": 0}).Reload()
+    history = read_history(out / "history.jsonl")
+    for key in ("train/loss", "validation/ua", "test/ua"):
+        logged = [(row[STEP_METRIC], row[key]) for row in history if key in row]
+        read = [(event.step, event.value) for event in scalars.Scalars(key)]
+        assert [step for step, _ in read] == [step for step, _ in logged] and logged[-1][0] > 0, (key, read, logged)
+        assert [value for _, value in read] == pytest.approx([value for _, value in logged], rel=1e-6), key
 
 
 def test_wandb_disabled_mode_trains_and_writes_no_run(synthetic_corpus, tmp_path):
