@@ -43,10 +43,9 @@ def train(overrides: list[str], *, processes: int = 1, launch: str = "ddp", conf
         command = [sys.executable, *script]
     else:
         env["OMP_NUM_THREADS"] = "1"
-        if launch == "ddp":
-            env["ACCELERATE_USE_CPU"] = "true"  # launch/cpu_ddp.yaml is MULTI_GPU: gloo on a CPU machine
-        else:
-            env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed into plain MULTI_CPU
+        # Not needed for DDP without a GPU (the recipe runs a GPU config on the CPU), and it would
+        # silently turn DeepSpeed into plain MULTI_CPU.
+        env.pop("ACCELERATE_USE_CPU", None)
         command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                    str(REPO / "launch" / LAUNCH_CONFIGS.get(launch, launch)), "--num_processes", str(processes),
                    "--main_process_port", str(free_port()), *script]

@@ -52,6 +52,7 @@ from accelerate.utils import (
     DynamoBackend,
     InitProcessGroupKwargs,
     broadcast_object_list,
+    parse_flag_from_env,
     set_seed,
 )
 from tqdm.auto import tqdm
@@ -301,6 +302,10 @@ def _build_accelerator(cfg: Config, history: tracking.HistoryTracker) -> Acceler
         # Several CPU processes (the tests): gloo. Without it DeepSpeed's processes each train alone.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
+        # No GPU: a GPU launch config (launch/cpu_ddp.yaml is MULTI_GPU) runs its processes on the CPU over
+        # gloo, as ACCELERATE_USE_CPU=true would make it; without this, rank 1 dies inside Accelerate.
+        # Never under DeepSpeed: `cpu=True` silently drops it (DeepSpeed's own CPU accelerator runs it).
+        cpu=not torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"),
         mixed_precision=training_precision(cfg.train.mixed_precision, cuda=torch.cuda.is_available()),
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=[*cfg.logging.report_to, history],

@@ -68,8 +68,9 @@ def _env(*, deepspeed: bool, **extra: str) -> dict[str, str]:
         env.pop("ACCELERATE_USE_CPU", None)
         env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / "emotrain-tests"))
     else:
-        # launch/cpu_ddp.yaml is a MULTI_GPU config: on CPU it needs this (then it runs MULTI_CPU over gloo).
-        env["ACCELERATE_USE_CPU"] = "true"
+        # launch/cpu_ddp.yaml is a MULTI_GPU config: without a GPU the recipe runs it on the CPU over gloo,
+        # with no ACCELERATE_USE_CPU to set (a user's environment may not have it).
+        env.pop("ACCELERATE_USE_CPU", None)
     return env
 
 
