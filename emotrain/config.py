@@ -377,9 +377,10 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    report_to: list[Literal["wandb", "tensorboard", "none"]] = field(default_factory=list)
-    """Trackers (rank 0 only): any of wandb, tensorboard; empty (or `none`, alone) logs to the console
-    and file only. A single name may be given without brackets (`logging.report_to=wandb`)."""
+    report_to: list[Literal["wandb", "tensorboard", "all", "none"]] = field(default_factory=list)
+    """Trackers (rank 0 only): any of wandb, tensorboard; `all` is both; empty (or `none`, alone) logs to
+    the console and file only. Written as the HF Trainer takes it too: one name without brackets
+    (`logging.report_to=wandb`) or a comma list (`logging.report_to=wandb,tensorboard`)."""
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
     """W&B mode: `offline` on compute nodes (then `wandb sync`), `online`, or `disabled`."""
     project: str = "emotrain"
@@ -398,16 +399,18 @@ class LoggingConfig:
     """Show a progress bar on rank 0."""
 
     def __post_init__(self) -> None:
-        # `none` is how HF Trainer users say "no tracker": store it as the empty list it means.
+        # `none` and `all` are how HF Trainer users say "no tracker" and "every tracker": store them
+        # as the lists they mean.
         if self.report_to == ["none"]:
             self.report_to = []
+        if self.report_to == ["all"]:
+            self.report_to = ["wandb", "tensorboard"]
 
     def validate(self) -> None:
-        _check(
-            "none" not in self.report_to,
-            "logging.report_to",
-            f"`none` means no tracker and cannot be combined with others, got {self.report_to}",
-        )
+        for word in ("none", "all"):
+            _check(word not in self.report_to, "logging.report_to",
+                   f"`{word}` means {'no' if word == 'none' else 'every'} tracker and cannot be combined with "
+                   f"others, got {self.report_to}")
         _check(self.log_every_steps >= 1, "logging.log_every_steps", "must be >= 1")
         _check(bool(self.project), "logging.project", "must not be empty")
 
@@ -524,8 +527,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise bad
     if origin is list:
-        if isinstance(value, str):
-            value = [value]  # `report_to: wandb` means [wandb]
+        if isinstance(value, str):  # `report_to: wandb` means [wandb]; a list of names takes `wandb,tensorboard`
+            (item_type,) = typing.get_args(tp)
+            names = typing.get_origin(item_type) is Literal and "," in value
+            value = [item.strip() for item in value.split(",")] if names else [value]
         if not isinstance(value, list):
             raise bad
         (item_type,) = typing.get_args(tp)
@@ -610,6 +615,8 @@ def _parse_override_value(raw: str, tp: Any, key: str) -> Any:
         if not raw.strip():
             return []
         if not raw.strip().startswith("["):
+            if typing.get_origin(typing.get_args(tp)[0]) is Literal:  # names: `wandb,tensorboard` as HF takes it
+                return [_string_value(item, allows_none=False) for item in raw.split(",")]
             return [_string_value(raw, allows_none=False)]
     try:
         return yaml.safe_load(raw) if raw.strip() else ""

@@ -160,6 +160,20 @@ def test_report_to_none_and_a_bare_tracker(tmp_path):
     assert err.value.key == "logging.report_to" and "cannot be combined" in str(err.value)
 
 
+def test_report_to_takes_what_the_hf_trainer_takes(tmp_path):
+    both = ["wandb", "tensorboard"]
+    for given in ("all", "[all]", "wandb,tensorboard", "wandb, tensorboard", "[wandb, tensorboard]"):
+        assert load_config(None, [f"logging.report_to={given}"]).logging.report_to == both, given
+    path = tmp_path / "c.yaml"
+    path.write_text("logging:\n  report_to: wandb,tensorboard\n  tags: [a,b]\n")
+    assert load_config(path).logging.report_to == both
+    assert load_config(None, ["logging.tags=a,b"]).logging.tags == ["a,b"]  # free text is not split
+    with pytest.raises(ConfigError, match=r"logging.report_to: `all` means every tracker"):
+        load_config(None, ["logging.report_to=all,wandb"])
+    with pytest.raises(ConfigError, match=r"logging.report_to\[1\]: expected one of"):
+        load_config(None, ["logging.report_to=wandb,mlflow"])
+
+
 @pytest.mark.parametrize(
     "override",
     [
