@@ -216,7 +216,10 @@ def _predict(args: argparse.Namespace, results_out) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from emotrain import __version__
+
     parser = argparse.ArgumentParser(prog="emotrain", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"emotrain {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("config", help="print the resolved config (or --keys: every key with its doc)")

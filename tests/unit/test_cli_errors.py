@@ -86,3 +86,10 @@ def test_config_shows_the_fold_folder_and_takes_a_bare_no():
     printed = yaml.safe_load(proc.stdout)
     assert printed["output_dir"] == "runs/paper/fold3"
     assert printed["train"]["mixed_precision"] == "no" and printed["logging"]["report_to"] == []
+
+
+def test_version():
+    from emotrain import __version__
+
+    proc = emotrain("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"emotrain {__version__}", proc.stderr
