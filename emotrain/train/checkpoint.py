@@ -169,8 +169,17 @@ def read_marker(folder: str | Path) -> Marker | None:
     return None
 
 
+def _not_a_checkpoint(folder: Path) -> str | None:
+    """Why folder `folder` is not a complete checkpoint (marker and loop state), or None if it is one."""
+    if not (folder / COMPLETE).exists():
+        return f"no {COMPLETE} marker"
+    if read_marker(folder) is None:
+        return f"its {COMPLETE} marker is unreadable"
+    return None if (folder / LOOP_STATE).is_file() else f"no {LOOP_STATE}"
+
+
 def _is_complete(folder: Path) -> bool:
-    return folder.is_dir() and read_marker(folder) is not None and (folder / LOOP_STATE).is_file()
+    return folder.is_dir() and _not_a_checkpoint(folder) is None
 
 
 def _next_sequence(checkpoints_dir: Path) -> int:
@@ -376,15 +385,6 @@ def _finish_deletions(checkpoints_dir: Path) -> list[Path]:
     for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
     return doomed
-
-
-def _not_a_checkpoint(folder: Path) -> str | None:
-    """Why published step folder `folder` is not a complete checkpoint, or None if it is one."""
-    if not (folder / COMPLETE).exists():
-        return f"no {COMPLETE} marker"
-    if read_marker(folder) is None:
-        return f"its {COMPLETE} marker is unreadable"
-    return None if (folder / LOOP_STATE).is_file() else f"no {LOOP_STATE}"
 
 
 def _warn_incomplete(checkpoints_dir: Path) -> None:
