@@ -15,16 +15,21 @@ EMOTRAIN = [sys.executable, "-m", "emotrain.cli"]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
-@pytest.fixture(scope="session")
-def synthetic_corpus(tmp_path_factory) -> Path:
-    """`emotrain synth` + `emotrain prepare`: 48 4-class utterances per session, short durations."""
+def prepared_synthetic_corpus(root: Path, utterances_per_session: int) -> Path:
+    """`emotrain synth` + `emotrain prepare` into `root`: `utterances_per_session` 4-class utterances
+    per session, short durations (seed 1). Returns the prepared folder."""
     from emotrain.data.prepare import prepare
     from emotrain.data.synth import synthesize_release
 
-    root = tmp_path_factory.mktemp("synthetic")
-    synthesize_release(root / "release", seed=1, utterances_per_session=48, duration_scale=0.3)
+    synthesize_release(root / "release", seed=1, utterances_per_session=utterances_per_session, duration_scale=0.3)
     prepare(root / "release", root / "prepared", workers=1)
     return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory) -> Path:
+    """48 4-class utterances per session, short durations (`prepared_synthetic_corpus`)."""
+    return prepared_synthetic_corpus(tmp_path_factory.mktemp("synthetic"), 48)
 
 
 @pytest.fixture(scope="session")

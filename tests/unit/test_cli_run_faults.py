@@ -20,19 +20,14 @@ from pathlib import Path
 import pytest
 
 import emotrain.cli as cli
+from tests.integration.conftest import prepared_synthetic_corpus
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from emotrain.data.prepare import prepare
-    from emotrain.data.synth import synthesize_release
-
-    root = tmp_path_factory.mktemp("storage")
-    synthesize_release(root / "release", seed=1, utterances_per_session=12, duration_scale=0.3)
-    prepare(root / "release", root / "prepared", workers=1)
-    return root / "prepared"
+    return prepared_synthetic_corpus(tmp_path_factory.mktemp("storage"), 12)
 
 
 def _train_argv(corpus: Path, out: Path) -> list[str]:
