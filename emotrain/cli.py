@@ -141,6 +141,7 @@ def _cross_validate(args: argparse.Namespace) -> int:
         launcher=shlex.split(args.launcher) if args.launcher else None,
         report_dir=Path(args.report_dir) if args.report_dir else None, slurm=args.slurm,
         sbatch_args=shlex.split(args.sbatch), report_sbatch_args=shlex.split(args.report_sbatch),
+        verbose=args.verbose,
     )
 
 
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with `=`: --sbatch='--partition=gpu --gpus-per-node=4'")
     p.add_argument("--report-sbatch", default="", help="with --slurm: sbatch options for the report job (one CPU), "
                    "e.g. --report-sbatch=--partition=cpu")
+    p.add_argument("--verbose", action="store_true", help="also print each training's resolved config on the "
+                   "console (its train.log always holds it)")
     p.set_defaults(func=cmd_cv)
 
     p = verbs.add_parser("report", help="the results table (Markdown, CSV) and figures of finished runs")

@@ -397,6 +397,9 @@ class LoggingConfig:
     """Log training metrics every N optimizer steps."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
+    print_config: bool = True
+    """Print the resolved config on the console at the start (train.log always holds it); `emotrain
+    cv` turns it off for its trainings unless `--verbose`."""
 
     def __post_init__(self) -> None:
         # `none` and `all` are how HF Trainer users say "no tracker" and "every tracker": store them

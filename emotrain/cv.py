@@ -76,7 +76,7 @@ class PlannedRun:
 def cross_validate(configs: list[str], overrides: list[str], *, folds: list[int] | None = None,
                    seeds: list[int] | None = None, variants: list[str] | None = None,
                    launcher: list[str] | None = None, report_dir: Path | None = None, slurm: bool = False,
-                   sbatch_args: list[str] = (), report_sbatch_args: list[str] = ()) -> int:
+                   sbatch_args: list[str] = (), report_sbatch_args: list[str] = (), verbose: bool = False) -> int:
     """`emotrain cv`: plan, train every unfinished run (or submit them to Slurm), print the report.
     Returns the exit code (0; 1 when a run failed; EXIT_PREEMPTED after a stop request; 2 when the
     Slurm submission failed)."""
@@ -98,7 +98,8 @@ def cross_validate(configs: list[str], overrides: list[str], *, folds: list[int]
     for run in runs:  # every variant: fusion on data without transcripts is refused before any training
         cfg = load_config(run.config, run.overrides)
         check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
-    code, _ = run_sequentially(runs, launcher=list(launcher or DEFAULT_LAUNCHER), say=lambda line: print(line, flush=True))
+    code, _ = run_sequentially(runs, launcher=list(launcher or DEFAULT_LAUNCHER), say=lambda line: print(line, flush=True),
+                               verbose=verbose)
     if code == EXIT_PREEMPTED:
         return code
     try:
@@ -167,7 +168,7 @@ def plan_runs(
             for seed in seeds or [base.train.seed]:
                 for fold in folds:
                     run_overrides = (*overrides, *extra, f"train.seed={seed}", f"data.fold={fold}",
-                                     f"output_dir={template}")
+                                     f"output_dir={template}", *_seed_run_name(base, experiment, fold, seed, seeds))
                     cfg = load_config(config, run_overrides)
                     runs.append(PlannedRun(config, run_overrides, experiment, variant, fold, seed, Path(cfg.output_dir)))
     by_experiment: dict[str, set[Path]] = {}
@@ -182,6 +183,14 @@ def plan_runs(
         raise ConfigError("output_dir", "two runs of the cross-validation would share a folder: "
                           "give each config its own experiment name")
     return runs
+
+
+def _seed_run_name(base: Config, experiment: str, fold: int, seed: int, seeds: list[int] | None) -> tuple[str, ...]:
+    """With --seeds, the trackers' run name says the seed too (`<experiment>-fold<k>-seed<s>`), as the
+    run folder does: the runs of one fold are otherwise namesakes in W&B. A config's own run name is kept."""
+    if not seeds or base.logging.run_name is not None:
+        return ()
+    return (f"logging.run_name={experiment}-fold{fold}-seed{seed}",)
 
 
 def experiments_of(runs: list[PlannedRun]) -> dict[Path, dict]:
@@ -248,11 +257,54 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) -> tuple[int, list[PlannedRun]]:
+class Progress:
+    """The cross-validation's overall line, said after each run ends: `[cv] 2/6 runs finished, ETA 3 min`.
+
+    The ETA is the mean duration of the runs trained to the end by this invocation times the runs
+    left; runs found finished count as done but say nothing about how long one takes, and neither
+    does a failed one (it may have failed at once). `clock`: seconds, monotonic (tests pass a fake)."""
+
+    def __init__(self, total: int, clock=time.monotonic):
+        self.total, self.clock = total, clock
+        self.done, self.failed = 0, 0
+        self.durations: list[float] = []
+        self._started: float | None = None
+
+    def run_started(self) -> None:
+        self._started = self.clock()
+
+    def run_ended(self, *, trained: bool = False, failed: bool = False) -> str:
+        """Count one run (`trained`: this invocation trained it to the end; `failed`: it failed;
+        neither: it was found finished); returns the line to say."""
+        if trained:
+            self.durations.append(self.clock() - self._started)
+        self.done += 1
+        self.failed += failed
+        return self.line()
+
+    def line(self) -> str:
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        left = self.total - self.done
+        eta = f", ETA {_minutes(left * sum(self.durations) / len(self.durations))}" if left and self.durations else ""
+        return f"[cv] {self.done}/{self.total} runs finished{failed}{eta}"
+
+
+def _minutes(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return "<1 min"
+    if minutes < 90:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print,
+                     verbose: bool = False) -> tuple[int, list[PlannedRun]]:
     """Train every unfinished run, one after another; returns (exit code, failed runs).
 
     Exit code: 0, or EXIT_PREEMPTED when a stop request ended the cross-validation early
     (rerun the same command to continue), or 1 when some runs failed (the others still ran).
+    Each training's resolved config goes to its train.log, and to the console only when `verbose`.
     """
     stop = {"signal": None}
     child: dict[str, subprocess.Popen | None] = {"process": None}
@@ -268,6 +320,8 @@ def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) 
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
     previous = {sig: signal.signal(sig, forward) for sig in forwarded}
     failed: list[PlannedRun] = []
+    progress = Progress(len(runs))
+    quiet = () if verbose else ("logging.print_config=false",)  # (not a result-changing key: logging.*)
     try:
         for i, run in enumerate(runs, 1):
             if stop["signal"] is not None:
@@ -283,11 +337,13 @@ def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) 
                 if note is not None:
                     say(f"[cv {i}/{len(runs)}] {run.describe()}: warning: {note}")
                 say(f"[cv {i}/{len(runs)}] {run.describe()}: finished, skipped ({folder.metrics})")
+                say(progress.run_ended())
                 continue
             resuming = folder.checkpoints.is_dir()
             say(f"[cv {i}/{len(runs)}] {run.describe()}: {'resuming' if resuming else 'training'} in {run.output_dir}")
             started = time.perf_counter()
-            process = subprocess.Popen([*launcher, "train", run.config, *run.overrides], start_new_session=True,
+            progress.run_started()
+            process = subprocess.Popen([*launcher, "train", run.config, *run.overrides, *quiet], start_new_session=True,
                                        preexec_fn=_die_with_parent)
             child["process"] = process
             if stop["signal"] is not None:  # a stop request that came while it started
@@ -299,12 +355,14 @@ def run_sequentially(runs: list[PlannedRun], *, launcher: list[str], say=print) 
                 # e.g. a gloo abort at interpreter exit, after the run itself had finished.)
                 note = "" if code == 0 else f" (it exited with {code} after writing its metrics)"
                 say(f"[cv {i}/{len(runs)}] {run.describe()}: done in {time.perf_counter() - started:.0f} s{note}")
+                say(progress.run_ended(trained=True))
             elif code == EXIT_PREEMPTED or stop["signal"] is not None:
                 say(f"[cv {i}/{len(runs)}] {run.describe()}: stopped (exit {code}); rerun the same command to continue")
                 return EXIT_PREEMPTED, failed
             else:
                 say(f"[cv {i}/{len(runs)}] {run.describe()}: FAILED with exit code {code} (see {folder.log})")
                 failed.append(run)
+                say(progress.run_ended(failed=True))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -50,19 +50,20 @@ def confusion_figure(confusion: np.ndarray, labels: list[str], title: str, path:
 
 
 def curves_figure(series: dict[str, list[tuple[int, float]]], title: str, path: Path) -> Path:
-    """Training loss (left axis) and validation WA/UA (right axis) against the optimizer step."""
+    """Training and validation loss (left axis) and validation WA/UA (right axis) against the optimizer step."""
     plt = _pyplot()
     fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=DPI)
-    if series.get("train/loss"):
-        steps, values = zip(*series["train/loss"])
-        loss_axis.plot(steps, values, color="tab:blue", label="training loss")
-    loss_axis.set_xlabel("optimizer step")
-    loss_axis.set_ylabel("training loss", color="tab:blue")
-    metric_axis = loss_axis.twinx()
-    for key, color in (("validation/ua", "tab:red"), ("validation/wa", "tab:orange")):
+    for key, label, style in (("train/loss", "training loss", "-"), ("eval/loss", "validation loss", "o--")):
         if series.get(key):
             steps, values = zip(*series[key])
-            metric_axis.plot(steps, values, marker="o", color=color, label=key.replace("/", " ").replace("ua", "UA").replace("wa", "WA"))
+            loss_axis.plot(steps, values, style, color="tab:blue", label=label)
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("loss", color="tab:blue")
+    metric_axis = loss_axis.twinx()
+    for key, color in (("eval/ua", "tab:red"), ("eval/wa", "tab:orange")):
+        if series.get(key):
+            steps, values = zip(*series[key])
+            metric_axis.plot(steps, values, marker="o", color=color, label=f"validation {key.split('/')[1].upper()}")
     metric_axis.set_ylim(0, 1)
     metric_axis.set_ylabel("validation")
     handles = [h for ax in (loss_axis, metric_axis) for h in ax.get_legend_handles_labels()[0]]

@@ -536,12 +536,19 @@ def log_to_wandb(report: dict) -> str:
     return run_id
 
 
+CURVES = ("train/loss", "eval/loss", "eval/ua", "eval/wa")
+"""The history's keys `curves` reads: training loss, validation loss, WA and UA."""
+EARLIER_NAMES = {"validation/ua": "eval/ua", "validation/wa": "eval/wa"}
+"""Validation's names in the histories of runs trained before it was logged under the HF Trainer's `eval/`."""
+
+
 def curves(run: Run) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value)]} from the run's history (training loss, validation WA/UA)."""
+    """{metric: [(step, value)]} from the run's history (`CURVES`)."""
     history = read_history(RunFolder(run.folder).history)
     series: dict[str, list[tuple[int, float]]] = {}
     for record in history:
-        for key in ("train/loss", "validation/ua", "validation/wa"):
+        record = {EARLIER_NAMES.get(key, key): value for key, value in record.items()}
+        for key in CURVES:
             value = record.get(key)
             if value is not None and math.isfinite(value):
                 series.setdefault(key, []).append((int(record["train/step"]), float(value)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from accelerate.utils import gather_object
 
@@ -22,7 +24,8 @@ def model_inputs(batch: dict, device=None) -> dict:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, *, label_names=None, per_utterance: bool = False) -> dict:
+def evaluate(accelerator, model, loader, *, label_names=None, per_utterance: bool = False,
+             utterance_losses: Callable[[torch.Tensor, dict], torch.Tensor] | None = None) -> dict:
     """WA, UA, macro-F1, per-class recall and confusion over every rank's part of an evaluation set.
 
     `loader` is this rank's `build_eval_dataloader` (not prepared: each utterance is on exactly one
@@ -32,19 +35,23 @@ def evaluate(accelerator, model, loader, *, label_names=None, per_utterance: boo
     The global RNG is forked so evaluating never changes the training run's random stream.
     per_utterance: also return `predictions`, `[{"id", "label", "predicted", "probabilities"}]`.
     label_names: the class names (default: the model's own).
+    utterance_losses: `(logits [B, C], batch) -> [B]`, the training's loss per utterance; given, the
+    result holds `loss`, its mean over the scored utterances (the HF Trainer's `eval_loss`).
     """
     if label_names is None:
         label_names = accelerator.unwrap_model(model).label_names
     was_training = model.training
     model.eval()
-    rows = []  # (id, label, predicted, valid, probabilities) of this rank's utterances
+    rows = []  # (id, label, predicted, valid, probabilities, loss) of this rank's utterances
     with torch.random.fork_rng(devices=[]):
         for batch in loader:
             logits = model(**model_inputs(batch, accelerator.device)).logits.float()
             probabilities = logits.softmax(dim=-1).cpu().tolist() if per_utterance else [None] * len(batch["ids"])
             predicted = logits.argmax(dim=-1).cpu().tolist()
             valid = batch["valid"].tolist() if "valid" in batch else [True] * len(batch["ids"])
-            for row in zip(batch["ids"], batch["labels"].tolist(), predicted, valid, probabilities):
+            losses = (utterance_losses(logits, batch).cpu().tolist() if utterance_losses is not None
+                      else [None] * len(batch["ids"]))
+            for row in zip(batch["ids"], batch["labels"].tolist(), predicted, valid, probabilities, losses):
                 if row[0] != FILLER_ID:
                     rows.append(row)
     model.train(was_training)
@@ -52,10 +59,12 @@ def evaluate(accelerator, model, loader, *, label_names=None, per_utterance: boo
     scored = [row for row in rows if row[3]]
     metrics = compute_metrics([row[2] for row in scored], [row[1] for row in scored], label_names)
     metrics["n_skipped"] = len(rows) - len(scored)
+    if utterance_losses is not None:
+        metrics["loss"] = sum(row[5] for row in scored) / len(scored) if scored else None
     if per_utterance:
         metrics["predictions"] = [
             {"id": utt, "label": label_names[label], "predicted": label_names[pred],
              "probabilities": dict(zip(label_names, probs))}
-            for utt, label, pred, _, probs in scored
+            for utt, label, pred, _, probs, _ in scored
         ]
     return metrics

@@ -76,7 +76,11 @@ class StepLoss:
         self.class_weights, self.label_smoothing = class_weights, label_smoothing
 
     def __call__(self, logits: torch.Tensor, batch: dict, step_utterances: int) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = utterance_losses(logits, batch["labels"], valid=batch["valid"], class_weights=self.class_weights,
-                                  label_smoothing=self.label_smoothing)  # [B]
+        losses = self.per_utterance(logits, batch)  # [B]
         scaled = micro_batch_loss(losses, step_utterances, world_size=self.world_size, accumulation=self.accumulation)
         return scaled, losses
+
+    def per_utterance(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """[B] this run's loss of each utterance (validation reports their mean, as training does)."""
+        return utterance_losses(logits, batch["labels"], valid=batch.get("valid"), class_weights=self.class_weights,
+                                label_smoothing=self.label_smoothing)

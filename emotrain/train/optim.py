@@ -139,6 +139,15 @@ def set_learning_rates(optimizer, factor: float) -> None:
         group["lr"] = float(group["peak_lr"] * factor)
 
 
+def current_learning_rates(optimizer) -> dict[str, float]:
+    """{part: lr} of each part that has parameter groups (`audio_encoder`, `text_encoder`, `head`):
+    a part's decay and no-decay groups share one lr (`set_learning_rates`), so it is said once."""
+    rates: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        rates.setdefault(group["name"].removesuffix("_no_decay"), float(group["lr"]))
+    return rates
+
+
 def build_optimizer(model: nn.Module, train_cfg: TrainConfig, model_cfg: ModelConfig) -> torch.optim.AdamW:
     """AdamW over `parameter_groups(model, train_cfg, model_cfg)`; the recipe sets each step's lr."""
     fused = torch.cuda.is_available() if train_cfg.fused_optimizer is None else train_cfg.fused_optimizer

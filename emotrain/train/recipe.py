@@ -85,7 +85,13 @@ from emotrain.train.deepspeed_config import (
 )
 from emotrain.train.evaluation import evaluate, model_inputs
 from emotrain.train.loss import StepLoss, balanced_class_weights
-from emotrain.train.optim import build_optimizer, set_learning_rates, step_lr_factor, stream_epoch_shares
+from emotrain.train.optim import (
+    build_optimizer,
+    current_learning_rates,
+    set_learning_rates,
+    step_lr_factor,
+    stream_epoch_shares,
+)
 from emotrain.train.preemption import (
     EXIT_PREEMPTED,
     PreemptionWatcher,
@@ -371,7 +377,8 @@ def _claim_run_folder(cfg: Config, accelerator: Accelerator, run: RunFolder, loc
                                mixed_precision=accelerator.mixed_precision),
             read_provenance(run.config))
         save_config(cfg, run.config, provenance=run_provenance)
-        log.info("resolved config:\n%s", cfg.to_yaml().rstrip())
+        log.info("resolved config:\n%s", cfg.to_yaml().rstrip(),
+                 extra=None if cfg.logging.print_config else tracking.FILE_ONLY)
         log.info("%d process(es), %s, mixed precision %s", accelerator.num_processes, accelerator.distributed_type,
                  accelerator.mixed_precision)
         if training_precision(cfg.train.mixed_precision, cuda=torch.cuda.is_available()) != cfg.train.mixed_precision:
@@ -564,16 +571,20 @@ def decide_step_end(t: Training, facts: StepFacts) -> StepEnd:
 
 
 def validate(t: Training) -> None:
-    """Evaluate on validation; count it towards the best step and early stopping; log it."""
+    """Evaluate on validation (with the training's loss); count it towards the best step and early
+    stopping; log it under the HF Trainer's names (`eval/loss`, `eval/ua`, ...)."""
     progress = t.state.progress
-    metrics = evaluate(t.accelerator, t.state.model, t.validation_loader, label_names=t.labels)
+    metrics = evaluate(t.accelerator, t.state.model, t.validation_loader, label_names=t.labels,
+                       utterance_losses=t.loss.per_utterance)
     improved = progress.record_validation(metrics["ua"], metrics)
-    t.log.info("step %d validation: WA %.4f UA %.4f macro-F1 %.4f%s", progress.step, metrics["wa"], metrics["ua"],
-               metrics["macro_f1"], " (best)" if improved else "")
-    tracking.log(t.accelerator, {f"validation/{k}": metrics[k] for k in ("wa", "ua", "macro_f1")}
-                 | {f"validation/recall_{name}": r for name, r in metrics["per_class_recall"].items() if r is not None},
-                 progress.step)
-    tracking.log_confusion(t.accelerator, t.cfg, "validation", metrics["confusion"], t.labels, progress.step)
+    t.log.info("step %d validation: WA %.4f UA %.4f macro-F1 %.4f loss %s%s", progress.step, metrics["wa"],
+               metrics["ua"], metrics["macro_f1"], _plain_loss(metrics["loss"]), " (best)" if improved else "")
+    tracking.log(t.accelerator, tracking.evaluation_scalars("eval", metrics), progress.step)
+    tracking.log_confusion(t.accelerator, t.cfg, "eval", metrics["confusion"], t.labels, progress.step)
+
+
+def _plain_loss(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.4f}"
 
 
 def _skipped_over_ranks(t: Training) -> int:
@@ -610,11 +621,11 @@ def log_training(t: Training) -> None:
         values["train/loss"] = totals["loss"] / totals["valid"]  # mean per utterance of the applied steps
     if window.grad_norm is not None:
         values["train/grad_norm"] = float(window.grad_norm)
-    for group in t.state.optimizer.param_groups:  # the lr the step just logged was taken with
-        values[f"train/lr_{group['name']}"] = group["lr"]
+    for part, lr in current_learning_rates(t.state.optimizer).items():  # the lr the step just logged was taken with
+        values[f"train/lr_{part}"] = lr
     tracking.log(accelerator, values, progress.step)
     progress.last_log_step = progress.step
-    loss = f"{values['train/loss']:.4f}" if "train/loss" in values else "-"
+    loss = _plain_loss(values.get("train/loss"))
     if t.progress_bar is not None:
         t.progress_bar.set_postfix(loss=loss, utt_s=f"{values['train/utterances_per_second']:.1f}")
     t.log.info("step %d epoch %d loss %s | %.1f utt/s, %.1f audio s/s, padding efficiency %.2f, %.3f s/step "
@@ -640,14 +651,14 @@ def finish(t: Training) -> dict:
                "nonfinite_steps": progress.nonfinite_steps, "skipped_training_utterances": _skipped_over_ranks(t)}
     if t.test_loader is not None:
         results["test"] = evaluate(accelerator, t.state.model, t.test_loader, label_names=t.labels)
-        tracking.log(accelerator, {f"test/{k}": results["test"][k] for k in ("wa", "ua", "macro_f1")}, progress.step)
+        tracking.log(accelerator, tracking.evaluation_scalars("test", results["test"]), progress.step)
         tracking.log_confusion(accelerator, t.cfg, "test", results["test"]["confusion"], t.labels, progress.step)
     if accelerator.is_main_process:  # last, atomically: with it the run is finished (with the data it trained on)
         t.run.write_metrics(results, data_path=t.cfg.data.path, split=t.split)
         t.log.info("results (WA = accuracy, UA = mean per-class recall):\n%s", format_results(results))
     tracking.summarize(accelerator, t.cfg, {
         "best/validation_ua": progress.best_ua, "best/step": progress.best_step,
-        **({"test/wa": results["test"]["wa"], "test/ua": results["test"]["ua"]} if "test" in results else {}),
+        **(tracking.evaluation_scalars("test", results["test"]) if "test" in results else {}),
     })
     return results
 

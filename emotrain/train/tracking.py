@@ -178,15 +178,34 @@ def log(accelerator, values: dict, step: int) -> None:
         tracker.log(values, step=None if tracker.name == "wandb" else step)
 
 
-def log_confusion(accelerator, cfg: Config, split: str, confusion: list[list[int]], label_names, step: int) -> None:
-    """The confusion matrix as a W&B table (rows = true class); TensorBoard gets the scalars only."""
-    if not accelerator.is_main_process or "wandb" not in cfg.logging.report_to:
-        return
+def evaluation_scalars(prefix: str, metrics: dict) -> dict[str, float]:
+    """The trackers' scalars of one evaluation (`evaluate`'s result) under `prefix` (`eval`, as the HF
+    Trainer names validation, or `test`): `<prefix>/loss` when it was computed, `wa`, `ua`,
+    `macro_f1`, and `recall_<class>` for each class that has utterances there."""
+    values = {f"{prefix}/{key}": metrics[key] for key in ("loss", "wa", "ua", "macro_f1") if metrics.get(key) is not None}
+    values |= {f"{prefix}/recall_{name}": recall for name, recall in metrics["per_class_recall"].items()
+               if recall is not None}
+    return values
+
+
+def confusion_chart(confusion: list[list[int]], label_names, title: str):
+    """W&B's confusion-matrix chart (`wandb.plot.confusion_matrix`, rows = true class) of a matrix of
+    counts: it takes one (true, predicted) pair per utterance, which the counts give back."""
     import wandb
 
+    y_true = [i for i, row in enumerate(confusion) for j, count in enumerate(row) for _ in range(int(count))]
+    preds = [j for row in confusion for j, count in enumerate(row) for _ in range(int(count))]
+    return wandb.plot.confusion_matrix(y_true=y_true, preds=preds, class_names=list(label_names), title=title)
+
+
+def log_confusion(accelerator, cfg: Config, split: str, confusion: list[list[int]], label_names, step: int) -> None:
+    """The confusion matrix as W&B's confusion-matrix chart, `<split>/confusion`; the other trackers
+    get the scalars only."""
+    if not accelerator.is_main_process or "wandb" not in cfg.logging.report_to:
+        return
     run = accelerator.get_tracker("wandb", unwrap=True)
-    rows = [[true, pred, confusion[i][j]] for i, true in enumerate(label_names) for j, pred in enumerate(label_names)]
-    run.log({f"{split}/confusion": wandb.Table(columns=["true", "predicted", "count"], data=rows), STEP_METRIC: step})
+    chart = confusion_chart(confusion, label_names, title=f"{split} confusion (step {step})")
+    run.log({f"{split}/confusion": chart, STEP_METRIC: step})
 
 
 def summarize(accelerator, cfg: Config, summary: dict) -> None:
@@ -221,6 +240,14 @@ class _RunLogFileHandler(logging.FileHandler):
                   "only", file=sys.stderr)
 
 
+FILE_ONLY = {"file_only": True}
+"""`log.info(..., extra=FILE_ONLY)`: a record for train.log that the console leaves out."""
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
+
+
 def setup_logging(output_dir: str | Path, is_main_process: bool) -> logging.Logger:
     """`emotrain` logs to the console and `output_dir/train.log` on rank 0; other ranks report only
     their own data problems (`emotrain.data` warnings) and errors."""
@@ -231,7 +258,9 @@ def setup_logging(output_dir: str | Path, is_main_process: bool) -> logging.Logg
         logger.setLevel(logging.INFO)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-        for handler in (_TqdmConsoleHandler(), _RunLogFileHandler(RunFolder(output_dir).log)):
+        console = _TqdmConsoleHandler()
+        console.addFilter(_not_file_only)
+        for handler in (console, _RunLogFileHandler(RunFolder(output_dir).log)):
             handler.setFormatter(formatter)
             logger.addHandler(handler)
     else:

@@ -139,7 +139,7 @@ def test_history_of_a_resumed_run_drops_what_the_interrupted_run_logged_later(tm
     first.start()
     for step in (1, 2, 3, 4):
         first.log({"train/loss": 1.0 / step, "train/step": step})
-    first.log({"validation/ua": 0.5, "train/step": 4})
+    first.log({"eval/ua": 0.5, "train/step": 4})
     first.finish()
     with open(tmp_path / HISTORY_FILE, "a") as handle:
         handle.write('{"train/loss": 0.1, "train/st')  # killed mid-line
@@ -252,7 +252,7 @@ def test_cv_refuses_a_finished_run_of_another_config_before_training_anything(tm
     said = []
     code, failed = cv.run_sequentially(runs, launcher=["sh", "-c", f"touch {launched}"], say=said.append)
     assert launched.exists() and code == 0 and not failed
-    assert said[-1].endswith(f"finished, skipped ({finished}/metrics.json)")
+    assert said[-2].endswith(f"finished, skipped ({finished}/metrics.json)") and said[-1] == "[cv] 2/2 runs finished"
 
 
 def test_runs_outside_the_plan_or_unreadable_are_named_not_counted(two_experiments, tmp_path):
