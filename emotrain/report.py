@@ -27,6 +27,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -500,6 +501,7 @@ def say_report(report: dict, out: Path, wandb: bool | None = None) -> None:
 def log_to_wandb(report: dict) -> str:
     """One W&B summary run holding the comparison table and the figures, in the runs' group
     (job type `report`), with the runs' project, entity and mode. Returns its id."""
+    os.environ.setdefault("WANDB_SILENT", "true")  # its console chatter; the caller says where the run is
     import wandb
 
     experiments: list[Experiment] = report["experiments"]

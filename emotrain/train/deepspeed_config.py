@@ -7,10 +7,20 @@ values that come from the experiment are written into the plugin's config before
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 
 from emotrain.config import Config, ConfigError
+
+
+def name_deepspeed_accelerator(*, cuda: bool, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Without CUDA, tell DeepSpeed its accelerator is the CPU (`DS_ACCELERATOR=cpu`, unless already
+    set) before it is first imported (by Accelerate, even in a run that does not use it): its own
+    detection falls back to the CPU anyway, but says so in a warning on every console ("Setting
+    accelerator to CPU. If you have GPU ..."), which on a machine without a GPU says nothing."""
+    if not cuda:
+        environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def training_precision(requested: str, *, cuda: bool) -> str:

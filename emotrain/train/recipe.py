@@ -80,6 +80,7 @@ from emotrain.train.deepspeed_config import (
     check_skips_nonfinite_steps,
     fill_deepspeed_auto,
     model_construction,
+    name_deepspeed_accelerator,
     training_precision,
     zero_stage,
 )
@@ -303,6 +304,7 @@ def _build_training(cfg: Config, run: RunFolder, lock: RunFolderLock, watcher: P
 
 
 def _build_accelerator(cfg: Config, history: tracking.HistoryTracker) -> Accelerator:
+    name_deepspeed_accelerator(cuda=torch.cuda.is_available())  # before Accelerate imports DeepSpeed
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Several CPU processes (the tests): gloo. Without it DeepSpeed's processes each train alone.

@@ -517,8 +517,8 @@ def test_resume_on_another_number_of_processes_sees_each_utterance_of_the_epoch_
     assert len(histories) == 2 and len({run_id for run_id, _ in histories}) == 1
     logged = [row["train/step"] for _, rows in histories for row in rows if "train/loss" in row]
     assert sorted(logged) == list(range(1, metrics["steps"] + 1))
-    validated = {row["train/step"]: row["validation/ua"] for _, rows in histories for row in rows
-                 if "validation/ua" in row}
+    validated = {row["train/step"]: row["eval/ua"] for _, rows in histories for row in rows
+                 if "eval/ua" in row}
     assert validated[metrics["best_step"]] == max(validated.values()) == metrics["validation"]["ua"]
     assert (metrics["validation"]["n"], metrics["test"]["n"]) == (fold1_sizes["num_validation"], fold1_sizes["num_test"])
 

@@ -117,7 +117,7 @@ def test_sigterm_mid_epoch_then_rerun_matches_an_uninterrupted_run(synthetic_cor
     (reference_run,) = sorted((tmp_path / "reference" / "wandb").glob("offline-run-*"))
     expected = {row["train/step"]: row["train/loss"] for row in run_history(reference_run)[1] if "train/loss" in row}
     assert logged == expected
-    validation_steps = {row["train/step"] for _, rows in histories for row in rows if "validation/ua" in row}
+    validation_steps = {row["train/step"] for _, rows in histories for row in rows if "eval/ua" in row}
     assert metrics["best_step"] in validation_steps
     assert any("test/ua" in row for _, rows in histories for row in rows)
 
@@ -200,7 +200,7 @@ def test_busy_reference_run_accumulates_evaluates_once_per_step_and_stops_early_
     assert {3, 6, steps_in_epoch0} <= set(steps)
     # Early stopping by its rule, replayed from the full-precision validation UAs in W&B.
     history = _history(out)
-    uas = sorted((s, v) for (s, k), v in history.items() if k == "validation/ua")
+    uas = sorted((s, v) for (s, k), v in history.items() if k == "eval/ua")
     best, waited, expected = -1.0, 0, ("max_epochs", max(s for s, _ in uas))
     for step, ua in uas:
         if ua > best:

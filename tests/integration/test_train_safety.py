@@ -67,7 +67,7 @@ def _assert_tensorboard_has_the_steps_of_the_history(event_dir, out) -> None:
 
     scalars = EventAccumulator(str(event_dir), size_guidance={"scalars": 0}).Reload()
     history = read_history(out / "history.jsonl")
-    for key in ("train/loss", "validation/ua", "test/ua"):
+    for key in ("train/loss", "train/lr_head", "eval/loss", "eval/ua", "test/ua", "test/recall_neutral"):
         logged = [(row[STEP_METRIC], row[key]) for row in history if key in row]
         read = [(event.step, event.value) for event in scalars.Scalars(key)]
         assert [step for step, _ in read] == [step for step, _ in logged] and logged[-1][0] > 0, (key, read, logged)
