@@ -17,6 +17,8 @@ any `AutoModel` text encoder that returns `last_hidden_state` works (BERT, RoBER
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,23 @@ def _load_config_for_finetuning(source: str) -> PretrainedConfig:
     return config
 
 
+@contextmanager
+def _no_loading_bar(source: str) -> Iterator[None]:
+    """transformers 5 draws a "Loading weights" progress bar for every model it loads: from a local
+    folder (a `bundled:` model) that is a console line per training that says nothing. A download from
+    the hub keeps its bars (they show it is not stuck)."""
+    from transformers.utils import logging as hf_logging
+
+    if not Path(source).is_dir() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def _drop_pooler(encoder: PreTrainedModel) -> None:
     # BERT/RoBERTa's pooler (a dense layer on [CLS]) is computed but never used here: its parameters
     # would get no gradient (a DDP error) and waste compute. Their forward skips a `None` pooler.
@@ -163,9 +182,10 @@ def build_audio_encoder(model_cfg: ModelConfig, hf_config: PretrainedConfig | No
         source = resolve_pretrained(name)
         # dtype: transformers 5 defaults to "auto" (the checkpoint's dtype, often fp16); keep
         # float32 master weights and let autocast do mixed precision.
-        encoder = AutoModel.from_pretrained(
-            source, config=_load_config_for_finetuning(source), dtype=torch.float32, **attention
-        )
+        with _no_loading_bar(source):
+            encoder = AutoModel.from_pretrained(
+                source, config=_load_config_for_finetuning(source), dtype=torch.float32, **attention
+            )
     if not hasattr(encoder, "_get_feat_extract_output_lengths"):
         raise ValueError(
             f"model.audio_encoder={name!r} is a {type(encoder).__name__}, not an audio encoder with a "
@@ -208,9 +228,10 @@ def build_text_encoder(
         encoder = AutoModel.from_config(config, **attention)
     else:
         source = resolve_pretrained(name)
-        encoder = AutoModel.from_pretrained(
-            source, config=_load_config_for_finetuning(source), dtype=torch.float32, **attention
-        )
+        with _no_loading_bar(source):
+            encoder = AutoModel.from_pretrained(
+                source, config=_load_config_for_finetuning(source), dtype=torch.float32, **attention
+            )
     _drop_pooler(encoder)
     if getattr(encoder.config, "use_cache", False):
         # A key/value cache is for decoding; as an encoder it is never used, and with gradient

@@ -98,3 +98,14 @@ def test_deepspeed_is_told_its_accelerator_is_the_cpu_only_without_cuda():
                                 (False, {"DS_ACCELERATOR": "npu"}, {"DS_ACCELERATOR": "npu"})):
         name_deepspeed_accelerator(cuda=cuda, environ=before)
         assert before == after
+
+
+def test_a_bundled_encoder_loads_without_a_progress_bar_and_leaves_the_bars_on(capfd):
+    from transformers.utils import logging as hf_logging
+
+    from emotrain.config import ModelConfig
+    from emotrain.model.encoders import build_text_encoder
+
+    build_text_encoder(ModelConfig(text_encoder="bundled:all-MiniLM-L6-v2"))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # a hub download still shows its progress
