@@ -209,6 +209,9 @@ class ProbedLoss:
             return scaled + 0 * nan_gradient(scaled), losses  # finite loss, NaN gradients
         return scaled, losses
 
+    def per_utterance(self, logits, batch):
+        return self._loss.per_utterance(logits, batch)  # validation's loss: neither recorded nor faulted
+
 
 class RecordingRule:
     """The run's step rule, recording what it decided for the step (the sync counts' "end")."""
