@@ -149,8 +149,8 @@ def _history(out) -> dict[tuple[int, str], object]:
             for key, value in row.items():
                 if key in TIMING_KEYS or key.startswith("perf/") or key == "train/step" or key.startswith("_"):
                     continue
-                if "/confusion/" in key:  # a table: its file names and ids are the process's own
-                    key, value = key.split("/confusion/")[0] + "/confusion", "table"
+                if "/confusion_table/" in key:  # the confusion chart's table: its file names and ids are the process's own
+                    key, value = key.split("/confusion_table/")[0] + "/confusion", "table"
                 assert (row["train/step"], key) not in merged or merged[(row["train/step"], key)] == value
                 merged[(row["train/step"], key)] = value
     return merged
