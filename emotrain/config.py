@@ -381,18 +381,21 @@ class LoggingConfig:
     """Trackers (rank 0 only): any of wandb, tensorboard; `all` is both; empty (or `none`, alone) logs to
     the console and file only. Written as the HF Trainer takes it too: one name without brackets
     (`logging.report_to=wandb`) or a comma list (`logging.report_to=wandb,tensorboard`)."""
-    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
-    """W&B mode: `offline` on compute nodes (then `wandb sync`), `online`, or `disabled`."""
-    project: str = "emotrain"
-    """W&B project."""
+    # The W&B settings left null (tags: empty) follow W&B's own environment variables, as `wandb` does
+    # (emotrain.train.tracking.wandb_settings); a value given here wins over them.
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """W&B mode: `online`, `offline` (then `wandb sync`) or `disabled`. None: $WANDB_MODE, else `offline`
+    (compute nodes are often offline). W&B's files go to $WANDB_DIR when set, else to the run folder."""
+    project: str | None = None
+    """W&B project (also the TensorBoard folder's name). None: $WANDB_PROJECT, else `emotrain`."""
     entity: str | None = None
-    """W&B entity (team or user); None uses the logged-in default."""
+    """W&B entity (team or user). None: $WANDB_ENTITY, else the logged-in default."""
     run_name: str | None = None
     """Run name; None gives `<experiment>-fold<k>`."""
     group: str | None = None
-    """W&B group; None uses the experiment name (one group per cross-validation)."""
+    """W&B group. None: $WANDB_RUN_GROUP, else the experiment name (one group per cross-validation)."""
     tags: list[str] = field(default_factory=list)
-    """W&B tags."""
+    """W&B tags; empty: $WANDB_TAGS (a comma list), else none."""
     log_every_steps: int = 10
     """Log training metrics every N optimizer steps."""
     progress_bar: bool = True
@@ -412,7 +415,8 @@ class LoggingConfig:
                    f"`{word}` means {'no' if word == 'none' else 'every'} tracker and cannot be combined with "
                    f"others, got {self.report_to}")
         _check(self.log_every_steps >= 1, "logging.log_every_steps", "must be >= 1")
-        _check(bool(self.project), "logging.project", "must not be empty")
+        _check(self.project is None or bool(self.project), "logging.project",
+               "must not be empty (null: $WANDB_PROJECT, else emotrain)")
 
 
 @dataclass

@@ -45,6 +45,7 @@ from emotrain.data.state import data_fingerprint
 from emotrain.report import CV_PLAN_FILE
 from emotrain.train.preemption import EXIT_PREEMPTED
 from emotrain.train.run_folder import RunFolder, wait_until_free
+from emotrain.train.tracking import WANDB_ENV
 
 TASKS_FILE = "cv-tasks.json"
 """With --slurm: the array's tasks (config and overrides of each), read by slurm/cv.sbatch; one file
@@ -162,7 +163,8 @@ def plan_runs(
         for variant in variants or [base.model.variant]:
             experiment = base.experiment if variant == base.model.variant else f"{base.experiment}-{variant}"
             extra = [f"experiment={experiment}", f"model.variant={variant}"]
-            if comparison_group is not None and base.logging.group is None:
+            # W&B's own WANDB_RUN_GROUP, when set, groups the runs instead (`wandb_settings`).
+            if comparison_group is not None and base.logging.group is None and not os.environ.get(WANDB_ENV["group"]):
                 extra.append(f"logging.group={comparison_group}")
             for seed in seeds or [base.train.seed]:
                 for fold in folds:

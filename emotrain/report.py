@@ -27,7 +27,9 @@ import csv
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,10 @@ import numpy as np
 import yaml
 
 from emotrain import plots as plotting
-from emotrain.config import LABEL_NAMES
+from emotrain.config import LABEL_NAMES, LoggingConfig
 from emotrain.data.shards import IEMOCAP_INFO, REPORT_FILE, DatasetInfo, join, read_dataset_info, read_prepare_report
 from emotrain.train.run_folder import BEST_DIR, CONFIG_FILE, RunFolder
-from emotrain.train.tracking import read_history
+from emotrain.train.tracking import WandbSettings, read_history, wandb_settings
 
 CV_PLAN_FILE = "cv.json"
 """Written by `emotrain cv` into each experiment folder: the folds and seeds it expects."""
@@ -494,17 +496,29 @@ def say_report(report: dict, out: Path, wandb: bool | None = None) -> None:
         print(line)
     print(f"report: {out / 'report.md'} (+ summary.csv, runs.csv, {len(report['images'])} figures)")
     if wandb or (wandb is None and report["wandb"]):
-        print(f"W&B: the table and figures are in the summary run {log_to_wandb(report)}")
+        settings = report_wandb_settings(report)
+        print(settings.describe())
+        print(f"W&B: the table and figures are in the summary run {log_to_wandb(report, settings)}")
 
 
-def log_to_wandb(report: dict) -> str:
+def report_wandb_settings(report: dict, environ: Mapping[str, str] | None = None) -> WandbSettings:
+    """The summary run's W&B settings, resolved as the runs' were (`wandb_settings`): the first run's
+    logging config, then W&B's environment variables (`environ`: os.environ by default); files in
+    the report folder, the group of the first experiment by default."""
+    experiments: list[Experiment] = report["experiments"]
+    saved = experiments[0].finished[0].config.get("logging") or {}
+    logging = LoggingConfig(**{f.name: saved[f.name] for f in fields(LoggingConfig) if f.name in saved})
+    return wandb_settings(logging, os.environ if environ is None else environ, default_dir=report["out"],
+                          default_group=experiments[0].name)
+
+
+def log_to_wandb(report: dict, settings: WandbSettings) -> str:
     """One W&B summary run holding the comparison table and the figures, in the runs' group
-    (job type `report`), with the runs' project, entity and mode. Returns its id."""
+    (job type `report`), with the runs' project, entity and mode (`settings`). Returns its id."""
     import wandb
 
     experiments: list[Experiment] = report["experiments"]
-    logging = experiments[0].finished[0].config.get("logging", {})
-    group = logging.get("group") or experiments[0].name
+    group = settings.group
     labels = experiments[0].label_names()
     columns = ["experiment", "variant", "folds", "runs", *(f"{m}_{stat}" for m in (*METRICS, *(f"recall_{c}" for c in labels))
                                                         for stat in ("mean", "sd")), "delta_ua_mean", "delta_ua_sd", "folds_won"]
@@ -521,11 +535,10 @@ def log_to_wandb(report: dict) -> str:
     # (a rerun of cv, another `emotrain report`) updates that run instead of adding one.
     run_id = "report-" + hashlib.blake2b("\x1f".join([group, *(e.name for e in experiments)]).encode(),
                                          digest_size=6).hexdigest()
-    run = wandb.init(project=logging.get("project", "emotrain"), entity=logging.get("entity"), group=group,
-                     job_type="report", name=f"{group}-report", mode=logging.get("wandb_mode", "offline"),
-                     id=run_id, resume="allow",
-                     dir=str(report["out"]), config={"experiments": [e.name for e in experiments],
-                                                     "folds": {e.name: e.folds() for e in experiments}})
+    Path(settings.dir).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(**settings.init_kwargs(), job_type="report", name=f"{group}-report", id=run_id, resume="allow",
+                     config={"experiments": [e.name for e in experiments],
+                             "folds": {e.name: e.folds() for e in experiments}})
     run.log({"results": wandb.Table(columns=columns, data=rows),
              **{f"figures/{path.relative_to(report['out']).with_suffix('').as_posix()}": wandb.Image(str(path))
                 for path in report["images"]}})
