@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from emotrain.config import NUM_SHARDS_PER_GROUP, ConfigError, describe_fields, load_config
+from emotrain.config import HF_ALIASES, NUM_SHARDS_PER_GROUP, ConfigError, alias_note, describe_fields, load_config
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +21,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.keys:
         for key, type_name, default, doc in describe_fields():
             print(f"{key}  ({type_name}, default {default!r})\n    {doc}")
+        print("\nThe HF Trainer's names, accepted for ours (at the top level or in the key's section):")
+        for name in HF_ALIASES:
+            print(f"  {alias_note(name)}")
         return 0
     if args.config is None:
         raise SystemExit("emotrain config: give a YAML file, or --keys to list every key")

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from emotrain.config import Config, ConfigError, load_config, load_config_data
+from emotrain.config import Config, ConfigError, load_config, load_config_data, our_overrides
 from emotrain.data.folds import Metadata, read_metadata, split_from_config
 from emotrain.data.shards import read_dataset_info
 from emotrain.data.state import data_fingerprint
@@ -135,6 +135,8 @@ def plan_runs(
 ) -> list[PlannedRun]:
     """Every run of the cross-validation, validated (a bad key fails here, before any training).
     The folds are the prepared dataset's (`dataset.json`; IEMOCAP's 1..5 when it has none)."""
+    # HF Trainer names as our keys first: cv adds its own train.seed=..., which `seed=3` would clash with.
+    overrides = our_overrides(overrides)
     for config in configs:
         path = load_config(config, overrides).data.path
         try:
