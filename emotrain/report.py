@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 
 from emotrain import plots as plotting
-from emotrain.config import LABEL_NAMES, LoggingConfig
+from emotrain.config import LoggingConfig
 from emotrain.data.shards import IEMOCAP_INFO, REPORT_FILE, DatasetInfo, join, read_dataset_info, read_prepare_report
 from emotrain.train.run_folder import BEST_DIR, CONFIG_FILE, RunFolder
 from emotrain.train.tracking import WandbSettings, read_history, wandb_settings
@@ -325,6 +325,14 @@ def status_lines(experiment: Experiment) -> list[str]:
     return lines
 
 
+def merges_text(codes_per_label: dict[str, tuple[str, ...]]) -> str:
+    """"; *happy* = the source's codes exc + hap" for each label that several codes were merged into,
+    from what prepare kept (nothing where one code stands behind each label, or where it was not recorded)."""
+    merged = [f"*{label}* = {' + '.join(f'`{code}`' for code in codes)}"
+              for label, codes in codes_per_label.items() if len(codes) > 1]
+    return ("; merged from the data's own codes: " + ", ".join(merged)) if merged else ""
+
+
 def protocol_text(experiments: list[Experiment]) -> str:
     runs = [run for e in experiments for run in e.finished]
     data = runs[0].config["data"]
@@ -337,7 +345,6 @@ def protocol_text(experiments: list[Experiment]) -> str:
                       + ("; the data has no speakers, so it may share speakers with training" if not info.has_speakers else ""))
     else:
         validation = f"{data['validation_speakers']} held-out speaker(s) drawn from the training groups (seeded)"
-    iemocap = tuple(labels) == LABEL_NAMES and info.fold_kind == "sessions"
     folds = {
         "sessions": "- Leave-one-session-out cross-validation: fold k tests on session k and trains on the other sessions.",
         "groups": "- Leave-one-group-out cross-validation: fold k tests on group k and trains on the other groups.",
@@ -345,7 +352,7 @@ def protocol_text(experiments: list[Experiment]) -> str:
         "emobox": "- EmoBox's official folds: fold k tests on its fold_k test list and trains on its train list.",
     }[info.fold_kind]
     return "\n".join([
-        f"- Classes: {len(labels)} ({', '.join(labels)})" + ("; IEMOCAP's *excited* is merged into *happy*." if iemocap else "."),
+        f"- Classes: {len(labels)} ({', '.join(labels)})" + merges_text(info.codes_per_label) + ".",
         f"- Data: {info.source or '?'}.",
         folds,
         f"- Validation: {validation}; never the test data.",
@@ -454,10 +461,11 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
                 per_fold = ", ".join(f"fold {f}: {d * 100:+.1f}" for f, d in delta["per_fold"].items())
                 sections += [f"UA − {experiments[0].name}'s, per fold: {per_fold}.", ""]
     sections += ["## Runs (code and packages)", "", provenance_table(experiments), ""]
-    images: list[Path] = []
+    figures: dict[Path, str] = {}
     if plots:
-        images = write_figures(experiments, out)
-        sections += ["## Figures", "", *(f"![{p.stem}]({p.relative_to(out)})" for p in images), ""]
+        figures = write_figures(experiments, out)
+        sections += ["## Figures", "", *(f"![{alt}]({path.relative_to(out)})" for path, alt in figures.items()), ""]
+    images = list(figures)
     (out / "report.md").write_text("\n".join(sections))
     write_csvs(experiments, out)
     uses_wandb = "wandb" in (experiments[0].finished[0].config.get("logging", {}).get("report_to") or [])
@@ -465,9 +473,10 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
             "wandb": uses_wandb, "files": [out / "report.md", out / "summary.csv", out / "runs.csv", *images]}
 
 
-def write_figures(experiments: list[Experiment], out: Path) -> list[Path]:
-    """Every figure of the report (see the module docstring); returns the PNGs written under `out`."""
-    written: list[Path] = []
+def write_figures(experiments: list[Experiment], out: Path) -> dict[Path, str]:
+    """Every figure of the report (see the module docstring): the PNGs written under `out`, each with
+    its alt text (its title, which names the experiment and fold, so no two are alike)."""
+    figures: dict[Path, str] = {}
     for experiment in experiments:
         folder = out / experiment.name
         folder.mkdir(parents=True, exist_ok=True)
@@ -478,16 +487,16 @@ def write_figures(experiments: list[Experiment], out: Path) -> list[Path]:
             confusion = sum(np.asarray(run.test["confusion"], dtype=np.float64) for run in runs)
             pooled += confusion
             seeds = "" if len(runs) == 1 else f", {len(runs)} seeds summed"
-            written.append(plotting.confusion_figure(
-                confusion, labels, f"{experiment.name}: fold {fold} (test {experiment.test_text(fold)}{seeds})",
-                folder / f"confusion_fold{fold}.png"))
-            written.append(plotting.curves_figure(curves(runs[0]), f"{experiment.name}: fold {fold}, seed {runs[0].seed}",
-                                                  folder / f"curves_fold{fold}.png"))
-        written.append(plotting.confusion_figure(pooled, labels, f"{experiment.name}: pooled over folds {experiment.folds()}",
-                                                 folder / "confusion_pooled.png"))
-    written.append(plotting.ua_bar_figure([e.name for e in experiments], [e.fold_values("ua") for e in experiments],
-                                          out / "ua_by_experiment.png"))
-    return written
+            title = f"{experiment.name}: test confusion, fold {fold} (test {experiment.test_text(fold)}{seeds})"
+            figures[plotting.confusion_figure(confusion, labels, title, folder / f"confusion_fold{fold}.png")] = title
+            title = f"{experiment.name}: training curves, fold {fold}, seed {runs[0].seed}"
+            figures[plotting.curves_figure(curves(runs[0]), title, folder / f"curves_fold{fold}.png")] = title
+        title = f"{experiment.name}: test confusion pooled over folds {', '.join(map(str, experiment.folds()))}"
+        figures[plotting.confusion_figure(pooled, labels, title, folder / "confusion_pooled.png")] = title
+    title = "test UA by experiment: mean ± sd over folds, one dot per fold"
+    figures[plotting.ua_bar_figure([e.name for e in experiments], [e.fold_values("ua") for e in experiments],
+                                   out / "ua_by_experiment.png")] = title
+    return figures
 
 
 def say_report(report: dict, out: Path, wandb: bool | None = None) -> None:

@@ -94,6 +94,8 @@ def test_the_table_equals_the_fold_metrics(killed_and_rerun):
     # The protocol and where every number came from.
     assert "leave-one-session-out" in report.lower() and "UA = mean of the per-class recalls" in report
     assert "| session1 | 12 | 12 | 12 | 12 | 48 |" in report  # the prepare report's counts
+    assert "synthetic corpus (`emotrain synth`, seed 1)" in report and "not IEMOCAP recordings" in report
+    assert "*happy* = `exc` + `hap`" in report  # the synthetic release writes both codes, as IEMOCAP's does
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert commit and commit in report
     assert re.search(r"\| smoke \| 1 \| 42 \| [0-9a-f]{40}(\+dirty)? \| 0\.1\.0 \| 2\.\d+\.\d+", report)
