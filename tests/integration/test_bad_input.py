@@ -49,7 +49,8 @@ class Workspace:
         return ["train", str(SMOKE), *tiny_overrides(self.corpus, output_dir or self.out, *extra)]
 
 
-RUN_SETTINGS = ("train.checkpoint_every_steps=2", "train.eval_every_steps=2", "train.keep_last_checkpoints=3")
+RUN_SETTINGS = ("train.checkpoint_every_steps=2", "train.eval_every_steps=2", "train.keep_last_checkpoints=3",
+                "train.keep_checkpoints_after_finish=true")  # the probes damage them after the run finished
 
 
 @dataclass
