@@ -211,7 +211,7 @@ def _holds_the_manifest_rows(ws: Workspace) -> None:
 def _predict_batch(ws: Workspace, encoding: str, text: str = "hello there", *extra: str) -> list[str]:
     _clip(ws.root / "clips" / "a.wav")
     (ws.root / "clips.csv").write_bytes(f"audio,text\nclips/a.wav,{text}\n".encode(encoding))
-    return ["predict", str(ws.run / "best"), "--batch", str(ws.root / "clips.csv"), *extra]
+    return ["predict", str(ws.run / "best"), "--manifest", str(ws.root / "clips.csv"), *extra]
 
 
 def _predict_loud_audio(ws: Workspace) -> list[str]:
