@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import shlex
 import sys
 import textwrap
@@ -106,6 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             # before importing torch, creating output_dir or building a model. So is a damaged dataset.
             check_config_fits_dataset(cfg.data, cfg.model, check_prepared(cfg.data.path))
             from emotrain.train.checkpoint import ResumeError
+            from emotrain.train.launch_check import LaunchError
             from emotrain.train.recipe import TooManyNonFiniteSteps, train
             from emotrain.train.step import NonFiniteStepApplied
     except StoppedBeforeFirstStep as stop:
@@ -118,6 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return train(cfg, wrap=args.wrap_training)
     except (TooManyNonFiniteSteps, NonFiniteStepApplied, ResumeError) as err:
         return fail("train", err, 1)
+    except LaunchError as err:  # raised on every rank alike: rank 0 says it
+        return fail("train", err, 2) if os.environ.get("RANK", "0") == "0" else 2
     except PreparedDataError as err:  # found while reading (a data worker's too): the same one line
         return fail("train", err, 2)
 

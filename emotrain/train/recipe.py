@@ -85,6 +85,7 @@ from emotrain.train.deepspeed_config import (
     zero_stage,
 )
 from emotrain.train.evaluation import evaluate, model_inputs
+from emotrain.train.launch_check import check_launch
 from emotrain.train.loss import StepLoss, balanced_class_weights
 from emotrain.train.optim import build_optimizer, set_learning_rates, step_lr_factor, stream_epoch_shares
 from emotrain.train.preemption import (
@@ -219,6 +220,7 @@ def setup(cfg: Config) -> Training:
     A stop request during setup raises StoppedBeforeFirstStep at once (nothing to save yet:
     `emotrain.train.preemption`); whatever setup raises, it gives back the signal handlers and the
     folder lock it took."""
+    check_launch(cfg)  # a launch that contradicts itself or the config: one line, before Accelerate fails on it
     run = RunFolder(cfg.output_dir)
     run.check_writable()  # one line naming output_dir, before anything is built
     lock = RunFolderLock(run.path)
