@@ -340,6 +340,9 @@ class TrainConfig:
     """Save a checkpoint every N optimizer steps (and at every epoch end); 0: epoch ends only."""
     keep_last_checkpoints: int = neutral(2, why="what is kept on disk, not what is trained")
     """Newest checkpoints kept on disk (the best is kept as well)."""
+    keep_checkpoints_after_finish: bool = neutral(False, why="what is kept on disk, not what is trained")
+    """Keep the resume checkpoints once the run finished (tested, metrics.json written); false: only
+    best/, the metrics and the logs stay (each checkpoint is the whole training state)."""
     early_stopping_patience: int = 5
     """Stop after this many evaluations without a better validation UA; 0 disables."""
     max_consecutive_nonfinite: int = neutral(20, why="a safety stop: a run it would stop gives no result")

@@ -203,7 +203,7 @@ def test_predict_agrees_with_evaluate_and_takes_any_rate_and_channels(killed_and
     manifest = tmp_path / "clips.csv"
     manifest.write_text("id,audio,text\n" + "".join(f"{utt},{folder / (utt + '.wav')},\"{text}\"\n"
                                                      for utt, text in utterances))
-    proc = _predict(model, "--batch", manifest, "--out", tmp_path / "predictions.jsonl")
+    proc = _predict(model, "--manifest", manifest, "--out", tmp_path / "predictions.jsonl")
     assert proc.returncode == 0, proc.stderr[-3000:]
     predictions = {p["id"]: p for p in map(json.loads, (tmp_path / "predictions.jsonl").read_text().splitlines())}
     assert sorted(predictions) == sorted(u for u, _ in utterances)
@@ -254,7 +254,7 @@ def test_a_batch_reports_its_bad_rows_and_predicts_the_rest(killed_and_rerun, cl
              {"id": "last", "audio": str(folder / f"{utterances[3][0]}.wav"), "text": utterances[3][1]}]
     manifest = tmp_path / "batch.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = _predict(root / "smoke" / "fold1" / "best", "--batch", manifest)
+    proc = _predict(root / "smoke" / "fold1" / "best", "--manifest", manifest)
     assert proc.returncode == 1, proc.stderr  # some rows failed
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r.get("id") for r in results] == [r["id"] for r in rows]
