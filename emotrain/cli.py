@@ -215,6 +215,17 @@ def _predict(args: argparse.Namespace, results_out) -> int:
         return fail("predict", err, 1 if args.audio is not None else 2)
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from emotrain.hub import PushError, push
+
+    try:
+        url = push(args.model_dir, args.repo_id, private=args.private, commit_message=args.message)
+    except PushError as err:
+        return fail("push", err, 2)
+    print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from emotrain import __version__
 
@@ -314,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.set_defaults(func=cmd_predict)
+
+    p = verbs.add_parser("push", help="upload a model folder (a run's best/, with its model card) to the Hugging Face Hub")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model folder (a run's best/)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repository, e.g. my-name/emotrain-fold1 (created if absent)")
+    p.add_argument("--private", action="store_true", help="create the repository private (default: public)")
+    p.add_argument("--message", help="the commit message (default: emotrain push MODEL_DIR)")
+    p.set_defaults(func=cmd_push)
     return parser
 
 
