@@ -41,8 +41,8 @@ def hub_folder_problems(folder: str | Path) -> list[str]:
         return [f"{folder} is not a model folder (no {CONFIG_FILE}): give a run's best/ folder"]
     if not (folder / HF_CONFIG_FILE).is_file():
         return [f"{folder} was written by an emotrain from before model folders were transformers folders (no "
-                f"{HF_CONFIG_FILE}): emotrain predict and evaluate still load it; to share it, load it with "
-                "EmotionModel.from_pretrained and save_pretrained it again (or train it again)"]
+                f"{HF_CONFIG_FILE}): emotrain predict and evaluate still load it; to share a model, train it with "
+                "this emotrain (its best/ gets the code and the model card)"]
     needed = [WEIGHTS_FILE, CARD_FILE, *REMOTE_CODE_FILES]
     try:
         config = json.loads((folder / HF_CONFIG_FILE).read_text())
@@ -53,7 +53,8 @@ def hub_folder_problems(folder: str | Path) -> list[str]:
         needed.append(FEATURE_EXTRACTOR_FILE)
     if variant in ("fusion", "text"):
         needed.append(TOKENIZER_FILE)
-    problems = [f"{folder} has no {name}" for name in needed if not (folder / name).is_file()]
+    problems = [f"{folder} has no {name}" + (" (the model card training writes)" if name == CARD_FILE else "")
+                for name in needed if not (folder / name).is_file()]
     if not config.get("auto_map"):
         problems.append(f"{folder / HF_CONFIG_FILE} has no auto_map: transformers could not find the model's code")
     if not config.get("id2label"):
