@@ -51,6 +51,9 @@ AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_emotrain.EmotrainForEmotionClassification",
 }
 """What transformers' Auto classes build from a model folder (`trust_remote_code=True`)."""
+PROCESSOR_FILE = "processor_config.json"
+PROCESSOR_CONFIG = {"processor_class": "EmotrainProcessor", "auto_map": {"AutoProcessor": "processing_emotrain.EmotrainProcessor"}}
+"""A fusion folder's AutoProcessor: its feature extractor and tokenizer together (processing_emotrain.py)."""
 
 
 @dataclass
@@ -185,6 +188,7 @@ class EmotionModel(EmotionLayers, nn.Module):
         config.json              the EmotrainConfig: the encoders' HF configs, the labels, auto_map
         *.py                     the modelling code transformers runs (REMOTE_CODE_FILES)
         preprocessor_config.json, tokenizer files   the processors (`save_pretrained`), as the variant needs
+        processor_config.json    (fusion) AutoProcessor's EmotrainProcessor: both processors together
 
         processors: (feature_extractor, tokenizer), default `self.processors()`.
         state_dict: the weights to write instead of this module's own, e.g. the gathered full
@@ -207,6 +211,8 @@ class EmotionModel(EmotionLayers, nn.Module):
         for processor in (feature_extractor, tokenizer):
             if processor is not None:
                 processor.save_pretrained(directory)
+        if feature_extractor is not None and tokenizer is not None:  # AutoProcessor: both, called together
+            (directory / PROCESSOR_FILE).write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n")
         if state_dict is None:
             save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         else:

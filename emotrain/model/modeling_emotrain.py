@@ -38,8 +38,8 @@ from .masks import audio_frame_lengths, audio_sample_mask, lengths_to_mask, text
 from .pooling import masked_mean_std
 
 REMOTE_CODE_FILES = ("configuration_emotrain.py", "modeling_emotrain.py", "cross_attention.py", "pooling.py",
-                     "masks.py", "group_norm.py")
-"""The files of this package a model folder carries (this one and everything it imports)."""
+                     "masks.py", "group_norm.py", "processing_emotrain.py")
+"""The files of this package a model folder carries: this one, everything it imports, and the processor."""
 
 PREPARED_MASK_MODELS = frozenset({"bert", "roberta", "xlm-roberta", "electra", "albert", "distilbert", "mpnet"})
 """Text encoders that build their attention mask with transformers' `create_bidirectional_mask`, so a

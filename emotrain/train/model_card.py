@@ -86,26 +86,23 @@ def front_matter(variant: str, results: dict[str, Any], dataset_name: str, name:
 
 def usage_text(variant: str, max_text_tokens: int) -> str:
     """How to load and call the model with transformers alone, and with emotrain."""
-    load = ("from transformers import AutoModel, AutoFeatureExtractor, AutoTokenizer\n\n"
-            'model = AutoModel.from_pretrained(MODEL, trust_remote_code=True).eval()\n')
     if variant == "audio":
         code = ("from transformers import pipeline\n\n"
                 'classify = pipeline("audio-classification", model=MODEL, trust_remote_code=True)\n'
                 'classify("clip.wav")  # or a 16 kHz mono numpy array: [{"label": ..., "score": ...}, ...]')
     elif variant == "text":
-        code = (load + "tokenizer = AutoTokenizer.from_pretrained(MODEL, trust_remote_code=True)\n"
-                f'inputs = tokenizer(["I can\'t believe it"], truncation=True, max_length={max_text_tokens}, '
-                'return_tensors="pt")\n'
-                "probabilities = model(**inputs).logits.softmax(-1)  # columns: model.config.id2label")
+        code = ("from transformers import pipeline\n\n"
+                'classify = pipeline("text-classification", model=MODEL, trust_remote_code=True)\n'
+                f'classify("I can\'t believe it", top_k=None, truncation=True, max_length={max_text_tokens})')
     else:
-        code = (load + "feature_extractor = AutoFeatureExtractor.from_pretrained(MODEL, trust_remote_code=True)\n"
-                "tokenizer = AutoTokenizer.from_pretrained(MODEL, trust_remote_code=True)\n"
-                'audio = feature_extractor([waveform], sampling_rate=16000, return_tensors="pt")  # 16 kHz mono\n'
-                f'text = tokenizer(["I can\'t believe it"], truncation=True, max_length={max_text_tokens}, '
-                'return_tensors="pt")\n'
-                "logits = model(input_values=audio.input_values, attention_mask=audio.get(\"attention_mask\"),\n"
-                "               input_ids=text.input_ids, text_attention_mask=text.attention_mask).logits\n"
-                "probabilities = logits.softmax(-1)  # columns: model.config.id2label")
+        code = ("from transformers import AutoModel, AutoProcessor\n\n"
+                "model = AutoModel.from_pretrained(MODEL, trust_remote_code=True).eval()\n"
+                "processor = AutoProcessor.from_pretrained(MODEL, trust_remote_code=True)\n"
+                "# waveform: 16 kHz mono (a numpy array); the processor gives input_values, attention_mask,\n"
+                "# input_ids and text_attention_mask\n"
+                'inputs = processor(audio=[waveform], text=["I can\'t believe it"], sampling_rate=16000, '
+                f"max_length={max_text_tokens})\n"
+                "probabilities = model(**inputs).logits.softmax(-1)  # columns: model.config.id2label")
     emotrain = ('emotrain predict MODEL_DIR --audio clip.wav' + (' --text "I can\'t believe it"' if variant != "audio" else "")
                 + "\nemotrain evaluate MODEL_DIR PREPARED_DATA --session 1")
     return "\n".join([

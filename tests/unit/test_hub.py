@@ -105,23 +105,24 @@ out = {}
 for variant, folder in folders.items():
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-    AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    inputs = {}
-    if variant != "text":
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    if variant == "fusion":  # the folder's own processor: both inputs at once
+        inputs = processor(audio=waves, text=texts, sampling_rate=16000)
+    elif variant == "audio":
         extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
-        inputs.update(extractor(waves, sampling_rate=16000, padding=True, return_tensors="pt"))
-    if variant != "audio":
-        tokens = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)(texts, padding=True, return_tensors="pt")
-        if variant == "fusion":
-            inputs.update(input_ids=tokens["input_ids"], text_attention_mask=tokens["attention_mask"])
-        else:
-            inputs.update(tokens)
+        inputs = extractor(waves, sampling_rate=16000, padding=True, return_tensors="pt")
+    else:
+        inputs = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)(texts, padding=True, return_tensors="pt")
+    out[variant + "-processor"] = type(processor).__name__
     with torch.no_grad():
         logits = model(**inputs).logits
     out[variant] = {"class": type(model).__name__, "labels": config.id2label, "logits": logits.tolist()}
     if variant == "audio":
         classify = pipeline("audio-classification", model=folder, trust_remote_code=True)
         out["pipeline"] = classify(waves[0], top_k=None)
+    if variant == "text":
+        classify = pipeline("text-classification", model=folder, trust_remote_code=True)
+        out["text-pipeline"] = classify(texts[0], top_k=None)
 json.dump(out, open("outputs.json", "w"))
 """
 
@@ -141,13 +142,16 @@ def test_best_loads_with_transformers_alone_and_gives_emotrains_logits(saved, tm
         assert list(out[variant]["labels"].values()) == list(model.label_names)
         expected = _emotrain_logits(model, waves, TEXTS)
         torch.testing.assert_close(torch.tensor(out[variant]["logits"]), expected, atol=1e-5, rtol=1e-4)
-    # The pipeline: the labels with emotrain's probabilities for the first recording alone.
-    model = saved["audio"][0]
-    alone = _emotrain_logits(model, waves[:1], TEXTS[:1]).softmax(-1)[0]
-    scores = {row["label"]: row["score"] for row in out["pipeline"]}
-    assert set(scores) == set(model.label_names)
-    for index, label in enumerate(model.label_names):
-        assert scores[label] == pytest.approx(float(alone[index]), abs=1e-5)
+    assert out["fusion-processor"] == "EmotrainProcessor"
+    assert out["audio-processor"] == "Wav2Vec2FeatureExtractor" and out["text-processor"] == "BertTokenizer"
+    # The pipelines: the labels with emotrain's probabilities for the first input alone.
+    for variant, key in (("audio", "pipeline"), ("text", "text-pipeline")):
+        model = saved[variant][0]
+        alone = _emotrain_logits(model, waves[:1], TEXTS[:1]).softmax(-1)[0]
+        scores = {row["label"]: row["score"] for row in out[key]}
+        assert set(scores) == set(model.label_names)
+        for index, label in enumerate(model.label_names):
+            assert scores[label] == pytest.approx(float(alone[index]), abs=1e-5), (variant, label)
 
 
 def test_the_shipped_code_imports_only_torch_transformers_and_itself():
@@ -171,7 +175,7 @@ def test_the_folder_holds_what_the_hub_needs_and_its_card(saved):
     model, folder = saved["fusion"]
     files = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json", "tokenizer_config.json",
-            "emotion_model.json", "config.yaml", *REMOTE_CODE_FILES} <= files
+            "processor_config.json", "emotion_model.json", "config.yaml", *REMOTE_CODE_FILES} <= files
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForAudioClassification"] == "modeling_emotrain.EmotrainForEmotionClassification"
     assert config["label2id"] == {name: i for i, name in enumerate(model.label_names)}
@@ -183,7 +187,7 @@ def test_the_folder_holds_what_the_hub_needs_and_its_card(saved):
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"accuracy": 50.0, "recall": 45.0, "f1": 40.0}
     assert "fold 2, trained on group(s) 1, 3, 4, 5" in body and "| test | 20 | 50.0 | 45.0 | 40.0 |" in body
-    assert "| validation | 12 |" in body and "text_attention_mask=" in body  # how to call a fusion model
+    assert "| validation | 12 |" in body and "AutoProcessor.from_pretrained(MODEL" in body  # how to call fusion
     assert "experiment: hub" in body and "leave-one-session-out" in body
     text_meta = yaml.safe_load((saved["text"][1] / "README.md").read_text().split("---\n")[1])
     assert text_meta["pipeline_tag"] == "text-classification"
