@@ -326,10 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.set_defaults(func=cmd_predict)
 
-    p = verbs.add_parser("push", help="upload a model folder (a run's best/, with its model card) to the Hugging Face Hub")
+    p = verbs.add_parser("push", help="upload a model folder (a run's best/, with its card) to the Hugging Face Hub")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a model folder (a run's best/)")
-    p.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repository, e.g. my-name/emotrain-fold1 (created if absent)")
-    p.add_argument("--private", action="store_true", help="create the repository private (default: public)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repository, e.g. me/emotrain-fold1 (created if absent)")
+    p.add_argument("--private", action="store_true", help="create the repository private (default: the Hub's default, public)")
     p.add_argument("--message", help="the commit message (default: emotrain push MODEL_DIR)")
     p.set_defaults(func=cmd_push)
     return parser

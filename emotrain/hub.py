@@ -75,7 +75,8 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, commit_mess
 
         api = HfApi()
     try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        # private=None leaves a new repository to the Hub's default (public, or the organisation's setting).
+        api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
                                    commit_message=commit_message or f"emotrain push {Path(folder)}",
                                    ignore_patterns=IGNORED)

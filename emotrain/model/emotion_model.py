@@ -52,7 +52,8 @@ AUTO_MAP = {
 }
 """What transformers' Auto classes build from a model folder (`trust_remote_code=True`)."""
 PROCESSOR_FILE = "processor_config.json"
-PROCESSOR_CONFIG = {"processor_class": "EmotrainProcessor", "auto_map": {"AutoProcessor": "processing_emotrain.EmotrainProcessor"}}
+PROCESSOR_CONFIG = {"processor_class": "EmotrainProcessor",
+                    "auto_map": {"AutoProcessor": "processing_emotrain.EmotrainProcessor"}}
 """A fusion folder's AutoProcessor: its feature extractor and tokenizer together (processing_emotrain.py)."""
 
 
@@ -230,7 +231,8 @@ class EmotionModel(EmotionLayers, nn.Module):
             hidden_size=cfg.hidden_size, cross_attention_layers=cfg.cross_attention_layers,
             cross_attention_heads=cfg.cross_attention_heads, dropout=cfg.dropout,
             classifier_hidden_size=cfg.classifier_hidden_size,
-            sampling_rate=self.preprocessing["sampling_rate"], max_audio_seconds=self.preprocessing["max_audio_seconds"],
+            sampling_rate=self.preprocessing["sampling_rate"],
+            max_audio_seconds=self.preprocessing["max_audio_seconds"],
             max_text_tokens=self.preprocessing["max_text_tokens"],
             id2label=dict(enumerate(self.label_names)), label2id={name: i for i, name in enumerate(self.label_names)},
         )

@@ -103,8 +103,8 @@ def usage_text(variant: str, max_text_tokens: int) -> str:
                 'inputs = processor(audio=[waveform], text=["I can\'t believe it"], sampling_rate=16000, '
                 f"max_length={max_text_tokens})\n"
                 "probabilities = model(**inputs).logits.softmax(-1)  # columns: model.config.id2label")
-    emotrain = ('emotrain predict MODEL_DIR --audio clip.wav' + (' --text "I can\'t believe it"' if variant != "audio" else "")
-                + "\nemotrain evaluate MODEL_DIR PREPARED_DATA --session 1")
+    transcript = ' --text "I can\'t believe it"' if variant != "audio" else ""
+    emotrain = f"emotrain predict MODEL_DIR --audio clip.wav{transcript}\nemotrain evaluate MODEL_DIR PREPARED_DATA --session 1"
     return "\n".join([
         "`MODEL` is this folder, or its Hub repository. The model's code ships with it (`trust_remote_code=True`"
         " runs `modeling_emotrain.py` from here): read it before running it. Nothing else from emotrain is needed.",
