@@ -2,7 +2,7 @@
 
     emotrain evaluate runs/smoke/fold1/best runs/synthetic/prepared --session 1
     emotrain predict runs/smoke/fold1/best --audio clip.wav --text "I can't believe it"
-    emotrain predict runs/smoke/fold1/best --batch clips.csv --out predictions.jsonl [--asr MODEL]
+    emotrain predict runs/smoke/fold1/best --manifest clips.csv --out predictions.jsonl [--asr MODEL]
 
     predictor = emotrain.predict.load("runs/smoke/fold1/best")
     predictor.predict("clip.wav", text="I can't believe it")   # {"predicted": "angry", "probabilities": {...}, ...}
@@ -273,7 +273,7 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
     """Rows of a CSV (header with `audio`, optional `text`, `id`) or JSONL manifest: `{"row", "audio",
     "text", "id"}` with audio paths resolved against the manifest's folder, or `{"row", "error"}` for
     a malformed row (the rest still come)."""
-    refuse_credentials(path, "--batch")
+    refuse_credentials(path, "--manifest")
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such manifest: {path}")

@@ -8,7 +8,8 @@
 the data (the training stream, validation and test loaders), the model and optimizer, and the
 training state (`emotrain.train.state`), restored from a checkpoint in one call when resuming.
 `fit` is the loop. `finish` loads the best checkpoint, exports `best/`, tests it and writes
-`metrics.json`. Tests drive these same parts (tests/integration/scripts/train_probe.py wraps them).
+`metrics.json`, then deletes the checkpoints (unless `train.keep_checkpoints_after_finish`).
+Tests drive these same parts (tests/integration/scripts/train_probe.py wraps them).
 
 One optimizer step = `train.gradient_accumulation_steps` micro-batches on every rank. The epoch
 plan gives every rank the same number of batches (`emotrain.data.plan`), so every rank takes the
@@ -85,6 +86,7 @@ from emotrain.train.deepspeed_config import (
     zero_stage,
 )
 from emotrain.train.evaluation import evaluate, model_inputs
+from emotrain.train.launch_check import check_launch
 from emotrain.train.loss import StepLoss, balanced_class_weights
 from emotrain.train.model_card import write_model_card
 from emotrain.train.optim import build_optimizer, set_learning_rates, step_lr_factor, stream_epoch_shares
@@ -200,7 +202,10 @@ def finished_run(cfg: Config) -> str | None:
     run = RunFolder(cfg.output_dir)
     if cfg.train.resume != "auto" or not run.is_finished():
         return None
-    return run.check_finished(cfg, lambda: data_fingerprint(split_from_config(cfg.data, seed=cfg.train.seed)))
+    said = run.check_finished(cfg, lambda: data_fingerprint(split_from_config(cfg.data, seed=cfg.train.seed)))
+    if _main_rank():
+        run.finish_dropping_checkpoints()  # a kill cut its end short: nothing else is left to do
+    return said
 
 
 def _main_rank() -> bool:
@@ -217,6 +222,7 @@ def setup(cfg: Config) -> Training:
     A stop request during setup raises StoppedBeforeFirstStep at once (nothing to save yet:
     `emotrain.train.preemption`); whatever setup raises, it gives back the signal handlers and the
     folder lock it took."""
+    check_launch(cfg)  # a launch that contradicts itself or the config: one line, before Accelerate fails on it
     run = RunFolder(cfg.output_dir)
     run.check_writable()  # one line naming output_dir, before anything is built
     lock = RunFolderLock(run.path)
@@ -653,7 +659,20 @@ def finish(t: Training) -> dict:
         "best/validation_ua": progress.best_ua, "best/step": progress.best_step,
         **({"test/wa": results["test"]["wa"], "test/ua": results["test"]["ua"]} if "test" in results else {}),
     })
+    _drop_checkpoints(t)
     return results
+
+
+def _drop_checkpoints(t: Training) -> None:
+    """A finished run keeps best/, its metrics and logs; its resume checkpoints (the whole training
+    state, each as large as the model and its optimizer) only with `train.keep_checkpoints_after_finish`.
+    Every rank is done with them first (the best one loaded, the test run); the main process deletes."""
+    if t.cfg.train.keep_checkpoints_after_finish:
+        return
+    t.accelerator.wait_for_everyone()
+    if t.accelerator.is_main_process and t.run.drop_checkpoints():
+        t.log.info("the run is finished: its checkpoints are deleted (best/ and %s hold its results; "
+                   "train.keep_checkpoints_after_finish=true keeps them)", t.run.metrics.name)
 
 
 def _best_checkpoint(t: Training) -> Path:
