@@ -225,11 +225,23 @@ def _predict(args: argparse.Namespace, results_out) -> int:
         return fail("predict", err, 1 if args.audio is not None else 2)
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from emotrain.hub import PushError, push
+
+    try:
+        url = push(args.model_dir, args.repo_id, private=args.private, commit_message=args.message)
+    except PushError as err:
+        return fail("push", err, 2)
+    print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
+    return 0
+
+
 DESCRIPTION = """\
 Speech emotion recognition from speech and its transcript: fine-tune a speech encoder (Wav2Vec2) and
 a text encoder (BERT) together, with cross-modal attention, on IEMOCAP or any labelled corpus, and
 compare models by cross-validation; on a CPU, on several GPUs (accelerate launch) or on a Slurm
-cluster. Trained models are plain folders that `predict` and `evaluate` use."""
+cluster. Trained models are plain folders that `predict` and `evaluate` use, that transformers loads,
+and that `push` shares on the Hugging Face Hub."""
 
 EPILOG = """\
 Try it:
@@ -288,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"emotrain {__version__}")
     verbs = parser.add_subparsers(title="verbs, in the order of a study", dest="verb", required=True, metavar="VERB")
     for add_verb in (_add_synth, _add_prepare, _add_train, _add_cv, _add_report, _add_evaluate, _add_predict,
-                     _add_config):  # the order of a study (the verbs' order in --help)
+                     _add_push, _add_config):  # the order of a study (the verbs' order in --help)
         add_verb(verbs)
     return parser
 
@@ -436,6 +448,18 @@ def _add_predict(verbs) -> None:
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="recordings (or windows) scored at once")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.set_defaults(func=cmd_predict)
+
+
+def _add_push(verbs) -> None:
+    p = _verb(verbs, "push", "upload a model folder (a run's best/, with its card) to the Hugging Face Hub",
+              "Upload a model folder (a run's best/: weights, code, processors, model card) to a Hub model "
+              "repository as one commit, after checking it is whole. Credentials: HF_TOKEN or `hf auth login`.",
+              epilog="Example:\n  emotrain push runs/smoke/fold1/best my-name/emotrain-smoke-fold1 --private")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model folder (a run's best/)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repository, e.g. me/emotrain-fold1 (created if absent)")
+    p.add_argument("--private", action="store_true", help="create the repository private (default: the Hub's default, public)")
+    p.add_argument("--message", help="the commit message (default: emotrain push MODEL_DIR)")
+    p.set_defaults(func=cmd_push)
 
 
 def _add_config(verbs) -> None:

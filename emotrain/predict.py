@@ -44,7 +44,13 @@ from emotrain.data.asr import Transcriber
 from emotrain.data.audio import AudioDecodeError, check_waveform, decode_audio
 from emotrain.data.batching import Collator
 from emotrain.data.sources.manifest import ManifestError, read_text_file
-from emotrain.model.emotion_model import CONFIG_FILE, FEATURE_EXTRACTOR_DIR, TOKENIZER_DIR, WEIGHTS_FILE, EmotionModel
+from emotrain.model.emotion_model import (
+    CONFIG_FILE,
+    FEATURE_EXTRACTOR_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    EmotionModel,
+)
 from emotrain.model.masks import audio_frame_lengths
 
 MAX_FULL_SECONDS = 60.0
@@ -339,10 +345,10 @@ def load_model_folder(model_dir: str | Path) -> EmotionModel:
                          f"{' '.join(str(err).split())}): it is damaged or incomplete; give a run's best/ folder "
                          "as training wrote it") from None
     feature_extractor, tokenizer = model.processors()
-    needs = ((FEATURE_EXTRACTOR_DIR, model.uses_audio, feature_extractor), (TOKENIZER_DIR, model.uses_text, tokenizer))
+    needs = ((FEATURE_EXTRACTOR_FILE, model.uses_audio, feature_extractor), (TOKENIZER_FILE, model.uses_text, tokenizer))
     missing = [name for name, needed, found in needs if needed and found is None]
     if missing:
-        raise InputError(f"the model folder {model_dir} has no {' or '.join(f'{m}/' for m in missing)}, which a "
+        raise InputError(f"the model folder {model_dir} has no {' or '.join(missing)}, which a "
                          f"{model.config.variant} model needs: give a run's best/ folder as training wrote it")
     return model
 

@@ -40,6 +40,7 @@ import yaml
 from emotrain import plots as plotting
 from emotrain.config import LoggingConfig
 from emotrain.data.shards import IEMOCAP_INFO, REPORT_FILE, DatasetInfo, join, read_dataset_info, read_prepare_report
+from emotrain.train.model_card import CARD_FILE, CROSS_VALIDATION, replace_card_section
 from emotrain.train.run_folder import BEST_DIR, CONFIG_FILE, RunFolder
 from emotrain.train.tracking import WandbSettings, read_history, wandb_settings
 
@@ -461,6 +462,8 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
                 per_fold = ", ".join(f"fold {f}: {d * 100:+.1f}" for f, d in delta["per_fold"].items())
                 sections += [f"UA − {experiments[0].name}'s, per fold: {per_fold}.", ""]
     sections += ["## Runs (code and packages)", "", provenance_table(experiments), ""]
+    for experiment in experiments:
+        add_cross_validation_to_model_cards(experiment)
     figures: dict[Path, str] = {}
     if plots:
         figures = write_figures(experiments, out)
@@ -471,6 +474,25 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
     uses_wandb = "wandb" in (experiments[0].finished[0].config.get("logging", {}).get("report_to") or [])
     return {"experiments": experiments, "table": table, "status": status, "images": images, "out": out,
             "wandb": uses_wandb, "files": [out / "report.md", out / "summary.csv", out / "runs.csv", *images]}
+
+
+def add_cross_validation_to_model_cards(experiment: Experiment) -> list[Path]:
+    """Put the experiment's per-fold table into the model card (best/README.md) of each finished run,
+    saying which fold the card's model is. Returns the cards written (a card without the section's
+    markers, written before they existed, is left as it is)."""
+    table, row, status = per_fold_table(experiment), summarize(experiment), status_lines(experiment)
+    written = []
+    for run in experiment.finished:
+        card = run.folder / BEST_DIR / CARD_FILE
+        body = "\n".join([
+            f"## Cross-validation ({experiment.name}, {experiment.dataset.fold_kind})", "",
+            f"This model is fold {run.fold} (seed {run.seed}) of the {len(experiment.folds())} folds below. Test "
+            f"metrics in %; mean ± sd over the folds: UA {_pm(*row['ua'])}, WA {_pm(*row['wa'])}.", "", table,
+            *(["", "Not counted (only finished runs are):", *status] if status else []),
+        ])
+        if replace_card_section(card, CROSS_VALIDATION, body):
+            written.append(card)
+    return written
 
 
 def write_figures(experiments: list[Experiment], out: Path) -> dict[Path, str]:

@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
@@ -87,6 +88,7 @@ from emotrain.train.deepspeed_config import (
 from emotrain.train.evaluation import evaluate, model_inputs
 from emotrain.train.launch_check import check_launch
 from emotrain.train.loss import StepLoss, balanced_class_weights
+from emotrain.train.model_card import write_model_card
 from emotrain.train.optim import build_optimizer, set_learning_rates, step_lr_factor, stream_epoch_shares
 from emotrain.train.preemption import (
     EXIT_PREEMPTED,
@@ -648,6 +650,8 @@ def finish(t: Training) -> dict:
         results["test"] = evaluate(accelerator, t.state.model, t.test_loader, label_names=t.labels)
         tracking.log(accelerator, {f"test/{k}": results["test"][k] for k in ("wa", "ua", "macro_f1")}, progress.step)
         tracking.log_confusion(accelerator, t.cfg, "test", results["test"]["confusion"], t.labels, progress.step)
+    if accelerator.is_main_process:
+        _write_model_card(t, results)  # before metrics.json: a finished run's best/ has its card
     if accelerator.is_main_process:  # last, atomically: with it the run is finished (with the data it trained on)
         t.run.write_metrics(results, data_path=t.cfg.data.path, split=t.split)
         t.log.info("results (WA = accuracy, UA = mean per-class recall):\n%s", format_results(results))
@@ -682,6 +686,13 @@ def _best_checkpoint(t: Training) -> Path:
                                   "train this run again in another output_dir")
             return folder
     raise ResumeError(f"the best checkpoint (step {t.state.progress.best_step}) is no longer in {t.run.checkpoints}")
+
+
+def _write_model_card(t: Training, results: dict) -> None:
+    """best/README.md: the data, protocol, fold, metrics and config of this run (`emotrain.train.model_card`)."""
+    config_text = (t.run.best / CONFIG_FILE).read_text()
+    write_model_card(t.run.best, config=yaml.safe_load(config_text), results=results, split=t.split.summary(),
+                     dataset=read_dataset_info(t.cfg.data.path), config_text=config_text)
 
 
 def _export_best(t: Training) -> None:

@@ -99,6 +99,11 @@ def test_the_table_equals_the_fold_metrics(killed_and_rerun):
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert commit and commit in report
     assert re.search(r"\| smoke \| 1 \| 42 \| [0-9a-f]{40}(\+dirty)? \| 0\.1\.0 \| 2\.\d+\.\d+", report)
+    # Each fold's model card: its own metrics, and the report's per-fold table.
+    for k in FOLDS:
+        card = (root / "smoke" / f"fold{k}" / "best" / "README.md").read_text()
+        assert f"| test | {folds[k]['n']} | {folds[k]['wa'] * 100:.1f} | {folds[k]['ua'] * 100:.1f} |" in card
+        assert f"This model is fold {k} (seed 42) of the 2 folds below" in card and cell in card
 
 
 def test_report_says_what_is_missing_and_reports_the_rest(killed_and_rerun, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from emotrain.cli import HelpFormatter, build_parser
 
-STUDY_ORDER = ["synth", "prepare", "train", "cv", "report", "evaluate", "predict", "config"]
+STUDY_ORDER = ["synth", "prepare", "train", "cv", "report", "evaluate", "predict", "push", "config"]
 
 
 def _verbs(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -162,9 +162,9 @@ def _damaged_copy(model_folder, tmp_path, damage):
      "model.safetensors: SafetensorError"),
     (lambda f: (f / "model.safetensors").unlink(), "FileNotFoundError"),
     (lambda f: (f / "emotion_model.json").write_text("{bad"), "JSONDecodeError"),
-    (lambda f: (f / "audio_encoder" / "config.json").write_text("[]"), "damaged or incomplete"),
-    (lambda f: __import__("shutil").rmtree(f / "tokenizer"), "has no tokenizer/, which a fusion model needs"),
-    (lambda f: __import__("shutil").rmtree(f / "feature_extractor"), "has no feature_extractor/"),
+    (lambda f: (f / "config.json").write_text("[]"), "damaged or incomplete"),
+    (lambda f: (f / "tokenizer_config.json").unlink(), "has no tokenizer_config.json, which a fusion model needs"),
+    (lambda f: (f / "preprocessor_config.json").unlink(), "has no preprocessor_config.json"),
 ], ids=["truncated-weights", "no-weights", "bad-json", "bad-encoder-config", "no-tokenizer", "no-feature-extractor"])
 def test_a_damaged_model_folder_is_one_line_naming_it(model_folder, tmp_path, damage, expect):
     from emotrain.predict import InputError, load_model_folder
