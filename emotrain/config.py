@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
 import math
 import os
 import re
 import string
+import sys
 import textwrap
 import types
 import typing
@@ -183,7 +185,7 @@ class DataConfig:
     dynamo config: each new shape compiles anew); costs up to 2^(1/rungs) - 1 more padding (4: 19%).
     The batch budgets count the padded lengths. Measured in bench/RESULTS.md (torch.compile)."""
     eval_batch_size: int = 8
-    """Most utterances per evaluation batch."""
+    """Most utterances per evaluation batch, on each process (per device)."""
     eval_max_batch_audio_seconds: float = 160.0
     """Budget of padded audio seconds per evaluation batch (full-length utterances, sorted by
     duration; one longer than the budget is a batch alone). No backward: about twice training's."""
@@ -313,7 +315,9 @@ class TrainConfig:
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warmup."""
     batch_size: int = 8
-    """Utterances per batch with data.batching=fixed; upper bound per batch with bucketing."""
+    """Utterances per batch on each process (per device, as the HF Trainer's per_device_train_batch_size):
+    exactly that with data.batching=fixed, at most that with bucketing (under data.max_batch_audio_seconds).
+    An optimizer step takes batch_size x processes x gradient_accumulation_steps utterances at most."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated into one optimizer step."""
     max_grad_norm: float = 1.0
@@ -336,6 +340,9 @@ class TrainConfig:
     """Save a checkpoint every N optimizer steps (and at every epoch end); 0: epoch ends only."""
     keep_last_checkpoints: int = neutral(2, why="what is kept on disk, not what is trained")
     """Newest checkpoints kept on disk (the best is kept as well)."""
+    keep_checkpoints_after_finish: bool = neutral(False, why="what is kept on disk, not what is trained")
+    """Keep the resume checkpoints once the run finished (tested, metrics.json written); false: only
+    best/, the metrics and the logs stay (each checkpoint is the whole training state)."""
     early_stopping_patience: int = 5
     """Stop after this many evaluations without a better validation UA; 0 disables."""
     max_consecutive_nonfinite: int = neutral(20, why="a safety stop: a run it would stop gives no result")
@@ -381,18 +388,21 @@ class LoggingConfig:
     """Trackers (rank 0 only): any of wandb, tensorboard; `all` is both; empty (or `none`, alone) logs to
     the console and file only. Written as the HF Trainer takes it too: one name without brackets
     (`logging.report_to=wandb`) or a comma list (`logging.report_to=wandb,tensorboard`)."""
-    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
-    """W&B mode: `offline` on compute nodes (then `wandb sync`), `online`, or `disabled`."""
-    project: str = "emotrain"
-    """W&B project."""
+    # The W&B settings left null (tags: empty) follow W&B's own environment variables, as `wandb` does
+    # (emotrain.train.tracking.wandb_settings); a value given here wins over them.
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """W&B mode: `online`, `offline` (then `wandb sync`) or `disabled`. None: $WANDB_MODE, else `offline`
+    (compute nodes are often offline). W&B's files go to $WANDB_DIR when set, else to the run folder."""
+    project: str | None = None
+    """W&B project (also the TensorBoard folder's name). None: $WANDB_PROJECT, else `emotrain`."""
     entity: str | None = None
-    """W&B entity (team or user); None uses the logged-in default."""
+    """W&B entity (team or user). None: $WANDB_ENTITY, else the logged-in default."""
     run_name: str | None = None
     """Run name; None gives `<experiment>-fold<k>`."""
     group: str | None = None
-    """W&B group; None uses the experiment name (one group per cross-validation)."""
+    """W&B group. None: $WANDB_RUN_GROUP, else the experiment name (one group per cross-validation)."""
     tags: list[str] = field(default_factory=list)
-    """W&B tags."""
+    """W&B tags; empty: $WANDB_TAGS (a comma list), else none."""
     log_every_steps: int = 10
     """Log training metrics every N optimizer steps."""
     progress_bar: bool = True
@@ -415,7 +425,8 @@ class LoggingConfig:
                    f"`{word}` means {'no' if word == 'none' else 'every'} tracker and cannot be combined with "
                    f"others, got {self.report_to}")
         _check(self.log_every_steps >= 1, "logging.log_every_steps", "must be >= 1")
-        _check(bool(self.project), "logging.project", "must not be empty")
+        _check(self.project is None or bool(self.project), "logging.project",
+               "must not be empty (null: $WANDB_PROJECT, else emotrain)")
 
 
 @dataclass
@@ -637,8 +648,7 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else str(key)
-            allowed = ", ".join(sorted(names))
-            raise ConfigError(where, f"unknown key (allowed here: {allowed})")
+            raise unknown_key(where, where, names)
     kwargs = {}
     for name in names:
         if name in data:
@@ -672,9 +682,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     for i, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         if part not in fields:
-            where = ".".join(parts[: i + 1])
-            allowed = ", ".join(sorted(fields)) if fields else "nothing (not a section)"
-            raise ConfigError(where, f"unknown key (allowed here: {allowed})")
+            raise unknown_key(".".join(parts[: i + 1]), key, fields)
         if i == len(parts) - 1:
             node[part] = _parse_override_value(raw, typing.get_type_hints(cls)[part], key)
         else:
@@ -695,7 +703,8 @@ def load_config_data(path: str | Path | None = None, overrides: list[str] | tupl
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_yaml_file(Path(path))
-    for override in overrides:
+        _move_aliases(data)
+    for override in our_overrides(overrides):
         apply_override(data, override)
     return data
 
@@ -726,6 +735,176 @@ def _read_yaml_file(path: Path) -> dict[str, Any]:
     # A run folder's config.yaml also records how it was produced: not configuration.
     loaded.pop(PROVENANCE_KEY, None)
     return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face Trainer's names for our keys, and the key a typo meant.
+
+HF_ALIASES: dict[str, str] = {
+    "learning_rate": "train.lr",
+    "per_device_train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "data.eval_batch_size",
+    "num_train_epochs": "train.max_epochs",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "max_grad_norm": "train.max_grad_norm",
+    "weight_decay": "train.weight_decay",
+    "warmup_ratio": "train.warmup_ratio",
+    "seed": "train.seed",
+    "bf16": "train.mixed_precision",
+    "fp16": "train.mixed_precision",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "label_smoothing_factor": "train.label_smoothing",
+    "resume_from_checkpoint": "train.resume",
+    "dataloader_num_workers": "data.num_workers",
+    "logging_steps": "logging.log_every_steps",
+    "report_to": "logging.report_to",
+    "run_name": "logging.run_name",
+}
+"""HF `TrainingArguments` name -> our dotted key, for the names whose value means the same here. Each
+is accepted at the top level (`learning_rate=2e-5`, as the Trainer's users write it) and in its key's
+section (`train.learning_rate`), with a one-line note; `output_dir` is ours already. Left out: names
+whose value means something else here (`_HF_WITHOUT_EQUIVALENT`: `max_steps` is exact in HF, an upper
+bound here; `lr_scheduler_type=constant` has no warmup in HF; `eval_steps`, `save_steps` and
+`save_total_limit` follow HF's strategies; `warmup_steps`: we have only warmup_ratio)."""
+
+_HF_WITHOUT_EQUIVALENT = {
+    "max_steps": "train.max_steps", "warmup_steps": "train.warmup_ratio", "lr_scheduler_type": "train.lr_schedule",
+    "eval_steps": "train.eval_every_steps", "save_steps": "train.checkpoint_every_steps",
+    "save_total_limit": "train.keep_last_checkpoints",
+}
+"""HF Trainer names left out of HF_ALIASES (see there), and the key to read about instead."""
+
+_ALIAS_CAVEATS = {
+    "learning_rate": "the pretrained encoders' peak; the new layers take train.head_lr",
+    "per_device_train_batch_size": "per process; with data.batching=bucket at most that many, under "
+                                   "data.max_batch_audio_seconds",
+    "per_device_eval_batch_size": "per process, at most that many under data.eval_max_batch_audio_seconds",
+    "num_train_epochs": "at most: train.early_stopping_patience may end the run sooner",
+    "bf16": "true is train.mixed_precision=bf16, false is no",
+    "fp16": "true is train.mixed_precision=fp16, false is no",
+    "resume_from_checkpoint": "a checkpoint folder; train.resume=auto continues from the newest in output_dir",
+}
+
+
+def alias_target(key: str) -> str | None:
+    """Our dotted key for an HF Trainer name written at the top level (`learning_rate`) or in that
+    key's own section (`train.learning_rate`); None for any other key, ours included."""
+    section, _, name = key.rpartition(".")
+    target = HF_ALIASES.get(name)
+    if target is None or target == key or section not in ("", target.rpartition(".")[0]):
+        return None
+    return target
+
+
+def alias_note(name: str) -> str:
+    """`learning_rate is train.lr here (...)`: what an HF Trainer name is here."""
+    caveat = _ALIAS_CAVEATS.get(name)
+    return f"{name} is {HF_ALIASES[name]} here" + (f" ({caveat})" if caveat else "")
+
+
+@functools.cache  # once per process: `emotrain cv` loads the same config many times
+def _say_note(note: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under a launcher, every rank loads the config
+        print(f"emotrain: note: {note}", file=sys.stderr)
+
+
+def _alias_value(key: str, value: Any) -> Any:
+    """The value of our key for an HF name's `value` (as YAML reads it): bf16/fp16 true or false
+    become the precision; a value that would mean something else here is refused."""
+    name = key.rpartition(".")[2]
+    if name in ("bf16", "fp16"):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r} ({name}=true is "
+                                   f"train.mixed_precision={name} here)")
+        return name if value else "no"
+    if name == "resume_from_checkpoint" and (value is None or isinstance(value, bool)):
+        raise ConfigError(key, "takes a checkpoint folder here (train.resume): for the newest checkpoint in "
+                               "output_dir give train.resume=auto, to start afresh train.resume=never")
+    return value
+
+
+def our_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The overrides with HF Trainer names written as our keys (`learning_rate=2e-5` ->
+    `train.lr=2e-5`, `bf16=true` -> `train.mixed_precision=bf16`), each said in a note. One key
+    given under two names (`learning_rate=... train.lr=...`) is an error naming both."""
+    spelled: dict[str, str] = {}
+    result = []
+    for override in overrides:
+        key, has_value, raw = override.partition("=")
+        key = key.strip()
+        target = alias_target(key) if has_value else None
+        if target is not None:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            translated = _alias_value(key, value)
+            # Only bf16/fp16 change the value; every other keeps its text, read as our key's type.
+            override = f"{target}={translated if translated is not value else raw}"
+            _say_note(alias_note(key.rpartition(".")[2]))
+        ours = target or key
+        if spelled.setdefault(ours, key) != key:
+            raise ConfigError(f"{spelled[ours]} and {key}", f"both are {ours} here: give one of them")
+        result.append(override)
+    return result
+
+
+def _move_aliases(data: dict[str, Any]) -> None:
+    """Rewrite the HF Trainer names in a YAML config's data as our keys, in place, each said in a
+    note. One key given under two names is an error naming both."""
+    spelled: dict[str, str] = {}
+    places = [("", data)] + [(f"{name}.", node) for name, node in data.items() if isinstance(node, dict)]
+    for prefix, node in places:
+        for name in [n for n in node if isinstance(n, str) and alias_target(prefix + n)]:
+            key = prefix + name
+            target = alias_target(key)
+            section, _, leaf = target.rpartition(".")
+            if data.get(section) is None:
+                data[section] = {}
+            into = data[section]
+            if not isinstance(into, dict):
+                raise ConfigError(section, f"expected a mapping of keys, got {into!r}")
+            if leaf in into:
+                raise ConfigError(f"{spelled.get(target, target)} and {key}", f"both are {target} here: give one of them")
+            into[leaf] = _alias_value(key, node.pop(name))
+            spelled[target] = key
+            _say_note(alias_note(name))
+
+
+def unknown_key(where: str, key: str, allowed: typing.Iterable[str]) -> ConfigError:
+    """The error for an unknown key (`where`: the part of the dotted `key` that is not one): the key it
+    most likely meant (`suggest_key`), else what is allowed there."""
+    name = key.rpartition(".")[2]
+    if name in _HF_WITHOUT_EQUIVALENT and where == key:
+        return ConfigError(where, f"unknown key (the HF Trainer's {name} has no exact equivalent here: see "
+                                  f"{_HF_WITHOUT_EQUIVALENT[name]} in `emotrain config --keys`)")
+    guess = suggest_key(key)
+    if guess is not None:
+        return ConfigError(where, f"unknown key (did you mean {guess}?)")
+    allowed = ", ".join(sorted(allowed)) or "nothing (not a section)"
+    return ConfigError(where, f"unknown key (allowed here: {allowed})")
+
+
+def suggest_key(key: str) -> str | None:
+    """Our dotted key that a mistyped `key` most likely meant: the one key with that name in another
+    section (`lr` -> train.lr, `trainn.lr` -> train.lr), else the closest name in its own section by
+    difflib (`train.lr_rate` -> train.lr, through HF's learning_rate; `data.fols` -> data.fold); None
+    when nothing is close (a cutoff of 0.7 finds those and no random word)."""
+    section, _, name = key.rpartition(".")
+    leaves = _leaf_keys()
+    same_name = {leaf for leaf in leaves if leaf.rpartition(".")[2] == name} | (
+        {HF_ALIASES[name]} if name in HF_ALIASES else set())
+    if len(same_name) == 1:
+        return same_name.pop()
+    here = {leaf.rpartition(".")[2]: leaf for leaf in leaves if leaf.rpartition(".")[0] == section}
+    here.update({alias: target for alias, target in HF_ALIASES.items() if section in ("", target.rpartition(".")[0])})
+    close = difflib.get_close_matches(name, list(here), n=1, cutoff=0.7)
+    return here[close[0]] if close else None
+
+
+@functools.cache
+def _leaf_keys() -> tuple[str, ...]:
+    return tuple(key for key, _, _, _ in describe_fields())
 
 
 def _describe_yaml_error(err: yaml.YAMLError) -> str:

@@ -38,13 +38,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from emotrain.config import Config, ConfigError, load_config, load_config_data
+from emotrain.config import Config, ConfigError, load_config, load_config_data, our_overrides
 from emotrain.data.folds import Metadata, read_metadata, split_from_config
 from emotrain.data.shards import read_dataset_info
 from emotrain.data.state import data_fingerprint
 from emotrain.report import CV_PLAN_FILE
 from emotrain.train.preemption import EXIT_PREEMPTED
 from emotrain.train.run_folder import RunFolder, wait_until_free
+from emotrain.train.tracking import WANDB_ENV
 
 TASKS_FILE = "cv-tasks.json"
 """With --slurm: the array's tasks (config and overrides of each), read by slurm/cv.sbatch; one file
@@ -135,6 +136,8 @@ def plan_runs(
 ) -> list[PlannedRun]:
     """Every run of the cross-validation, validated (a bad key fails here, before any training).
     The folds are the prepared dataset's (`dataset.json`; IEMOCAP's 1..5 when it has none)."""
+    # HF Trainer names as our keys first: cv adds its own train.seed=..., which `seed=3` would clash with.
+    overrides = our_overrides(overrides)
     for config in configs:
         path = load_config(config, overrides).data.path
         try:
@@ -163,7 +166,8 @@ def plan_runs(
         for variant in variants or [base.model.variant]:
             experiment = base.experiment if variant == base.model.variant else f"{base.experiment}-{variant}"
             extra = [f"experiment={experiment}", f"model.variant={variant}"]
-            if comparison_group is not None and base.logging.group is None:
+            # W&B's own WANDB_RUN_GROUP, when set, groups the runs instead (`wandb_settings`).
+            if comparison_group is not None and base.logging.group is None and not os.environ.get(WANDB_ENV["group"]):
                 extra.append(f"logging.group={comparison_group}")
             for seed in seeds or [base.train.seed]:
                 for fold in folds:

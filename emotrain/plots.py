@@ -29,14 +29,18 @@ def confusion_figure(confusion: np.ndarray, labels: list[str], title: str, path:
     rows = confusion.sum(axis=1, keepdims=True)
     normalised = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), dpi=DPI)
-    for ax, matrix, kind, fmt in ((axes[0], confusion, "counts", "{:.0f}"), (axes[1], normalised, "row-normalised", "{:.2f}")):
-        image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(matrix.max(), 1e-9))
+    # Counts scale to their own maximum; proportions always to 0-1, so that every report's
+    # row-normalised panels share one colour scale and compare at a glance.
+    panels = ((axes[0], confusion, "counts", "{:.0f}", max(confusion.max(), 1e-9)),
+              (axes[1], normalised, "row-normalised", "{:.2f}", 1.0))
+    for ax, matrix, kind, fmt, top in panels:
+        image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=top)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(kind)
-        threshold = matrix.max() / 2
+        threshold = top / 2
         for i in range(len(labels)):
             for j in range(len(labels)):
                 ax.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center",
@@ -68,8 +72,9 @@ def curves_figure(series: dict[str, list[tuple[int, float]]], title: str, path: 
     metric_axis.set_ylabel("validation")
     handles = [h for ax in (loss_axis, metric_axis) for h in ax.get_legend_handles_labels()[0]]
     labels = [lbl for ax in (loss_axis, metric_axis) for lbl in ax.get_legend_handles_labels()[1]]
-    if handles:
-        loss_axis.legend(handles, labels, loc="best", framealpha=0.8)
+    if handles:  # below the axes: inside, "best" still covers a curve when loss and UA cross the whole plot
+        loss_axis.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(handles),
+                         frameon=False)
     loss_axis.set_title(title)
     fig.tight_layout()
     fig.savefig(path)

@@ -2,7 +2,7 @@
 
     emotrain evaluate runs/smoke/fold1/best runs/synthetic/prepared --session 1
     emotrain predict runs/smoke/fold1/best --audio clip.wav --text "I can't believe it"
-    emotrain predict runs/smoke/fold1/best --batch clips.csv --out predictions.jsonl [--asr MODEL]
+    emotrain predict runs/smoke/fold1/best --manifest clips.csv --out predictions.jsonl [--asr MODEL]
 
     predictor = emotrain.predict.load("runs/smoke/fold1/best")
     predictor.predict("clip.wav", text="I can't believe it")   # {"predicted": "angry", "probabilities": {...}, ...}
@@ -44,7 +44,13 @@ from emotrain.data.asr import Transcriber
 from emotrain.data.audio import AudioDecodeError, check_waveform, decode_audio
 from emotrain.data.batching import Collator
 from emotrain.data.sources.manifest import ManifestError, read_text_file
-from emotrain.model.emotion_model import CONFIG_FILE, FEATURE_EXTRACTOR_DIR, TOKENIZER_DIR, WEIGHTS_FILE, EmotionModel
+from emotrain.model.emotion_model import (
+    CONFIG_FILE,
+    FEATURE_EXTRACTOR_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    EmotionModel,
+)
 from emotrain.model.masks import audio_frame_lengths
 
 MAX_FULL_SECONDS = 60.0
@@ -267,7 +273,7 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, Any]]:
     """Rows of a CSV (header with `audio`, optional `text`, `id`) or JSONL manifest: `{"row", "audio",
     "text", "id"}` with audio paths resolved against the manifest's folder, or `{"row", "error"}` for
     a malformed row (the rest still come)."""
-    refuse_credentials(path, "--batch")
+    refuse_credentials(path, "--manifest")
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such manifest: {path}")
@@ -339,10 +345,10 @@ def load_model_folder(model_dir: str | Path) -> EmotionModel:
                          f"{' '.join(str(err).split())}): it is damaged or incomplete; give a run's best/ folder "
                          "as training wrote it") from None
     feature_extractor, tokenizer = model.processors()
-    needs = ((FEATURE_EXTRACTOR_DIR, model.uses_audio, feature_extractor), (TOKENIZER_DIR, model.uses_text, tokenizer))
+    needs = ((FEATURE_EXTRACTOR_FILE, model.uses_audio, feature_extractor), (TOKENIZER_FILE, model.uses_text, tokenizer))
     missing = [name for name, needed, found in needs if needed and found is None]
     if missing:
-        raise InputError(f"the model folder {model_dir} has no {' or '.join(f'{m}/' for m in missing)}, which a "
+        raise InputError(f"the model folder {model_dir} has no {' or '.join(missing)}, which a "
                          f"{model.config.variant} model needs: give a run's best/ folder as training wrote it")
     return model
 

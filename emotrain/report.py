@@ -28,7 +28,8 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,11 @@ import numpy as np
 import yaml
 
 from emotrain import plots as plotting
-from emotrain.config import LABEL_NAMES
+from emotrain.config import LoggingConfig
 from emotrain.data.shards import IEMOCAP_INFO, REPORT_FILE, DatasetInfo, join, read_dataset_info, read_prepare_report
+from emotrain.train.model_card import CARD_FILE, CROSS_VALIDATION, replace_card_section
 from emotrain.train.run_folder import BEST_DIR, CONFIG_FILE, RunFolder
-from emotrain.train.tracking import read_history
+from emotrain.train.tracking import WandbSettings, read_history, wandb_settings
 
 CV_PLAN_FILE = "cv.json"
 """Written by `emotrain cv` into each experiment folder: the folds and seeds it expects."""
@@ -324,6 +326,14 @@ def status_lines(experiment: Experiment) -> list[str]:
     return lines
 
 
+def merges_text(codes_per_label: dict[str, tuple[str, ...]]) -> str:
+    """"; *happy* = the source's codes exc + hap" for each label that several codes were merged into,
+    from what prepare kept (nothing where one code stands behind each label, or where it was not recorded)."""
+    merged = [f"*{label}* = {' + '.join(f'`{code}`' for code in codes)}"
+              for label, codes in codes_per_label.items() if len(codes) > 1]
+    return ("; merged from the data's own codes: " + ", ".join(merged)) if merged else ""
+
+
 def protocol_text(experiments: list[Experiment]) -> str:
     runs = [run for e in experiments for run in e.finished]
     data = runs[0].config["data"]
@@ -336,7 +346,6 @@ def protocol_text(experiments: list[Experiment]) -> str:
                       + ("; the data has no speakers, so it may share speakers with training" if not info.has_speakers else ""))
     else:
         validation = f"{data['validation_speakers']} held-out speaker(s) drawn from the training groups (seeded)"
-    iemocap = tuple(labels) == LABEL_NAMES and info.fold_kind == "sessions"
     folds = {
         "sessions": "- Leave-one-session-out cross-validation: fold k tests on session k and trains on the other sessions.",
         "groups": "- Leave-one-group-out cross-validation: fold k tests on group k and trains on the other groups.",
@@ -344,7 +353,7 @@ def protocol_text(experiments: list[Experiment]) -> str:
         "emobox": "- EmoBox's official folds: fold k tests on its fold_k test list and trains on its train list.",
     }[info.fold_kind]
     return "\n".join([
-        f"- Classes: {len(labels)} ({', '.join(labels)})" + ("; IEMOCAP's *excited* is merged into *happy*." if iemocap else "."),
+        f"- Classes: {len(labels)} ({', '.join(labels)})" + merges_text(info.codes_per_label) + ".",
         f"- Data: {info.source or '?'}.",
         folds,
         f"- Validation: {validation}; never the test data.",
@@ -453,10 +462,13 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
                 per_fold = ", ".join(f"fold {f}: {d * 100:+.1f}" for f, d in delta["per_fold"].items())
                 sections += [f"UA − {experiments[0].name}'s, per fold: {per_fold}.", ""]
     sections += ["## Runs (code and packages)", "", provenance_table(experiments), ""]
-    images: list[Path] = []
+    for experiment in experiments:
+        add_cross_validation_to_model_cards(experiment)
+    figures: dict[Path, str] = {}
     if plots:
-        images = write_figures(experiments, out)
-        sections += ["## Figures", "", *(f"![{p.stem}]({p.relative_to(out)})" for p in images), ""]
+        figures = write_figures(experiments, out)
+        sections += ["## Figures", "", *(f"![{alt}]({path.relative_to(out)})" for path, alt in figures.items()), ""]
+    images = list(figures)
     (out / "report.md").write_text("\n".join(sections))
     write_csvs(experiments, out)
     uses_wandb = "wandb" in (experiments[0].finished[0].config.get("logging", {}).get("report_to") or [])
@@ -464,9 +476,29 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
             "wandb": uses_wandb, "files": [out / "report.md", out / "summary.csv", out / "runs.csv", *images]}
 
 
-def write_figures(experiments: list[Experiment], out: Path) -> list[Path]:
-    """Every figure of the report (see the module docstring); returns the PNGs written under `out`."""
-    written: list[Path] = []
+def add_cross_validation_to_model_cards(experiment: Experiment) -> list[Path]:
+    """Put the experiment's per-fold table into the model card (best/README.md) of each finished run,
+    saying which fold the card's model is. Returns the cards written (a card without the section's
+    markers, written before they existed, is left as it is)."""
+    table, row, status = per_fold_table(experiment), summarize(experiment), status_lines(experiment)
+    written = []
+    for run in experiment.finished:
+        card = run.folder / BEST_DIR / CARD_FILE
+        body = "\n".join([
+            f"## Cross-validation ({experiment.name}, {experiment.dataset.fold_kind})", "",
+            f"This model is fold {run.fold} (seed {run.seed}) of the {len(experiment.folds())} folds below. Test "
+            f"metrics in %; mean ± sd over the folds: UA {_pm(*row['ua'])}, WA {_pm(*row['wa'])}.", "", table,
+            *(["", "Not counted (only finished runs are):", *status] if status else []),
+        ])
+        if replace_card_section(card, CROSS_VALIDATION, body):
+            written.append(card)
+    return written
+
+
+def write_figures(experiments: list[Experiment], out: Path) -> dict[Path, str]:
+    """Every figure of the report (see the module docstring): the PNGs written under `out`, each with
+    its alt text (its title, which names the experiment and fold, so no two are alike)."""
+    figures: dict[Path, str] = {}
     for experiment in experiments:
         folder = out / experiment.name
         folder.mkdir(parents=True, exist_ok=True)
@@ -477,16 +509,16 @@ def write_figures(experiments: list[Experiment], out: Path) -> list[Path]:
             confusion = sum(np.asarray(run.test["confusion"], dtype=np.float64) for run in runs)
             pooled += confusion
             seeds = "" if len(runs) == 1 else f", {len(runs)} seeds summed"
-            written.append(plotting.confusion_figure(
-                confusion, labels, f"{experiment.name}: fold {fold} (test {experiment.test_text(fold)}{seeds})",
-                folder / f"confusion_fold{fold}.png"))
-            written.append(plotting.curves_figure(curves(runs[0]), f"{experiment.name}: fold {fold}, seed {runs[0].seed}",
-                                                  folder / f"curves_fold{fold}.png"))
-        written.append(plotting.confusion_figure(pooled, labels, f"{experiment.name}: pooled over folds {experiment.folds()}",
-                                                 folder / "confusion_pooled.png"))
-    written.append(plotting.ua_bar_figure([e.name for e in experiments], [e.fold_values("ua") for e in experiments],
-                                          out / "ua_by_experiment.png"))
-    return written
+            title = f"{experiment.name}: test confusion, fold {fold} (test {experiment.test_text(fold)}{seeds})"
+            figures[plotting.confusion_figure(confusion, labels, title, folder / f"confusion_fold{fold}.png")] = title
+            title = f"{experiment.name}: training curves, fold {fold}, seed {runs[0].seed}"
+            figures[plotting.curves_figure(curves(runs[0]), title, folder / f"curves_fold{fold}.png")] = title
+        title = f"{experiment.name}: test confusion pooled over folds {', '.join(map(str, experiment.folds()))}"
+        figures[plotting.confusion_figure(pooled, labels, title, folder / "confusion_pooled.png")] = title
+    title = "test UA by experiment: mean ± sd over folds, one dot per fold"
+    figures[plotting.ua_bar_figure([e.name for e in experiments], [e.fold_values("ua") for e in experiments],
+                                   out / "ua_by_experiment.png")] = title
+    return figures
 
 
 def say_report(report: dict, out: Path, wandb: bool | None = None) -> None:
@@ -495,18 +527,30 @@ def say_report(report: dict, out: Path, wandb: bool | None = None) -> None:
         print(line)
     print(f"report: {out / 'report.md'} (+ summary.csv, runs.csv, {len(report['images'])} figures)")
     if wandb or (wandb is None and report["wandb"]):
-        print(f"W&B: the table and figures are in the summary run {log_to_wandb(report)}")
+        settings = report_wandb_settings(report)
+        print(settings.describe())
+        print(f"W&B: the table and figures are in the summary run {log_to_wandb(report, settings)}")
 
 
-def log_to_wandb(report: dict) -> str:
+def report_wandb_settings(report: dict, environ: Mapping[str, str] | None = None) -> WandbSettings:
+    """The summary run's W&B settings, resolved as the runs' were (`wandb_settings`): the first run's
+    logging config, then W&B's environment variables (`environ`: os.environ by default); files in
+    the report folder, the group of the first experiment by default."""
+    experiments: list[Experiment] = report["experiments"]
+    saved = experiments[0].finished[0].config.get("logging") or {}
+    logging = LoggingConfig(**{f.name: saved[f.name] for f in fields(LoggingConfig) if f.name in saved})
+    return wandb_settings(logging, os.environ if environ is None else environ, default_dir=report["out"],
+                          default_group=experiments[0].name)
+
+
+def log_to_wandb(report: dict, settings: WandbSettings) -> str:
     """One W&B summary run holding the comparison table and the figures, in the runs' group
-    (job type `report`), with the runs' project, entity and mode. Returns its id."""
+    (job type `report`), with the runs' project, entity and mode (`settings`). Returns its id."""
     os.environ.setdefault("WANDB_SILENT", "true")  # its console chatter; the caller says where the run is
     import wandb
 
     experiments: list[Experiment] = report["experiments"]
-    logging = experiments[0].finished[0].config.get("logging", {})
-    group = logging.get("group") or experiments[0].name
+    group = settings.group
     labels = experiments[0].label_names()
     columns = ["experiment", "variant", "folds", "runs", *(f"{m}_{stat}" for m in (*METRICS, *(f"recall_{c}" for c in labels))
                                                         for stat in ("mean", "sd")), "delta_ua_mean", "delta_ua_sd", "folds_won"]
@@ -523,11 +567,10 @@ def log_to_wandb(report: dict) -> str:
     # (a rerun of cv, another `emotrain report`) updates that run instead of adding one.
     run_id = "report-" + hashlib.blake2b("\x1f".join([group, *(e.name for e in experiments)]).encode(),
                                          digest_size=6).hexdigest()
-    run = wandb.init(project=logging.get("project", "emotrain"), entity=logging.get("entity"), group=group,
-                     job_type="report", name=f"{group}-report", mode=logging.get("wandb_mode", "offline"),
-                     id=run_id, resume="allow",
-                     dir=str(report["out"]), config={"experiments": [e.name for e in experiments],
-                                                     "folds": {e.name: e.folds() for e in experiments}})
+    Path(settings.dir).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(**settings.init_kwargs(), job_type="report", name=f"{group}-report", id=run_id, resume="allow",
+                     config={"experiments": [e.name for e in experiments],
+                             "folds": {e.name: e.folds() for e in experiments}})
     run.log({"results": wandb.Table(columns=columns, data=rows),
              **{f"figures/{path.relative_to(report['out']).with_suffix('').as_posix()}": wandb.Image(str(path))
                 for path in report["images"]}})

@@ -120,6 +120,15 @@ def _without_empty_groups(info: DatasetInfo, kept_groups: set[int]) -> DatasetIn
     return replace(info, groups=groups, folds=tuple(folds))
 
 
+def _codes_per_label(by_group: dict[int, list[dict]], labels: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Label → the distinct emotion codes of the kept rows behind it, so a merge (exc → happy) is shown, not assumed."""
+    codes: dict[str, set[str]] = {label: set() for label in labels}
+    for rows in by_group.values():
+        for row in rows:
+            codes[labels[row["label"]]].add(str(row["emotion"]))
+    return {label: tuple(sorted(found)) for label, found in codes.items()}
+
+
 def write_prepared(scan: Scan, out_dir: str | Path, *, num_shards: int = NUM_SHARDS_PER_GROUP,
                    audio_format: str = "flac", workers: int | None = None, asr: str | None = None, started: float | None = None) -> dict:
     """Encode the scan's audio, write its shards, `dataset.json` and `prepare_report.json`; return
@@ -181,7 +190,7 @@ def write_prepared(scan: Scan, out_dir: str | Path, *, num_shards: int = NUM_SHA
             f"no usable utterance in {scan.source}: {scan.read} rows read, {len(candidates)} labelled in "
             f"{list(labels)}, all skipped ({dict(reasons)})"
         )
-    info = _without_empty_groups(scan.info, set(by_group))
+    info = replace(_without_empty_groups(scan.info, set(by_group)), codes_per_label=_codes_per_label(by_group, labels))
     if transcribed:
         info = replace(info, notes=(*info.notes, f"transcripts of {transcribed} utterance(s) by the speech "
                                                  f"recogniser {asr}"))

@@ -372,6 +372,9 @@ class DatasetInfo:
     source: str = ""
     notes: tuple[str, ...] = field(default=())
     """What a user must know about this data (no speakers: how validation is drawn; no text: why)."""
+    codes_per_label: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Label → the source's own emotion codes among the kept rows (`happy`: `exc`, `hap` where the
+    data merged excited into happy); empty where unknown (prepared before it was recorded)."""
 
     def folder(self, group: int) -> str:
         return next(name for name, number in self.groups.items() if number == group)
@@ -392,6 +395,7 @@ class DatasetInfo:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"], data["notes"] = list(self.labels), list(self.notes)
+        data["codes_per_label"] = {label: list(codes) for label, codes in self.codes_per_label.items()}
         data["folds"] = [{**asdict(spec), "train": list(spec.train), "test": list(spec.test),
                           "validation": list(spec.validation)} for spec in self.folds]
         return {"format": 1, **data}
@@ -403,7 +407,8 @@ class DatasetInfo:
         return cls(labels=tuple(data["labels"]), groups={str(k): int(v) for k, v in data["groups"].items()},
                    folds=folds, fold_kind=data["fold_kind"], has_text=bool(data.get("has_text", True)),
                    has_speakers=bool(data.get("has_speakers", True)), source=str(data.get("source", "")),
-                   notes=tuple(data.get("notes", ())))
+                   notes=tuple(data.get("notes", ())),
+                   codes_per_label={str(k): tuple(map(str, v)) for k, v in data.get("codes_per_label", {}).items()})
 
 
 def leave_one_out_folds(groups: Sequence[int]) -> tuple[FoldSpec, ...]:

@@ -45,11 +45,14 @@ What makes it learnable, and only jointly:
 So audio alone separates {angry, happy} from {neutral, sad}, text alone {happy, neutral} from
 {angry, sad}, and only the two together give the 4 classes.
 
-Deterministic: the same arguments write byte-identical files.
+Deterministic: the same arguments write byte-identical files. Beside the sessions, `emotrain_synth.json`
+says what the tree is (generator and arguments), so that `emotrain prepare` and the report describe
+it as this synthetic corpus, never as an IEMOCAP release.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -590,7 +593,31 @@ def synthesize_release(
     for session in range(1, 6):
         _synthesize_session(np.random.default_rng([seed, session]), root, session, utterances_per_session, audio,
                             tally)
+    write_synth_marker(root, {"seed": seed, "utterances_per_session": utterances_per_session,
+                              "duration_scale": duration_scale, "sampling_rate": sampling_rate})
     return {"root": str(root), "seed": seed, "sampling_rate": sampling_rate, **tally.summary()}
+
+
+SYNTH_MARKER = "emotrain_synth.json"
+"""Written at the root of a synthetic release: what generated it, with which arguments."""
+
+
+def write_synth_marker(root: Path, arguments: dict[str, Any]) -> None:
+    marker = {"generator": "emotrain synth", **arguments,
+              "description": "generated speech-like signals and template sentences in the IEMOCAP release layout; "
+                             "not IEMOCAP recordings"}
+    (root / SYNTH_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def read_synth_marker(root: str | Path) -> dict[str, Any] | None:
+    """The generator's record at a release root, or None where the tree was not written by `emotrain synth`."""
+    path = Path(root) / SYNTH_MARKER
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        raise ValueError(f"{path} is damaged ({err}): rerun emotrain synth") from None
 
 
 def _clear_sessions(root: Path, overwrite: bool) -> None:

@@ -1,21 +1,18 @@
-"""The emotion classifier: pretrained audio + text encoders, cross-modal attention, pooling, MLP.
+"""emotrain's emotion classifier: the model of `emotrain.model.modeling_emotrain` (its layers, shapes
+and forward: `EmotionLayers`), built from emotrain's `ModelConfig`, with the loss, the training
+switches, and the model folder it is saved as and loaded from.
 
-    input_values [B, S] ─ audio encoder → frames [B, T, D_a] ─ project → [B, T, d] ─┐ frame mask [B, T]
-                                                                                 cross-attention both ways
-    input_ids [B, L] ──── text encoder ─→ tokens [B, L, D_t] ─ project → [B, L, d] ─┘ token mask [B, L]
-        → stats pooling per stream [B, 2d] each → concat [B, 4d] → MLP → logits [B, 4]
-
-(B batch, S audio samples, T audio frames, L tokens, d = model.hidden_size.) The unimodal
-baselines (`variant: audio` / `text`) build one encoder only: project → pool [B, 2d] → MLP.
-
-Parameters whose names start with `audio_encoder.` or `text_encoder.` are the pretrained
-encoders; everything else is the newly initialised head (for separate learning rates).
+A model folder (a run's `best/`) is also a transformers model folder: `config.json` (an
+`EmotrainConfig`, with `auto_map`), the modelling code (`REMOTE_CODE_FILES`), the weights, the
+feature extractor and the tokenizer. transformers' Auto classes load it with `trust_remote_code=True`,
+without emotrain installed; emotrain itself loads it through `EmotionModel.from_pretrained`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,29 +25,36 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 from transformers.utils import ModelOutput
 
 from emotrain.config import LABEL_NAMES, SAMPLING_RATE, ModelConfig
-from emotrain.model.cross_attention import CrossModalAttention
+from emotrain.model.configuration_emotrain import EmotrainConfig
 from emotrain.model.encoders import (
     build_audio_encoder,
     build_processors,
     build_text_encoder,
 )
-from emotrain.model.group_norm import set_group_norm_lengths
-from emotrain.model.masks import (
-    audio_frame_lengths,
-    audio_sample_mask,
-    lengths_to_mask,
-    text_mask,
-)
-from emotrain.model.pooling import masked_mean_std
+from emotrain.model.modeling_emotrain import REMOTE_CODE_FILES, EmotionLayers
 
 CONFIG_FILE = "emotion_model.json"
 WEIGHTS_FILE = "model.safetensors"
-AUDIO_ENCODER_DIR = "audio_encoder"  # the audio encoder's HF config.json
-TEXT_ENCODER_DIR = "text_encoder"  # the text encoder's HF config.json
-FEATURE_EXTRACTOR_DIR = "feature_extractor"
-TOKENIZER_DIR = "tokenizer"
+HF_CONFIG_FILE = "config.json"  # the EmotrainConfig: the encoders' configs nested, the labels, auto_map
+FEATURE_EXTRACTOR_FILE = "preprocessor_config.json"  # the feature extractor, saved in the folder itself
+TOKENIZER_FILE = "tokenizer_config.json"  # the tokenizer, saved in the folder itself
+# Folders written before the models became transformers folders (still loaded): the encoders' configs
+# and the processors in subfolders.
+LEGACY_ENCODER_DIRS = {"audio": "audio_encoder", "text": "text_encoder"}
+LEGACY_PROCESSOR_DIRS = ("feature_extractor", "tokenizer")
 FORMAT = "emotrain.EmotionModel/1"
 DEFAULT_PREPROCESSING = {"sampling_rate": SAMPLING_RATE, "max_text_tokens": 64, "max_audio_seconds": 15.0}
+AUTO_MAP = {
+    "AutoConfig": "configuration_emotrain.EmotrainConfig",
+    "AutoModel": "modeling_emotrain.EmotrainForEmotionClassification",
+    "AutoModelForAudioClassification": "modeling_emotrain.EmotrainForEmotionClassification",
+    "AutoModelForSequenceClassification": "modeling_emotrain.EmotrainForEmotionClassification",
+}
+"""What transformers' Auto classes build from a model folder (`trust_remote_code=True`)."""
+PROCESSOR_FILE = "processor_config.json"
+PROCESSOR_CONFIG = {"processor_class": "EmotrainProcessor",
+                    "auto_map": {"AutoProcessor": "processing_emotrain.EmotrainProcessor"}}
+"""A fusion folder's AutoProcessor: its feature extractor and tokenizer together (processing_emotrain.py)."""
 
 
 @dataclass
@@ -63,8 +67,8 @@ class EmotionModelOutput(ModelOutput):
     """Mean cross-entropy over the batch (scalar, float32) when labels were given, else None."""
 
 
-class EmotionModel(nn.Module):
-    """Speech emotion classifier over audio and/or text (see the module docstring for the shapes)."""
+class EmotionModel(EmotionLayers, nn.Module):
+    """Speech emotion classifier over audio and/or text (shapes: `emotrain.model.modeling_emotrain`)."""
 
     def __init__(
         self,
@@ -83,73 +87,15 @@ class EmotionModel(nn.Module):
         self.config = config
         self._label_names = tuple(str(name) for name in label_names)
         self.num_labels = len(self._label_names)
-        self.uses_audio = config.variant in ("fusion", "audio")
-        self.uses_text = config.variant in ("fusion", "text")
         self._processors: tuple[Any, Any] | None = None
         self.preprocessing = dict(DEFAULT_PREPROCESSING)
         """How inputs are prepared for this model (saved with it): sampling_rate, max_text_tokens and
         max_audio_seconds (the crop it trained on), as the run's `data` config had them."""
-        d = config.hidden_size
-
         # Pretrained encoders; a unimodal baseline does not even build the other one.
-        self.audio_encoder = build_audio_encoder(config, audio_encoder_config) if self.uses_audio else None
-        self.text_encoder = build_text_encoder(config, text_encoder_config) if self.uses_text else None
-
-        # Projections to the common width d (the head starts here).
-        if self.uses_audio:
-            self.audio_projection = nn.Linear(self.audio_encoder.config.hidden_size, d)
-        if self.uses_text:
-            self.text_projection = nn.Linear(self.text_encoder.config.hidden_size, d)
-        if config.variant == "fusion":
-            self.cross_attention = CrossModalAttention(
-                d, config.cross_attention_heads, config.cross_attention_layers, config.dropout
-            )
-
-        # Classifier over the pooled statistics: [B, 2d] per stream, concatenated.
-        num_streams = 2 if config.variant == "fusion" else 1
-        self.classifier = nn.Sequential(
-            nn.Dropout(config.dropout),
-            nn.Linear(num_streams * 2 * d, config.classifier_hidden_size),
-            nn.ReLU(),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.classifier_hidden_size, self.num_labels),
-        )
-
-    # -----------------------------------------------------------------------------------------
-    # Forward
-
-    def encode_audio(
-        self, input_values: torch.Tensor, audio_lengths: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_values [B, S] (zero-padded), audio_lengths [B] → frames [B, T, d], frame mask [B, T]."""
-        encoder = self.audio_encoder
-        audio_lengths = audio_lengths.to(input_values.device)
-        # fp16/bf16 weights would otherwise receive the collator's float32 samples.
-        input_values = input_values.to(encoder.dtype)
-        # Every encoder gets the sample-level mask: the transformer then zeroes padded frames before
-        # its positional convolution and never attends to them. A group-norm conv stack (wav2vec2-base)
-        # takes its statistics over each utterance's real frames (`set_group_norm_lengths`), so the
-        # frames are exactly those of the utterance alone for layer-norm and group-norm models.
-        sample_mask = audio_sample_mask(audio_lengths, input_values.shape[1])  # [B, S]
-        set_group_norm_lengths(encoder, audio_lengths)
-        frames = encoder(input_values, attention_mask=sample_mask).last_hidden_state  # [B, T, D_a]
-
-        frame_lengths = audio_frame_lengths(encoder, audio_lengths)  # [B]
-        # Checked without reading the tensor on the host (no device sync in the training step); data
-        # preparation and `predict` keep such audio out, so this only guards the invariant.
-        torch._assert_async((frame_lengths >= 1).all(), "audio shorter than one frame of the audio encoder")
-        mask = lengths_to_mask(frame_lengths, frames.shape[1])  # [B, T]
-        return self.audio_projection(frames), mask
-
-    def encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids [B, L], attention_mask [B, L] → tokens [B, L, d], token mask [B, L]."""
-        tokens = self.text_encoder(input_ids=input_ids, attention_mask=encoder_attention_mask(
-            self.text_encoder, attention_mask)).last_hidden_state
-        mask = text_mask(attention_mask)  # [B, L]
-        torch._assert_async(mask.any(dim=1).all(), "every utterance needs at least one token (attention_mask row of zeros)")
-        return self.text_projection(tokens), mask  # [B, L, d]
+        uses_audio, uses_text = config.variant in ("fusion", "audio"), config.variant in ("fusion", "text")
+        audio_encoder = build_audio_encoder(config, audio_encoder_config) if uses_audio else None
+        text_encoder = build_text_encoder(config, text_encoder_config) if uses_text else None
+        self.build_emotion_layers(audio_encoder, text_encoder, self.num_labels)
 
     def forward(
         self,
@@ -165,29 +111,7 @@ class EmotionModel(nn.Module):
         unless variant is `text`. input_ids [B, L], attention_mask [B, L]: text, needed unless
         variant is `audio`. The other modality's inputs may be None.
         """
-        if self.uses_audio:
-            if input_values is None or audio_lengths is None:
-                raise ValueError(f"variant {self.config.variant!r} needs input_values and audio_lengths")
-            audio, audio_mask = self.encode_audio(input_values, audio_lengths)  # [B, T, d], [B, T]
-        if self.uses_text:
-            if input_ids is None or attention_mask is None:
-                raise ValueError(f"variant {self.config.variant!r} needs input_ids and attention_mask")
-            text, txt_mask = self.encode_text(input_ids, attention_mask)  # [B, L, d], [B, L]
-
-        if self.config.variant == "fusion":
-            # Audio frames attend to the words and words to the frames; padding is masked as keys.
-            audio, text = self.cross_attention(audio, audio_mask, text, txt_mask)
-            features = torch.cat(
-                [masked_mean_std(audio, audio_mask), masked_mean_std(text, txt_mask)], dim=-1
-            )  # [B, 4d]
-        elif self.config.variant == "audio":
-            features = masked_mean_std(audio, audio_mask)  # [B, 2d]
-        else:
-            features = masked_mean_std(text, txt_mask)  # [B, 2d]
-
-        # Pooling computes in float32. Under autocast the classifier casts as it likes; a model cast
-        # to bf16 as a whole (DeepSpeed bf16 runs without autocast) needs its own dtype back.
-        logits = self.classifier(features.to(self.classifier[-1].weight.dtype))  # [B, num_labels]
+        logits = self.emotion_logits(input_values, audio_lengths, input_ids, attention_mask)  # [B, num_labels]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.to(logits.device))
@@ -257,12 +181,15 @@ class EmotionModel(nn.Module):
         processors: tuple[Any, Any] | None = None,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Write a self-contained folder that `from_pretrained` loads offline, without unpickling:
+        """Write a self-contained folder that `from_pretrained` loads offline, without unpickling, and
+        that transformers loads too (`AutoModel.from_pretrained(directory, trust_remote_code=True)`):
 
         emotion_model.json       the ModelConfig and the preprocessing settings (JSON)
         model.safetensors        the whole state dict (shared tensors deduplicated)
-        audio_encoder/config.json, text_encoder/config.json   the encoders' HF configs
-        feature_extractor/, tokenizer/                        the processors (`save_pretrained`)
+        config.json              the EmotrainConfig: the encoders' HF configs, the labels, auto_map
+        *.py                     the modelling code transformers runs (REMOTE_CODE_FILES)
+        preprocessor_config.json, tokenizer files   the processors (`save_pretrained`), as the variant needs
+        processor_config.json    (fusion) AutoProcessor's EmotrainProcessor: both processors together
 
         processors: (feature_extractor, tokenizer), default `self.processors()`.
         state_dict: the weights to write instead of this module's own, e.g. the gathered full
@@ -277,15 +204,16 @@ class EmotionModel(nn.Module):
         meta = {"format": FORMAT, "model_config": dataclasses.asdict(self.config), "preprocessing": self.preprocessing,
                 "label_names": list(self.label_names)}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if self.audio_encoder is not None:
-            self.audio_encoder.config.save_pretrained(directory / AUDIO_ENCODER_DIR)
-        if self.text_encoder is not None:
-            self.text_encoder.config.save_pretrained(directory / TEXT_ENCODER_DIR)
+        self.transformers_config().save_pretrained(directory)
+        code = Path(__file__).parent
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(code / name, directory / name)
         feature_extractor, tokenizer = processors if processors is not None else self.processors()
-        if feature_extractor is not None:
-            feature_extractor.save_pretrained(directory / FEATURE_EXTRACTOR_DIR)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+        for processor in (feature_extractor, tokenizer):
+            if processor is not None:
+                processor.save_pretrained(directory)
+        if feature_extractor is not None and tokenizer is not None:  # AutoProcessor: both, called together
+            (directory / PROCESSOR_FILE).write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n")
         if state_dict is None:
             save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         else:
@@ -293,21 +221,37 @@ class EmotionModel(nn.Module):
             tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
             save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
+    def transformers_config(self) -> EmotrainConfig:
+        """This model's settings as transformers' config (config.json), with the Auto classes' `auto_map`."""
+        cfg = self.config
+        config = EmotrainConfig(
+            variant=cfg.variant,
+            audio_config=self.audio_encoder.config if self.audio_encoder is not None else None,
+            text_config=self.text_encoder.config if self.text_encoder is not None else None,
+            hidden_size=cfg.hidden_size, cross_attention_layers=cfg.cross_attention_layers,
+            cross_attention_heads=cfg.cross_attention_heads, dropout=cfg.dropout,
+            classifier_hidden_size=cfg.classifier_hidden_size,
+            sampling_rate=self.preprocessing["sampling_rate"],
+            max_audio_seconds=self.preprocessing["max_audio_seconds"],
+            max_text_tokens=self.preprocessing["max_text_tokens"],
+            id2label=dict(enumerate(self.label_names)), label2id={name: i for i, name in enumerate(self.label_names)},
+        )
+        config.auto_map = dict(AUTO_MAP)
+        config.architectures = ["EmotrainForEmotionClassification"]
+        return config
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> EmotionModel:
         """Load a folder written by `save_pretrained`: needs neither the hub nor the encoders' source
         folders (encoders are rebuilt from their saved HF configs, then all weights are loaded).
+        Folders written before config.json existed (encoder configs and processors in subfolders) load too.
         Predictions from recordings: `emotrain.predict.load(directory).predict(path, text=...)`."""
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_FILE).read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{directory}: not an emotrain model folder (format {meta.get('format')!r})")
         config = _model_config_from_dict(meta["model_config"])
-        audio_config = text_config = None
-        if config.variant in ("fusion", "audio"):
-            audio_config = AutoConfig.from_pretrained(directory / AUDIO_ENCODER_DIR)
-        if config.variant in ("fusion", "text"):
-            text_config = AutoConfig.from_pretrained(directory / TEXT_ENCODER_DIR)
+        audio_config, text_config = _encoder_configs(directory)
         # A folder saved before label names were saved is IEMOCAP's 4-class model.
         model = cls(config, audio_encoder_config=audio_config, text_encoder_config=text_config,
                     label_names=meta.get("label_names") or LABEL_NAMES)
@@ -317,37 +261,30 @@ class EmotionModel(nn.Module):
         return model.to(device)
 
 
-PREPARED_MASK_MODELS = frozenset({"bert", "roberta", "xlm-roberta", "electra", "albert", "distilbert", "mpnet"})
-"""Text encoders that build their attention mask with transformers' `create_bidirectional_mask`, so a
-prepared 4D mask means the same to them (checked against the 2D mask, sdpa and eager, fp32 and bf16)."""
-
-
-def encoder_attention_mask(encoder: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
-    """attention_mask [B, L] (1 = token) as the text encoder's attention takes it, prepared here.
-
-    Given a 2D mask, transformers first asks whether it holds any padding at all (`mask.all()`, to
-    skip the mask when there is none): a host read, so a device sync in every forward. A prepared
-    4D mask is used as given: [B, 1, 1, L] boolean (True = attend) for SDPA, additive (0 / the
-    dtype's minimum) for eager attention. Other implementations (flash attention), and encoders not
-    in PREPARED_MASK_MODELS, take the 2D mask.
-    """
-    if getattr(encoder.config, "model_type", None) not in PREPARED_MASK_MODELS:
-        return attention_mask  # its own mask handling (DeBERTa) or extra patterns (ModernBERT's windows)
-    implementation = getattr(encoder.config, "_attn_implementation", None)
-    if implementation == "sdpa":
-        return attention_mask[:, None, None, :].bool()
-    if implementation == "eager":
-        dtype = encoder.dtype
-        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-    return attention_mask
+def _encoder_configs(directory: Path) -> tuple[Any, Any]:
+    """(audio, text) encoder HF configs of a model folder: from config.json, or from the subfolders of
+    a folder written before it existed; None for a modality the folder has no encoder for."""
+    if (directory / HF_CONFIG_FILE).is_file():
+        config = EmotrainConfig.from_pretrained(directory)
+        return config.audio_config, config.text_config
+    found = [directory / LEGACY_ENCODER_DIRS[modality] for modality in ("audio", "text")]
+    return tuple(AutoConfig.from_pretrained(folder) if folder.is_dir() else None for folder in found)
 
 
 def load_processors(directory: str | Path) -> tuple[Any, Any]:
-    """(feature_extractor, tokenizer) saved in a model folder; None for one that is absent."""
+    """(feature_extractor, tokenizer) saved in a model folder (or, in one written before they were
+    saved in the folder itself, in its subfolders); None for one that is absent."""
     directory = Path(directory)
-    fe_dir, tok_dir = directory / FEATURE_EXTRACTOR_DIR, directory / TOKENIZER_DIR
-    feature_extractor = AutoFeatureExtractor.from_pretrained(fe_dir) if fe_dir.is_dir() else None
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else None
+    feature_extractor = tokenizer = None
+    source = directory if (directory / FEATURE_EXTRACTOR_FILE).is_file() else directory / LEGACY_PROCESSOR_DIRS[0]
+    if source.is_dir():
+        feature_extractor = AutoFeatureExtractor.from_pretrained(source)
+    if (directory / TOKENIZER_FILE).is_file():
+        # Given the folder's config, AutoTokenizer does not read config.json itself (it would ask
+        # whether to trust the folder's code: the tokenizer's class is in tokenizer_config.json).
+        tokenizer = AutoTokenizer.from_pretrained(directory, config=EmotrainConfig.from_pretrained(directory))
+    elif (directory / LEGACY_PROCESSOR_DIRS[1]).is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(directory / LEGACY_PROCESSOR_DIRS[1])
     return feature_extractor, tokenizer
 
 

@@ -38,6 +38,7 @@ from transformers import (
 # Every supported audio encoder was pretrained on 16 kHz audio: the rate prepared data is stored at.
 from emotrain.config import SAMPLING_RATE, TINY_ENCODER, ConfigError, DataConfig, ModelConfig
 from emotrain.model.group_norm import install_masked_group_norm
+from emotrain.model.modeling_emotrain import drop_pooler
 
 TINY = TINY_ENCODER
 BUNDLED_PREFIX = "bundled:"
@@ -151,13 +152,6 @@ def _no_loading_bar(source: str) -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
-def _drop_pooler(encoder: PreTrainedModel) -> None:
-    # BERT/RoBERTa's pooler (a dense layer on [CLS]) is computed but never used here: its parameters
-    # would get no gradient (a DDP error) and waste compute. Their forward skips a `None` pooler.
-    if getattr(encoder, "pooler", None) is not None:
-        encoder.pooler = None
-
-
 def _attention(model_cfg: ModelConfig) -> dict:
     """`attn_implementation=` for transformers when `model.attention` asks for one."""
     return {"attn_implementation": model_cfg.attention} if model_cfg.attention else {}
@@ -232,7 +226,7 @@ def build_text_encoder(
             encoder = AutoModel.from_pretrained(
                 source, config=_load_config_for_finetuning(source), dtype=torch.float32, **attention
             )
-    _drop_pooler(encoder)
+    drop_pooler(encoder)
     if getattr(encoder.config, "use_cache", False):
         # A key/value cache is for decoding; as an encoder it is never used, and with gradient
         # checkpointing transformers warns about it on every forward.

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from emotrain.model.masks import lengths_to_mask
+# Relative: this file also ships inside model folders, where emotrain is not installed (modeling_emotrain).
+from .masks import lengths_to_mask
 
 
 class LengthMaskedGroupNorm(nn.GroupNorm):

@@ -8,7 +8,8 @@
 the data (the training stream, validation and test loaders), the model and optimizer, and the
 training state (`emotrain.train.state`), restored from a checkpoint in one call when resuming.
 `fit` is the loop. `finish` loads the best checkpoint, exports `best/`, tests it and writes
-`metrics.json`. Tests drive these same parts (tests/integration/scripts/train_probe.py wraps them).
+`metrics.json`, then deletes the checkpoints (unless `train.keep_checkpoints_after_finish`).
+Tests drive these same parts (tests/integration/scripts/train_probe.py wraps them).
 
 One optimizer step = `train.gradient_accumulation_steps` micro-batches on every rank. The epoch
 plan gives every rank the same number of batches (`emotrain.data.plan`), so every rank takes the
@@ -46,6 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
@@ -85,7 +87,9 @@ from emotrain.train.deepspeed_config import (
     zero_stage,
 )
 from emotrain.train.evaluation import evaluate, model_inputs
+from emotrain.train.launch_check import check_launch
 from emotrain.train.loss import StepLoss, balanced_class_weights
+from emotrain.train.model_card import write_model_card
 from emotrain.train.optim import (
     build_optimizer,
     current_learning_rates,
@@ -205,7 +209,10 @@ def finished_run(cfg: Config) -> str | None:
     run = RunFolder(cfg.output_dir)
     if cfg.train.resume != "auto" or not run.is_finished():
         return None
-    return run.check_finished(cfg, lambda: data_fingerprint(split_from_config(cfg.data, seed=cfg.train.seed)))
+    said = run.check_finished(cfg, lambda: data_fingerprint(split_from_config(cfg.data, seed=cfg.train.seed)))
+    if _main_rank():
+        run.finish_dropping_checkpoints()  # a kill cut its end short: nothing else is left to do
+    return said
 
 
 def _main_rank() -> bool:
@@ -222,6 +229,7 @@ def setup(cfg: Config) -> Training:
     A stop request during setup raises StoppedBeforeFirstStep at once (nothing to save yet:
     `emotrain.train.preemption`); whatever setup raises, it gives back the signal handlers and the
     folder lock it took."""
+    check_launch(cfg)  # a launch that contradicts itself or the config: one line, before Accelerate fails on it
     run = RunFolder(cfg.output_dir)
     run.check_writable()  # one line naming output_dir, before anything is built
     lock = RunFolderLock(run.path)
@@ -655,6 +663,8 @@ def finish(t: Training) -> dict:
         results["test"] = evaluate(accelerator, t.state.model, t.test_loader, label_names=t.labels)
         tracking.log(accelerator, tracking.evaluation_scalars("test", results["test"]), progress.step)
         tracking.log_confusion(accelerator, t.cfg, "test", results["test"]["confusion"], t.labels, progress.step)
+    if accelerator.is_main_process:
+        _write_model_card(t, results)  # before metrics.json: a finished run's best/ has its card
     if accelerator.is_main_process:  # last, atomically: with it the run is finished (with the data it trained on)
         t.run.write_metrics(results, data_path=t.cfg.data.path, split=t.split)
         t.log.info("results (WA = accuracy, UA = mean per-class recall):\n%s", format_results(results))
@@ -662,7 +672,20 @@ def finish(t: Training) -> dict:
         "best/validation_ua": progress.best_ua, "best/step": progress.best_step,
         **(tracking.evaluation_scalars("test", results["test"]) if "test" in results else {}),
     })
+    _drop_checkpoints(t)
     return results
+
+
+def _drop_checkpoints(t: Training) -> None:
+    """A finished run keeps best/, its metrics and logs; its resume checkpoints (the whole training
+    state, each as large as the model and its optimizer) only with `train.keep_checkpoints_after_finish`.
+    Every rank is done with them first (the best one loaded, the test run); the main process deletes."""
+    if t.cfg.train.keep_checkpoints_after_finish:
+        return
+    t.accelerator.wait_for_everyone()
+    if t.accelerator.is_main_process and t.run.drop_checkpoints():
+        t.log.info("the run is finished: its checkpoints are deleted (best/ and %s hold its results; "
+                   "train.keep_checkpoints_after_finish=true keeps them)", t.run.metrics.name)
 
 
 def _best_checkpoint(t: Training) -> Path:
@@ -676,6 +699,13 @@ def _best_checkpoint(t: Training) -> Path:
                                   "train this run again in another output_dir")
             return folder
     raise ResumeError(f"the best checkpoint (step {t.state.progress.best_step}) is no longer in {t.run.checkpoints}")
+
+
+def _write_model_card(t: Training, results: dict) -> None:
+    """best/README.md: the data, protocol, fold, metrics and config of this run (`emotrain.train.model_card`)."""
+    config_text = (t.run.best / CONFIG_FILE).read_text()
+    write_model_card(t.run.best, config=yaml.safe_load(config_text), results=results, split=t.split.summary(),
+                     dataset=read_dataset_info(t.cfg.data.path), config_text=config_text)
 
 
 def _export_best(t: Training) -> None:

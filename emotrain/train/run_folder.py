@@ -12,7 +12,9 @@ before a training writes into it.
     output_dir/
       config.yaml       the resolved config (and its `provenance`), saved when a training starts
       train.log, history.jsonl   the log, and every logged scalar (`emotrain report`'s curves)
-      checkpoints/      `emotrain.train.checkpoint`
+      checkpoints/      `emotrain.train.checkpoint`; deleted once the run is finished, unless
+                        train.keep_checkpoints_after_finish (`drop_checkpoints`: renamed to
+                        .deleting-checkpoints/ first, which the next start removes if a kill left it)
       best/             the best model (`EmotionModel.save_pretrained`) and its config.yaml
       .partial-best/    a best/ being written; .replaced-best/ the previous best/ while the new one takes its place
       metrics.json      written last, atomically, with `data`: what the run trained on (`data_fingerprint`)
@@ -76,6 +78,7 @@ STOP_FILE = "STOP"
 """The flag file that asks the training to save and stop (unless $EMOTRAIN_STOP_FILE names another)."""
 _BEST_PARTIAL = ".partial-best"
 _BEST_ASIDE = ".replaced-best"
+_CHECKPOINTS_DELETING = ".deleting-checkpoints"
 
 RESULT_NEUTRAL_KEYS = result_neutral_keys()
 """Dotted config keys that do not change a run's result (marked `neutral` in `emotrain.config`, with
@@ -178,6 +181,10 @@ class RunFolder:
     @property
     def _best_aside(self) -> Path:
         return self.path / _BEST_ASIDE
+
+    @property
+    def _checkpoints_deleting(self) -> Path:
+        return self.path / _CHECKPOINTS_DELETING
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -368,9 +375,32 @@ class RunFolder:
         fsync_dir(self.path)
         shutil.rmtree(aside, ignore_errors=True)
 
+    def drop_checkpoints(self) -> bool:
+        """Main process only, once the run is finished (metrics.json written): delete checkpoints/.
+        It is renamed to `.deleting-checkpoints` first (atomic, made durable), then removed: a kill
+        midway never leaves a checkpoints/ holding part of a checkpoint for a restart to trust, only
+        the hidden folder, which the next start removes (`finish_dropping_checkpoints`). Returns
+        whether there were checkpoints."""
+        self.finish_dropping_checkpoints()  # an earlier deletion's leftover: the rename needs its name
+        if not self.checkpoints.exists():
+            return False
+        os.rename(self.checkpoints, self._checkpoints_deleting)
+        fsync_dir(self.path)
+        self.finish_dropping_checkpoints()
+        return True
+
+    def finish_dropping_checkpoints(self) -> str | None:
+        """Main process: remove the `.deleting-checkpoints` folder a `drop_checkpoints` cut short left
+        (only it makes that name). Returns what was done, or None when there was none."""
+        if not self._checkpoints_deleting.exists():
+            return None
+        shutil.rmtree(self._checkpoints_deleting, ignore_errors=True)
+        return f"deleted {_CHECKPOINTS_DELETING} (a deletion of the finished run's checkpoints cut short)"
+
     def recover(self) -> list[str]:
         """Main process, holding the lock, before anything is written (the recipe at setup;
-        `writing_best` too): finish or undo a best/ export a crash interrupted. Returns what was done.
+        `writing_best` too): finish or undo a best/ export a crash interrupted, and finish a deletion
+        of checkpoints/ cut short (`finish_dropping_checkpoints`). Returns what was done.
           - `.replaced-best/` beside best/: the swap was done, deleting the old folder was cut short: deleted;
           - `.replaced-best/` without best/: cut short between the two renames: renamed back (the new
             folder's run re-exports it: it wrote no metrics.json after it);
@@ -387,6 +417,8 @@ class RunFolder:
         if self._best_partial.exists():
             shutil.rmtree(self._best_partial)
             done.append(f"deleted {_BEST_PARTIAL} (an export cut short)")
+        if dropped := self.finish_dropping_checkpoints():
+            done.append(dropped)
         return done
 
 

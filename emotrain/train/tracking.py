@@ -16,12 +16,14 @@ import math
 import os
 import sys
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
 from tqdm.auto import tqdm
 
-from emotrain.config import Config
+from emotrain.config import Config, LoggingConfig
 from emotrain.train.run_folder import HISTORY_FILE, RunFolder  # noqa: F401 (HISTORY_FILE: also imported from here)
 
 STEP_METRIC = "train/step"
@@ -55,35 +57,91 @@ def flat_config(cfg: Config) -> dict[str, int | float | str | bool]:
     return flat
 
 
-def init_kwargs(cfg: Config, run_id: str) -> dict:
-    """Per-tracker keyword arguments for `accelerator.init_trackers`."""
+WANDB_ENV = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "dir": "WANDB_DIR",
+             "group": "WANDB_RUN_GROUP", "tags": "WANDB_TAGS"}
+"""W&B's own environment variables for the settings we pass to `wandb.init`, by setting."""
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    """What a W&B run is opened with, and where each value came from (`config`, the environment
+    variable's name, or `default`). Passed to `wandb.init` explicitly: its arguments win over the
+    environment, so what we resolved is what it uses."""
+
+    mode: str
+    project: str
+    entity: str | None
+    dir: str
+    group: str
+    tags: list[str]
+    sources: dict[str, str]
+
+    def init_kwargs(self) -> dict:
+        return {"mode": self.mode, "project": self.project, "entity": self.entity, "dir": self.dir,
+                "group": self.group, "tags": list(self.tags)}
+
+    def describe(self) -> str:
+        """`W&B: mode offline (default), project emotrain (WANDB_PROJECT), ...`: one line for the log."""
+        shown = {"mode": self.mode, "project": self.project, "entity": self.entity, "group": self.group,
+                 "tags": ",".join(self.tags) or None, "dir": self.dir}
+        return "W&B: " + ", ".join(f"{name} {value} ({self.sources[name]})" for name, value in shown.items()
+                                   if value is not None)
+
+
+def wandb_settings(logging_cfg: LoggingConfig, environ: Mapping[str, str], *, default_dir: str | Path,
+                   default_group: str) -> WandbSettings:
+    """The W&B settings of a run (training or the report's summary run). A value the config gives
+    wins; a setting the config leaves unset (null; tags: empty) follows W&B's own environment
+    variable (`WANDB_ENV`: WANDB_MODE=online, WANDB_PROJECT, WANDB_TAGS=a,b ...); else our default:
+    offline (compute nodes are often offline: `wandb sync` later), project `emotrain`, the run
+    folder (`default_dir`), the experiment's group (`default_group`), no tags."""
+    configured = {"mode": logging_cfg.wandb_mode, "project": logging_cfg.project, "entity": logging_cfg.entity,
+                  "dir": None, "group": logging_cfg.group, "tags": list(logging_cfg.tags) or None}
+    defaults = {"mode": "offline", "project": "emotrain", "entity": None, "dir": str(default_dir),
+                "group": default_group, "tags": []}
+    values, sources = {}, {}
+    for name, variable in WANDB_ENV.items():
+        if configured[name] is not None:
+            values[name], sources[name] = configured[name], "config"
+        elif environ.get(variable, "").strip():
+            text = environ[variable].strip()
+            values[name] = [tag.strip() for tag in text.split(",") if tag.strip()] if name == "tags" else text
+            sources[name] = variable
+        else:
+            values[name], sources[name] = defaults[name], "default"
+    return WandbSettings(**values, sources=sources)
+
+
+def init_kwargs(cfg: Config, run_id: str, environ: Mapping[str, str] | None = None) -> dict:
+    """Per-tracker keyword arguments for `accelerator.init_trackers` (`environ`: os.environ by default)."""
     kwargs: dict = {}
     if "wandb" in cfg.logging.report_to:
-        wandb_dir = Path(cfg.output_dir)
-        wandb_dir.mkdir(parents=True, exist_ok=True)
-        kwargs["wandb"] = {
-            "id": run_id,
-            "resume": "allow",
-            "name": run_name(cfg),
-            "group": cfg.logging.group or cfg.experiment,
-            "job_type": f"fold{cfg.data.fold}",
-            "tags": list(cfg.logging.tags),
-            "entity": cfg.logging.entity,
-            "mode": cfg.logging.wandb_mode,
-            "dir": str(wandb_dir),
-        }
+        settings = training_wandb_settings(cfg, os.environ if environ is None else environ)
+        Path(settings.dir).mkdir(parents=True, exist_ok=True)
+        kwargs["wandb"] = {**settings.init_kwargs(), "id": run_id, "resume": "allow", "name": run_name(cfg),
+                           "job_type": f"fold{cfg.data.fold}"}
     return kwargs
+
+
+def training_wandb_settings(cfg: Config, environ: Mapping[str, str]) -> WandbSettings:
+    """`wandb_settings` of a training run: files in its run folder, grouped by experiment by default."""
+    return wandb_settings(cfg.logging, environ, default_dir=cfg.output_dir, default_group=cfg.experiment)
 
 
 def start(accelerator, cfg: Config, run_id: str) -> None:
     """Open the trackers on every rank (Accelerate itself restricts them to the main process)."""
-    if "wandb" in cfg.logging.report_to:
+    kwargs = init_kwargs(cfg, run_id)
+    # Accelerate hands the project name to W&B as `project` (and to TensorBoard as its folder's name).
+    project = kwargs["wandb"].pop("project") if "wandb" in kwargs else cfg.logging.project or "emotrain"
+    if "wandb" in kwargs:
         # The service's own console chatter would interleave with our log on every rank.
         os.environ.setdefault("WANDB_SILENT", "true")
+        if accelerator.is_main_process:
+            logging.getLogger("emotrain").info("%s", training_wandb_settings(cfg, os.environ).describe())
     accelerator.init_trackers(
-        project_name=cfg.logging.project,
+        project_name=project,
         config=flat_config(cfg),  # plain config data; secrets (API keys) live only in the environment
-        init_kwargs=init_kwargs(cfg, run_id),
+        init_kwargs=kwargs,
     )
     if "wandb" in cfg.logging.report_to and accelerator.is_main_process:
         run = accelerator.get_tracker("wandb", unwrap=True)

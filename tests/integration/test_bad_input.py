@@ -49,7 +49,8 @@ class Workspace:
         return ["train", str(SMOKE), *tiny_overrides(self.corpus, output_dir or self.out, *extra)]
 
 
-RUN_SETTINGS = ("train.checkpoint_every_steps=2", "train.eval_every_steps=2", "train.keep_last_checkpoints=3")
+RUN_SETTINGS = ("train.checkpoint_every_steps=2", "train.eval_every_steps=2", "train.keep_last_checkpoints=3",
+                "train.keep_checkpoints_after_finish=true")  # the probes damage them after the run finished
 
 
 @dataclass
@@ -210,7 +211,7 @@ def _holds_the_manifest_rows(ws: Workspace) -> None:
 def _predict_batch(ws: Workspace, encoding: str, text: str = "hello there", *extra: str) -> list[str]:
     _clip(ws.root / "clips" / "a.wav")
     (ws.root / "clips.csv").write_bytes(f"audio,text\nclips/a.wav,{text}\n".encode(encoding))
-    return ["predict", str(ws.run / "best"), "--batch", str(ws.root / "clips.csv"), *extra]
+    return ["predict", str(ws.run / "best"), "--manifest", str(ws.root / "clips.csv"), *extra]
 
 
 def _predict_loud_audio(ws: Workspace) -> list[str]:
@@ -472,8 +473,8 @@ PROBES: list[Probe] = [
           ("--device cuda:99",)),
     Probe("predict-model-weights-truncated", _predict_with(lambda best: _truncate(best / "model.safetensors")),
           ("best", "model.safetensors", "damaged")),
-    Probe("predict-model-no-tokenizer", _predict_with(lambda best: shutil.rmtree(best / "tokenizer")),
-          ("best", "no tokenizer/")),
+    Probe("predict-model-no-tokenizer", _predict_with(lambda best: (best / "tokenizer_config.json").unlink()),
+          ("best", "no tokenizer_config.json")),
     Probe("evaluate-model-config-not-json", _evaluate_with(lambda best: (best / "emotion_model.json").write_text("{")),
           ("best", "JSONDecodeError", "damaged")),
     Probe("evaluate-run-config-not-yaml", _evaluate_with(lambda best: (best / "config.yaml").write_text("data: [")),

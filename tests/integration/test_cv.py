@@ -94,9 +94,16 @@ def test_the_table_equals_the_fold_metrics(killed_and_rerun):
     # The protocol and where every number came from.
     assert "leave-one-session-out" in report.lower() and "UA = mean of the per-class recalls" in report
     assert "| session1 | 12 | 12 | 12 | 12 | 48 |" in report  # the prepare report's counts
+    assert "synthetic corpus (`emotrain synth`, seed 1)" in report and "not IEMOCAP recordings" in report
+    assert "*happy* = `exc` + `hap`" in report  # the synthetic release writes both codes, as IEMOCAP's does
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert commit and commit in report
     assert re.search(r"\| smoke \| 1 \| 42 \| [0-9a-f]{40}(\+dirty)? \| 0\.1\.0 \| 2\.\d+\.\d+", report)
+    # Each fold's model card: its own metrics, and the report's per-fold table.
+    for k in FOLDS:
+        card = (root / "smoke" / f"fold{k}" / "best" / "README.md").read_text()
+        assert f"| test | {folds[k]['n']} | {folds[k]['wa'] * 100:.1f} | {folds[k]['ua'] * 100:.1f} |" in card
+        assert f"This model is fold {k} (seed 42) of the 2 folds below" in card and cell in card
 
 
 def test_report_says_what_is_missing_and_reports_the_rest(killed_and_rerun, tmp_path):
@@ -201,7 +208,7 @@ def test_predict_agrees_with_evaluate_and_takes_any_rate_and_channels(killed_and
     manifest = tmp_path / "clips.csv"
     manifest.write_text("id,audio,text\n" + "".join(f"{utt},{folder / (utt + '.wav')},\"{text}\"\n"
                                                      for utt, text in utterances))
-    proc = _predict(model, "--batch", manifest, "--out", tmp_path / "predictions.jsonl")
+    proc = _predict(model, "--manifest", manifest, "--out", tmp_path / "predictions.jsonl")
     assert proc.returncode == 0, proc.stderr[-3000:]
     predictions = {p["id"]: p for p in map(json.loads, (tmp_path / "predictions.jsonl").read_text().splitlines())}
     assert sorted(predictions) == sorted(u for u, _ in utterances)
@@ -252,7 +259,7 @@ def test_a_batch_reports_its_bad_rows_and_predicts_the_rest(killed_and_rerun, cl
              {"id": "last", "audio": str(folder / f"{utterances[3][0]}.wav"), "text": utterances[3][1]}]
     manifest = tmp_path / "batch.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = _predict(root / "smoke" / "fold1" / "best", "--batch", manifest)
+    proc = _predict(root / "smoke" / "fold1" / "best", "--manifest", manifest)
     assert proc.returncode == 1, proc.stderr  # some rows failed
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r.get("id") for r in results] == [r["id"] for r in rows]

@@ -55,7 +55,8 @@ EXIT_PREEMPTED = 75
 
 # Identical for every run, so interrupted + resumed runs can be compared with the reference run.
 COMMON = (f"train.max_epochs={EPOCHS}", f"train.gradient_accumulation_steps={ACCUMULATION}",
-          "train.early_stopping_patience=0", "logging.log_every_steps=1")
+          "train.early_stopping_patience=0", "logging.log_every_steps=1",
+          "train.keep_checkpoints_after_finish=true")  # the finished runs' checkpoints are inspected
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -253,7 +253,7 @@ def test_max_steps_with_class_weights_and_label_smoothing(synthetic_corpus, tmp_
     proc = run_probe(tiny_overrides(synthetic_corpus, out, "train.max_steps=5", "train.max_epochs=3",
                                     "train.class_weights=balanced", "train.label_smoothing=0.1",
                                     "train.warmup_ratio=0.4", "train.checkpoint_every_steps=0",
-                                    "logging.log_every_steps=1"),
+                                    "logging.log_every_steps=1", "train.keep_checkpoints_after_finish=true"),
                      EMOTRAIN_PROBE_DIR=str(tmp_path / "probe"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     # The loss got the balanced weights of the training split's classes, and the smoothing.

@@ -35,7 +35,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
 EPOCHS = 2
 JOB_TIMEOUT = 420  # one run: 15-30 s normally; generous for busy cores
-COMMON = (f"train.max_epochs={EPOCHS}", "train.early_stopping_patience=0", "logging.log_every_steps=1")
+COMMON = (f"train.max_epochs={EPOCHS}", "train.early_stopping_patience=0", "logging.log_every_steps=1",
+          "train.keep_checkpoints_after_finish=true")  # the finished runs' checkpoints are inspected
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED"}
 

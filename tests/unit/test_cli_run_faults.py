@@ -181,6 +181,9 @@ def test_a_finished_fold_0_run_is_done_when_rerun(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     _finish(corpus, out, "data.fold=0")
     assert "test" not in json.loads((out / "metrics.json").read_text())
+    # Finished: its checkpoints are gone (train.keep_checkpoints_after_finish=false), best/ and the results stay.
+    assert "its checkpoints are deleted" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists() and (out / "best" / "model.safetensors").is_file()
     before = _snapshot(out)
     capsys.readouterr()
     assert cli.main([*_train_argv(corpus, out), "train.max_steps=2", "train.checkpoint_every_steps=1",
@@ -192,7 +195,7 @@ def test_a_finished_fold_0_run_is_done_when_rerun(corpus, tmp_path, capsys):
 
 def test_train_resume_never_or_a_checkpoint_on_a_finished_run_does_what_it_says(corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    _finish(corpus, out)
+    _finish(corpus, out, "train.keep_checkpoints_after_finish=true")
     finished = json.loads((out / "metrics.json").read_text())
     capsys.readouterr()
     # An explicit checkpoint: the run restarts from it (its step 2 again) and finishes anew.

@@ -18,8 +18,9 @@ MAX_FUNCTION_LINES = 120
 
 LOWER_LAYERS_MUST_NOT_IMPORT = {
     ("emotrain.config", "emotrain.data", "emotrain.model"): (
-        "emotrain.train", "emotrain.predict", "emotrain.cv", "emotrain.report", "emotrain.cli", "emotrain.plots"),
-    ("emotrain.train",): ("emotrain.predict", "emotrain.cv", "emotrain.report", "emotrain.cli"),
+        "emotrain.train", "emotrain.predict", "emotrain.cv", "emotrain.report", "emotrain.cli", "emotrain.plots",
+        "emotrain.hub"),
+    ("emotrain.train",): ("emotrain.predict", "emotrain.cv", "emotrain.report", "emotrain.cli", "emotrain.hub"),
 }
 """Modules under a prefix on the left may import nothing under a prefix on the right."""
 

@@ -63,7 +63,7 @@ def test_dotted_overrides_are_typed():
     [
         ("train.nope=1", "train.nope", "allowed here"),
         ("nope=1", "nope", "allowed here"),
-        ("trainn.lr=1", "trainn", "allowed here"),
+        ("trainn.lr=1", "trainn", "did you mean train.lr?"),
         ("train.lr.x=1", "train.lr.x", "not a section"),
         ("data.fold=-1", "data.fold", ">= 0"),
         ("data.labels=[sad,sad]", "data.labels", "distinct"),

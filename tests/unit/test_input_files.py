@@ -162,9 +162,9 @@ def _damaged_copy(model_folder, tmp_path, damage):
      "model.safetensors: SafetensorError"),
     (lambda f: (f / "model.safetensors").unlink(), "FileNotFoundError"),
     (lambda f: (f / "emotion_model.json").write_text("{bad"), "JSONDecodeError"),
-    (lambda f: (f / "audio_encoder" / "config.json").write_text("[]"), "damaged or incomplete"),
-    (lambda f: __import__("shutil").rmtree(f / "tokenizer"), "has no tokenizer/, which a fusion model needs"),
-    (lambda f: __import__("shutil").rmtree(f / "feature_extractor"), "has no feature_extractor/"),
+    (lambda f: (f / "config.json").write_text("[]"), "damaged or incomplete"),
+    (lambda f: (f / "tokenizer_config.json").unlink(), "has no tokenizer_config.json, which a fusion model needs"),
+    (lambda f: (f / "preprocessor_config.json").unlink(), "has no preprocessor_config.json"),
 ], ids=["truncated-weights", "no-weights", "bad-json", "bad-encoder-config", "no-tokenizer", "no-feature-extractor"])
 def test_a_damaged_model_folder_is_one_line_naming_it(model_folder, tmp_path, damage, expect):
     from emotrain.predict import InputError, load_model_folder
@@ -208,7 +208,7 @@ def test_predict_names_a_folder_given_as_audio(tmp_path):
 
 
 def test_predict_inputs_carrying_credentials_are_refused_without_repeating_them(model_folder, tmp_path, capsys):
-    """--audio, --batch and each row's `audio` path: a URL with a secret is refused in words that do
+    """--audio, --manifest and each row's `audio` path: a URL with a secret is refused in words that do
     not repeat it, on stderr and in the JSONL (a row: that row's error, the others still come)."""
     from emotrain.cli import main
 
@@ -216,15 +216,15 @@ def test_predict_inputs_carrying_credentials_are_refused_without_repeating_them(
     assert main(["predict", str(model_folder), "--audio", f"s3://b/clip.wav?sig={secret}", "--text", "hi",
                  "--device", "cpu"]) == 1
     batch_url = f"https://h/clips.csv?token={secret}"
-    assert main(["predict", str(model_folder), "--batch", batch_url, "--device", "cpu"]) == 2
+    assert main(["predict", str(model_folder), "--manifest", batch_url, "--device", "cpu"]) == 2
     sf.write(tmp_path / "a.wav", tone(0.5, 16000), 16000)
     (tmp_path / "clips.csv").write_text(f"audio,text\na.wav,hi\ns3://KEY:{secret}@b/c.wav,hi\n")
-    assert main(["predict", str(model_folder), "--batch", str(tmp_path / "clips.csv"), "--device", "cpu"]) == 1
+    assert main(["predict", str(model_folder), "--manifest", str(tmp_path / "clips.csv"), "--device", "cpu"]) == 1
     printed = capsys.readouterr()
     assert secret not in printed.out + printed.err
     errors = [line for line in printed.err.splitlines() if "must not carry credentials" in line]
     assert [e.split(":")[0] + ":" + e.split(":")[1] for e in errors] == [
         "emotrain predict: error", "emotrain predict: error", "emotrain predict: row 2"], printed.err
-    assert "the audio path: must" in errors[0] and "--batch: must" in errors[1] and "`audio` path" in errors[2]
+    assert "the audio path: must" in errors[0] and "--manifest: must" in errors[1] and "`audio` path" in errors[2]
     rows = [json.loads(line) for line in printed.out.splitlines() if line.startswith('{"row"')]
     assert [("error" in row) for row in rows] == [False, True], printed.out

@@ -251,8 +251,8 @@ def test_save_and_load_round_trip_offline(tokenizer, variant, tmp_path, monkeypa
     files = {p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()}
     assert "model.safetensors" in files and "emotion_model.json" in files
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for f in files)
-    assert ("tokenizer/tokenizer.json" in files) == (variant != "audio")
-    assert ("feature_extractor/preprocessor_config.json" in files) == (variant != "text")
+    assert ("tokenizer.json" in files) == (variant != "audio")
+    assert ("preprocessor_config.json" in files) == (variant != "text")
 
     # Offline, without the sources the model was built from, and without unpickling anything.
     import huggingface_hub.constants
@@ -308,7 +308,7 @@ def test_save_with_an_explicit_state_dict(tokenizer, tmp_path):
 def test_the_prepared_text_mask_gives_what_the_2d_mask_gives(tokenizer, implementation):
     """The text encoder gets a prepared 4D mask (transformers would otherwise read the 2D one on the
     host to see whether it holds padding: a device sync per forward); the tokens must not change."""
-    from emotrain.model.emotion_model import encoder_attention_mask
+    from emotrain.model.modeling_emotrain import encoder_attention_mask
 
     model = tiny_model(variant="text").eval()
     encoder = model.text_encoder
@@ -342,7 +342,7 @@ def test_checkpointing_per_encoder_and_the_attention_kernels_are_chosen_by_confi
 def test_encoders_outside_the_allowlist_keep_their_2d_mask():
     from transformers import DebertaV2Config, DebertaV2Model
 
-    from emotrain.model.emotion_model import encoder_attention_mask
+    from emotrain.model.modeling_emotrain import encoder_attention_mask
 
     deberta = DebertaV2Model(DebertaV2Config(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                              intermediate_size=32))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, Wav2Vec2Model
 
-import emotrain.model.emotion_model as em
+import emotrain.model.modeling_emotrain as em  # the layers and forward (pooling is looked up there)
 from emotrain.config import ConfigError, DataConfig, ModelConfig
 from emotrain.model import EmotionModel, build_model, build_processors
 from emotrain.model.encoders import (

@@ -188,6 +188,11 @@ def test_prepare_yields_exactly_the_expected_utterances(quirky_release: Path, tm
     assert on_disk["dropped_outside_4_classes"] == {"fru": 1, "xxx": 1}
     assert on_disk["skipped"] == report["skipped"]
 
+    # What the report says about the data comes from what was kept: excited merged into happy here.
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["source"] == f"IEMOCAP release at {quirky_release}"
+    assert info["codes_per_label"] == {"neutral": ["neu"], "happy": ["exc", "hap"], "sad": ["sad"], "angry": ["ang"]}
+
 
 def test_prepare_cli_prints_a_summary_and_the_empty_tree_is_an_error(quirky_release, tmp_path, capsys):
     assert main(["prepare", str(quirky_release), str(tmp_path / "out"), "--workers", "1"]) == 0

@@ -273,3 +273,64 @@ def test_runs_outside_the_plan_or_unreadable_are_named_not_counted(two_experimen
     _run(fusion / "again" / "fold1", experiment="exp", variant="fusion", fold=1, seed=42, recalls=[0.2] * 4)
     with pytest.raises(ReportError, match="two runs of fold 1 seed 42"):
         read_experiment(fusion)
+
+
+def test_the_protocol_describes_the_data_it_was_given(two_experiments, tmp_path):
+    from dataclasses import replace
+
+    from emotrain.data.shards import IEMOCAP_INFO, write_dataset_info
+
+    data = two_experiments["fusion"] / "never-prepared"
+    data.mkdir()
+    single_codes = {"neutral": ("neu",), "happy": ("hap",), "sad": ("sad",), "angry": ("ang",)}
+    write_dataset_info(data, replace(IEMOCAP_INFO, source="emotrain's synthetic corpus (not IEMOCAP recordings)",
+                                     codes_per_label=single_codes))
+    protocol = (tmp_path / "out" / "report.md")
+    build_report([two_experiments["fusion"]], tmp_path / "out", plots=False)
+    text = protocol.read_text()
+    assert "Data: emotrain's synthetic corpus (not IEMOCAP recordings)." in text
+    assert "merged" not in text and "excited" not in text  # no exc among the kept rows: no merge claimed
+
+    write_dataset_info(data, replace(IEMOCAP_INFO, codes_per_label={**single_codes, "happy": ("exc", "hap")}))
+    build_report([two_experiments["fusion"]], tmp_path / "out", plots=False)
+    assert "- Classes: 4 (neutral, happy, sad, angry); merged from the data's own codes: *happy* = `exc` + `hap`." \
+        in protocol.read_text()
+
+
+def test_figures_compare_and_read_well(two_experiments, tmp_path, monkeypatch):
+    """Alt texts are unique; row-normalised confusions share the 0-1 scale; the legend sits below the curves."""
+    import re
+
+    from matplotlib.figure import Figure
+
+    drawn = []
+    real_savefig = Figure.savefig
+
+    def inspect_then_save(fig, path, *args, **kwargs):
+        renderer = fig.canvas.get_renderer()
+        legends = [(ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer))
+                   for ax in fig.axes if ax.get_legend() is not None]
+        drawn.append((Path(path).name, [im.get_clim() for ax in fig.axes for im in ax.images], legends))
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", inspect_then_save)
+    history = HistoryTracker(two_experiments["fusion"] / "fold1")
+    history.keep_until(None)
+    history.start()
+    for step in range(1, 21):  # a loss falling through the whole plot: no corner inside is free
+        history.log({"train/loss": 2.0 - step / 10, "train/step": step})
+    history.finish()
+    report = build_report([two_experiments["fusion"], two_experiments["audio"]], tmp_path / "out")
+    alts = re.findall(r"!\[([^\]]*)\]\(([^)]*)\)", (tmp_path / "out" / "report.md").read_text())
+    assert len(alts) == len(report["images"]) == 2 * (2 * 3 + 1) + 1
+    assert len({alt for alt, _ in alts}) == len(alts), "every image has its own alt text"
+    assert {path for _, path in alts} == {str(p.relative_to(tmp_path / "out")) for p in report["images"]}
+
+    confusions = [clims for name, clims, _ in drawn if name.startswith("confusion")]
+    assert len(confusions) == 2 * 4
+    assert all(clims[1] == (0, 1.0) for clims in confusions), "row-normalised panels share one colour scale"
+    assert len({clims[0] for clims in confusions}) > 1, "counts keep their own scale"
+    legends = [legend for name, _, legends in drawn if name.startswith("curves") for legend in legends]
+    assert len(legends) == 1  # the one run with a history
+    (legend, axes), = legends
+    assert legend.y1 <= axes.y0, "the legend sits below the axes, off the curves"

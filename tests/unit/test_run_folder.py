@@ -133,6 +133,7 @@ def test_the_neutral_keys_and_plan_fields_are_the_config_fields_marks():
     assert RESULT_NEUTRAL_KEYS == result_neutral_keys() == {
         "output_dir", "train.resume", "data.path", "data.num_workers", "train.gradient_checkpointing",
         "train.fused_optimizer", "model.attention", "train.checkpoint_every_steps", "train.keep_last_checkpoints",
+        "train.keep_checkpoints_after_finish",
         "train.max_consecutive_nonfinite", "logging.",
     }
     assert neutral_reason("logging.tags") == neutral_reason("logging.") and neutral_reason("train.lr") is None
@@ -268,6 +269,69 @@ def test_an_error_while_writing_best_leaves_it_as_it_was(finished_run):
     assert sorted(p.name for p in run.path.iterdir()) == ["best", "metrics.json"]
 
 
+# ---------------------------------------------------------------------------------------------
+# A finished run drops its checkpoints (train.keep_checkpoints_after_finish=false): renamed away
+# first, so a kill midway never leaves a checkpoints/ holding part of a checkpoint.
+
+
+def _checkpoint_files(run) -> None:
+    for step in (2, 4):
+        folder = run.checkpoints / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        for name in ("model.safetensors", "optimizer.bin", "loop_state.json"):
+            (folder / name).write_text(name)
+        (folder / "COMPLETE").write_text(json.dumps({"step": step, "sequence": step}))
+
+
+def test_a_finished_run_drops_its_checkpoints_and_stays_finished(finished_run):
+    from emotrain.train.checkpoint import holds_checkpoint_state, latest_checkpoint
+
+    run = finished_run
+    _checkpoint_files(run)
+    assert latest_checkpoint(run.checkpoints) is not None
+    assert run.drop_checkpoints() is True
+    assert sorted(p.name for p in run.path.iterdir()) == ["best", "metrics.json"]
+    assert run.is_finished() and run.holds_results() and not holds_checkpoint_state(run.checkpoints)
+    assert run.drop_checkpoints() is False  # nothing left to drop
+
+
+def test_a_kill_while_dropping_checkpoints_leaves_none_half_deleted(finished_run):
+    from emotrain.train.checkpoint import latest_checkpoint
+
+    run = finished_run
+    _checkpoint_files(run)
+
+    def half_then_die(die):
+        def rmtree(path, *args, **kwargs):  # one file gone, then the process is killed
+            os.remove(next(p for p in sorted(Path(path).rglob("*")) if p.is_file()))
+            die()
+        shutil.rmtree = rmtree
+
+    assert die_in_child(lambda die: run.drop_checkpoints(), fault=half_then_die) == KILLED
+    leftover = run.path / ".deleting-checkpoints"
+    assert not run.checkpoints.exists() and leftover.is_dir()  # renamed before anything was removed
+    assert latest_checkpoint(run.checkpoints) is None and run.is_finished()
+    # The next start removes what is left: setup's recover, or a rerun of the finished run.
+    assert run.recover() == ["deleted .deleting-checkpoints (a deletion of the finished run's checkpoints cut short)"]
+    assert sorted(p.name for p in run.path.iterdir()) == ["best", "metrics.json"]
+
+
+def test_a_kill_before_the_rename_leaves_every_checkpoint_whole(finished_run):
+    run = finished_run
+    _checkpoint_files(run)
+    before = _contents(run.checkpoints)
+    assert die_in_child(lambda die: run.drop_checkpoints(), fault=_rename_dies_on_call(1)) == KILLED
+    assert _contents(run.checkpoints) == before and not (run.path / ".deleting-checkpoints").exists()
+
+
+def test_dropping_checkpoints_clears_an_earlier_leftover_first(finished_run):
+    run = finished_run
+    (run.path / ".deleting-checkpoints" / "step-000002").mkdir(parents=True)
+    _checkpoint_files(run)
+    assert run.drop_checkpoints() is True
+    assert sorted(p.name for p in run.path.iterdir()) == ["best", "metrics.json"]
+
+
 def test_a_model_exported_through_writing_best_loads(tmp_path):
     """What the recipe does: EmotionModel.save_pretrained into the folder writing_best gives (it
     exists already, empty), and the run's config beside it."""
@@ -367,6 +431,22 @@ def test_a_finished_run_asked_again_is_done_unless_another_config_or_data_asks(t
     with pytest.raises(RunFolderConflict, match="other data"):
         run.check_finished(_config(f"data.path={second}", f"output_dir={tmp_path}", "train.max_steps=4"),
                            lambda: _fingerprint(second))
+
+
+def test_a_finished_run_without_checkpoints_rerun_is_done_and_its_leftover_removed(tmp_path, two_corpora):
+    """`emotrain train` on a finished run whose checkpoints were dropped: nothing to do (no retraining,
+    no error), and the leftover of a deletion a kill cut short is removed."""
+    from emotrain.train.recipe import finished_run
+
+    first, _ = two_corpora
+    cfg = _config(f"data.path={first}", f"output_dir={tmp_path}")
+    save_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "metrics.json").write_text(json.dumps({"test": {"ua": 0.5}, "data": {"path": str(first),
+                                                                                     **_fingerprint(first)}}))
+    (tmp_path / ".deleting-checkpoints" / "step-000004").mkdir(parents=True)
+    line = finished_run(cfg)
+    assert line is not None and "nothing to do" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "metrics.json"]
 
 
 def test_an_output_dir_that_cannot_be_written_is_a_config_error(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ features and a tiny numpy classifier)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from emotrain.data.synth import synthesize_release
+from emotrain.data.sources.release import describe_release
+from emotrain.data.synth import SYNTH_MARKER, synthesize_release
 
 SR = 16000
 PER_SESSION = 60
@@ -342,3 +344,16 @@ def test_arousal_is_in_the_prosody_valence_in_the_words_classes_need_both(corpus
     assert acc["both_4class"] > 0.80, acc
     # neither modality alone gets far past the 2 of 4 classes it can tell apart
     assert acc["audio_4class"] < 0.65 and acc["text_4class"] < 0.65, acc
+
+
+def test_the_tree_says_it_is_synthetic_and_prepare_describes_it_so(corpus):
+    root = corpus[0]
+    marker = json.loads((root / SYNTH_MARKER).read_text())
+    assert marker["generator"] == "emotrain synth" and marker["seed"] == 0
+    source = describe_release(root)
+    assert "synthetic corpus" in source and "seed 0" in source and "not IEMOCAP recordings" in source
+    (root / SYNTH_MARKER).rename(root / "hidden.json")  # a real release has no marker
+    try:
+        assert describe_release(root) == f"IEMOCAP release at {root}"
+    finally:
+        (root / "hidden.json").rename(root / SYNTH_MARKER)

@@ -163,4 +163,15 @@ def scan_release_records(root: str | Path) -> Scan:
                               dominance=utt.dominance))
     return Scan(source=str(root), records=records, skipped=skipped, dropped_labels=dropped,
                 read=len(utterances) + sum(dropped.values()),
-                info=iemocap_info({u.session for u in utterances}, source=f"IEMOCAP release at {root}"))
+                info=iemocap_info({u.session for u in utterances}, source=describe_release(root)))
+
+
+def describe_release(root: str | Path) -> str:
+    """What the tree at `root` is: IEMOCAP, or emotrain's synthetic corpus in its layout."""
+    from emotrain.data.synth import read_synth_marker
+
+    marker = read_synth_marker(root)
+    if marker is None:
+        return f"IEMOCAP release at {root}"
+    return (f"emotrain's synthetic corpus (`emotrain synth`, seed {marker.get('seed', '?')}) in the IEMOCAP "
+            f"release layout at {root}: generated signals and sentences, not IEMOCAP recordings")

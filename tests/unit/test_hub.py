@@ -1,0 +1,286 @@
+"""A run's best/ folder is a Hub-ready transformers folder: it loads with the Auto classes and the
+audio-classification pipeline where emotrain cannot be imported, and gives emotrain's own logits;
+its model card; `emotrain report`'s cross-validation section; `emotrain push` (up to the upload)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from emotrain.config import ModelConfig, load_config, save_config
+from emotrain.model import EmotionModel, build_model
+from emotrain.model.modeling_emotrain import REMOTE_CODE_FILES
+from emotrain.train.model_card import write_model_card
+from emotrain.train.run_folder import RunFolder
+
+VARIANTS = ("fusion", "audio", "text")
+TEXTS = ["I can't believe you did that", "fine"]
+PACKAGE = Path(__file__).resolve().parents[2] / "emotrain" / "model"
+
+
+def _waves() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (5200, 3300)]
+
+
+def _results(wa: float = 0.5, ua: float = 0.45) -> dict:
+    metrics = {"wa": wa, "ua": ua, "macro_f1": 0.4, "n": 20,
+               "per_class_recall": {"neutral": 0.5, "happy": 0.4, "sad": 0.3, "angry": 0.6}}
+    return {"validation": {**metrics, "n": 12}, "test": metrics}
+
+
+def _split(fold: int = 2) -> dict:
+    return {"fold": fold, "seed": 42, "validation": "speakers", "train_sessions": [1, 3, 4, 5], "test_session": fold,
+            "test_sessions": [fold], "num_train": 80, "num_validation": 12, "num_test": 20}
+
+
+def _save_best(run_dir: Path, model: EmotionModel, experiment: str = "hub", fold: int = 2) -> Path:
+    """best/ as the recipe writes it: the export swapped in through the run folder, then the card."""
+    from emotrain.data.shards import IEMOCAP_INFO
+
+    run = RunFolder(run_dir)
+    cfg = load_config(None, [f"experiment={experiment}", f"model.variant={model.config.variant}",
+                             f"data.fold={fold}", f"output_dir={run_dir}"])
+    with run.writing_best() as folder:
+        model.save_pretrained(folder, state_dict=model.state_dict())
+        save_config(cfg, folder / "config.yaml")
+    text = (run.best / "config.yaml").read_text()
+    write_model_card(run.best, config=yaml.safe_load(text), results=_results(), split=_split(fold),
+                     dataset=IEMOCAP_INFO, config_text=text)
+    return run.best
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, tuple[EmotionModel, Path]]:
+    """A tiny model of each variant (hidden sizes of a few units) and its best/ folder."""
+    root = tmp_path_factory.mktemp("hub")
+    models = {}
+    for variant in VARIANTS:
+        torch.manual_seed(1)
+        model = build_model(ModelConfig(variant=variant, hidden_size=16, cross_attention_heads=4,
+                                        classifier_hidden_size=16, tiny_hidden_size=16, tiny_layers=1)).eval()
+        models[variant] = (model, _save_best(root / variant, model))
+    return models
+
+
+def _emotrain_logits(model: EmotionModel, waves: list[np.ndarray], texts: list[str]) -> torch.Tensor:
+    """What emotrain's model gives for these inputs, prepared by its own processors."""
+    feature_extractor, tokenizer = model.processors()
+    inputs = {}
+    if feature_extractor is not None:
+        audio = feature_extractor(waves, sampling_rate=16000, padding=True, return_attention_mask=True,
+                                  return_tensors="pt")
+        inputs.update(input_values=audio["input_values"], audio_lengths=audio["attention_mask"].sum(-1))
+    if tokenizer is not None:
+        inputs.update(tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False))
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# Runs where emotrain cannot be imported: only the folder, torch and transformers.
+WITHOUT_EMOTRAIN = r"""
+import json, sys
+sys.modules["emotrain"] = None  # the package is installed in this environment: make it unimportable
+try:
+    import emotrain
+    raise SystemExit("emotrain is importable")
+except ImportError:
+    pass
+import numpy as np, torch
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoProcessor, AutoTokenizer, pipeline
+
+folders, waves, texts = json.load(open("inputs.json"))
+waves = [np.asarray(w, dtype=np.float32) for w in waves]
+out = {}
+for variant, folder in folders.items():
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    if variant == "fusion":  # the folder's own processor: both inputs at once
+        inputs = processor(audio=waves, text=texts, sampling_rate=16000)
+    elif variant == "audio":
+        extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
+        inputs = extractor(waves, sampling_rate=16000, padding=True, return_tensors="pt")
+    else:
+        inputs = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)(texts, padding=True, return_tensors="pt")
+    out[variant + "-processor"] = type(processor).__name__
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    out[variant] = {"class": type(model).__name__, "labels": config.id2label, "logits": logits.tolist()}
+    if variant == "audio":
+        classify = pipeline("audio-classification", model=folder, trust_remote_code=True)
+        out["pipeline"] = classify(waves[0], top_k=None)
+    if variant == "text":
+        classify = pipeline("text-classification", model=folder, trust_remote_code=True)
+        out["text-pipeline"] = classify(texts[0], top_k=None)
+json.dump(out, open("outputs.json", "w"))
+"""
+
+
+def test_best_loads_with_transformers_alone_and_gives_emotrains_logits(saved, tmp_path):
+    waves = _waves()
+    folders = {variant: str(folder) for variant, (_, folder) in saved.items()}
+    (tmp_path / "inputs.json").write_text(json.dumps([folders, [w.tolist() for w in waves], TEXTS]))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_EMOTRAIN], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "outputs.json").read_text())
+    for variant, (model, _) in saved.items():
+        assert out[variant]["class"] == "EmotrainForEmotionClassification"
+        assert list(out[variant]["labels"].values()) == list(model.label_names)
+        expected = _emotrain_logits(model, waves, TEXTS)
+        torch.testing.assert_close(torch.tensor(out[variant]["logits"]), expected, atol=1e-5, rtol=1e-4)
+    assert out["fusion-processor"] == "EmotrainProcessor"
+    assert out["audio-processor"] == "Wav2Vec2FeatureExtractor" and out["text-processor"] == "BertTokenizer"
+    # The pipelines: the labels with emotrain's probabilities for the first input alone.
+    for variant, key in (("audio", "pipeline"), ("text", "text-pipeline")):
+        model = saved[variant][0]
+        alone = _emotrain_logits(model, waves[:1], TEXTS[:1]).softmax(-1)[0]
+        scores = {row["label"]: row["score"] for row in out[key]}
+        assert set(scores) == set(model.label_names)
+        for index, label in enumerate(model.label_names):
+            assert scores[label] == pytest.approx(float(alone[index]), abs=1e-5), (variant, label)
+
+
+def test_the_shipped_code_imports_only_torch_transformers_and_itself():
+    allowed = {"__future__", "typing", "torch", "transformers"}
+    for name in REMOTE_CODE_FILES:
+        tree = ast.parse((PACKAGE / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = {node.module.split(".")[0]}
+            elif isinstance(node, ast.ImportFrom):  # relative: must be a shipped sibling
+                assert f"{node.module}.py" in REMOTE_CODE_FILES, (name, node.module)
+                continue
+            else:
+                continue
+            assert roots <= allowed, (name, roots)
+
+
+def test_the_folder_holds_what_the_hub_needs_and_its_card(saved):
+    model, folder = saved["fusion"]
+    files = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json", "tokenizer_config.json",
+            "processor_config.json", "emotion_model.json", "config.yaml", *REMOTE_CODE_FILES} <= files
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForAudioClassification"] == "modeling_emotrain.EmotrainForEmotionClassification"
+    assert config["label2id"] == {name: i for i, name in enumerate(model.label_names)}
+    card = (folder / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "audio-classification"
+    assert "emotrain" in meta["tags"]
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"accuracy": 50.0, "recall": 45.0, "f1": 40.0}
+    assert "fold 2, trained on group(s) 1, 3, 4, 5" in body and "| test | 20 | 50.0 | 45.0 | 40.0 |" in body
+    assert "| validation | 12 |" in body and "AutoProcessor.from_pretrained(MODEL" in body  # how to call fusion
+    assert "experiment: hub" in body and "leave-one-session-out" in body
+    text_meta = yaml.safe_load((saved["text"][1] / "README.md").read_text().split("---\n")[1])
+    assert text_meta["pipeline_tag"] == "text-classification"
+    assert 'pipeline("audio-classification"' in (saved["audio"][1] / "README.md").read_text()
+
+
+def test_report_adds_the_cross_validation_table_to_each_card(saved, tmp_path):
+    from emotrain.report import build_report
+
+    model = saved["audio"][0]
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    (experiment / "cv.json").write_text(json.dumps({"experiment": "exp", "variant": "audio", "config": "x.yaml",
+                                                    "folds": [1, 2], "seeds": [42]}))
+    for fold, ua in ((1, 0.6), (2, 0.4)):
+        run_dir = experiment / f"fold{fold}"
+        _save_best(run_dir, model, experiment="exp", fold=fold)
+        shutil.copy(run_dir / "best" / "config.yaml", run_dir / "config.yaml")
+        (run_dir / "metrics.json").write_text(json.dumps({**_results(ua=ua), "best_step": 3}))
+    build_report([experiment], tmp_path / "report", plots=False)
+    for fold in (1, 2):
+        card = (experiment / f"fold{fold}" / "best" / "README.md").read_text()
+        assert f"This model is fold {fold} (seed 42) of the 2 folds below" in card
+        assert "| 1 | session 1 | 42 | 20 | 50.0 | 60.0 |" in card and "| 2 | session 2 | 42 | 20 | 50.0 | 40.0 |" in card
+        assert "UA 50.0 ± 14.1" in card
+        assert card.count("<!-- emotrain:cross-validation -->") == 1
+    # Reported again: the section is replaced, not added twice.
+    build_report([experiment], tmp_path / "report", plots=False)
+    assert (experiment / "fold1" / "best" / "README.md").read_text().count("This model is fold 1") == 1
+
+
+class FakeHfApi:
+    calls: list = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return type("CommitInfo", (), {"commit_url": "https://hub.example/me/repo/commit/1"})()
+
+
+def test_push_checks_the_folder_then_creates_the_repo_and_uploads_it(saved, monkeypatch, capsys):
+    import huggingface_hub
+
+    from emotrain.cli import main
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    FakeHfApi.calls = []
+    folder = saved["audio"][1]
+    assert main(["push", str(folder), "me/repo", "--private"]) == 0
+    assert FakeHfApi.calls[0] == ("create_repo", "me/repo", {"repo_type": "model", "private": True, "exist_ok": True})
+    upload = FakeHfApi.calls[1][1]
+    assert upload["repo_id"] == "me/repo" and upload["folder_path"] == str(folder) and upload["repo_type"] == "model"
+    assert "https://hub.example/me/repo/commit/1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda f: (f / "README.md").unlink(), "has no README.md"),
+    (lambda f: (f / "modeling_emotrain.py").unlink(), "has no modeling_emotrain.py"),
+    (lambda f: (f / "config.json").unlink(), "emotrain predict and evaluate still load it"),
+], ids=["no-card", "no-code", "old-folder"])
+def test_push_refuses_a_folder_that_is_not_whole_in_one_line(saved, tmp_path, monkeypatch, capsys, damage, expect):
+    import huggingface_hub
+
+    from emotrain.cli import main
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    FakeHfApi.calls = []
+    folder = tmp_path / "best"
+    shutil.copytree(saved["fusion"][1], folder)
+    damage(folder)
+    assert main(["push", str(folder), "me/repo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expect in err and "\n" not in err
+    assert FakeHfApi.calls == []
+
+
+def test_a_folder_from_before_config_json_still_loads_with_emotrain(saved, tmp_path):
+    """The old layout: encoder configs and processors in subfolders, no config.json, no code, no card."""
+    model, folder = saved["fusion"]
+    old = tmp_path / "best"
+    shutil.copytree(folder, old)
+    config = EmotionModel.from_pretrained(folder).transformers_config()
+    config.audio_config.save_pretrained(old / "audio_encoder")
+    config.text_config.save_pretrained(old / "text_encoder")
+    (old / "feature_extractor").mkdir()
+    shutil.move(old / "preprocessor_config.json", old / "feature_extractor")
+    (old / "tokenizer").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.move(old / name, old / "tokenizer")
+    for name in ("config.json", "README.md", *REMOTE_CODE_FILES):
+        (old / name).unlink()
+    loaded = EmotionModel.from_pretrained(old).eval()
+    torch.testing.assert_close(_emotrain_logits(loaded, _waves(), TEXTS), _emotrain_logits(model, _waves(), TEXTS),
+                               atol=0, rtol=0)
