@@ -46,13 +46,13 @@ def overrides(corpus: Path, out: Path, epochs: int, extra: list[str]) -> list[st
 def emotrain_run(corpus: Path, out: Path, epochs: int, extra: list[str]) -> dict:
     rows = train(overrides(corpus, out, epochs, [*extra, "logging.log_every_steps=5"]))
     windows = [r for r in rows if "perf/step_seconds" in r and r["train/step"] > WARMUP_STEPS]
-    validation = [r for r in rows if "validation/ua" in r]
+    validation = [r for r in rows if "eval/ua" in r]
     return {
         "utterances/s": statistics.mean(w["train/utterances_per_second"] for w in windows),
         "audio s/s": statistics.mean(w["train/audio_seconds_per_second"] for w in windows),
         "padding efficiency": statistics.mean(w["train/padding_efficiency"] for w in windows),
         "peak memory GiB": max((w.get("perf/peak_memory_gib") or 0 for w in windows), default=0) or None,
-        "validation UA": validation[-1]["validation/ua"],
+        "validation UA": validation[-1]["eval/ua"],
         "steps": rows[-1]["train/step"],
         "data wait": statistics.mean(w["perf/data_wait_share"] for w in windows),
     }

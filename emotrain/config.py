@@ -394,7 +394,8 @@ class LoggingConfig:
     """W&B mode: `online`, `offline` (then `wandb sync`) or `disabled`. None: $WANDB_MODE, else `offline`
     (compute nodes are often offline). W&B's files go to $WANDB_DIR when set, else to the run folder."""
     project: str | None = None
-    """W&B project (also the TensorBoard folder's name). None: $WANDB_PROJECT, else `emotrain`."""
+    """W&B project, also the TensorBoard folder's name. None: $WANDB_PROJECT where W&B is among the
+    trackers, else `emotrain`."""
     entity: str | None = None
     """W&B entity (team or user). None: $WANDB_ENTITY, else the logged-in default."""
     run_name: str | None = None
@@ -780,8 +781,8 @@ _ALIAS_CAVEATS = {
                                    "data.max_batch_audio_seconds",
     "per_device_eval_batch_size": "per process, at most that many under data.eval_max_batch_audio_seconds",
     "num_train_epochs": "at most: train.early_stopping_patience may end the run sooner",
-    "bf16": "true is train.mixed_precision=bf16, false is no",
-    "fp16": "true is train.mixed_precision=fp16, false is no",
+    "bf16": "true is train.mixed_precision=bf16; beside fp16=true, false is ignored",
+    "fp16": "true is train.mixed_precision=fp16; beside bf16=true, false is ignored",
     "resume_from_checkpoint": "a checkpoint folder; train.resume=auto continues from the newest in output_dir",
 }
 
@@ -816,7 +817,10 @@ def _alias_value(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r} ({name}=true is "
                                    f"train.mixed_precision={name} here)")
-        return name if value else "no"
+        if not value:  # the HF Trainer's false leaves the other flag alone: here it cannot say which precision
+            raise ConfigError(key, f"false does not say which precision to use here: give train.mixed_precision=no "
+                                   f"(fp32) or {'fp16' if name == 'bf16' else 'bf16'}")
+        return name
     if name == "resume_from_checkpoint" and (value is None or isinstance(value, bool)):
         raise ConfigError(key, "takes a checkpoint folder here (train.resume): for the newest checkpoint in "
                                "output_dir give train.resume=auto, to start afresh train.resume=never")
@@ -829,7 +833,7 @@ def our_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     given under two names (`learning_rate=... train.lr=...`) is an error naming both."""
     spelled: dict[str, str] = {}
     result = []
-    for override in overrides:
+    for override in _without_redundant_false_precision(overrides):
         key, has_value, raw = override.partition("=")
         key = key.strip()
         target = alias_target(key) if has_value else None
@@ -849,11 +853,26 @@ def our_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     return result
 
 
+def _without_redundant_false_precision(overrides) -> list[str]:
+    """The HF Trainer's usual pair `bf16=true fp16=false` (or the reverse) as its true half only."""
+    flags = {}
+    for override in overrides:
+        key, _, raw = override.partition("=")
+        if key.strip().rpartition(".")[2] in ("bf16", "fp16"):
+            flags[override] = raw.strip().lower()
+    if sorted(flags.values()) != ["false", "true"]:
+        return list(overrides)
+    return [o for o in overrides if flags.get(o) != "false"]
+
+
 def _move_aliases(data: dict[str, Any]) -> None:
     """Rewrite the HF Trainer names in a YAML config's data as our keys, in place, each said in a
     note. One key given under two names is an error naming both."""
     spelled: dict[str, str] = {}
     places = [("", data)] + [(f"{name}.", node) for name, node in data.items() if isinstance(node, dict)]
+    for _, node in places:  # `bf16: true` beside `fp16: false`: the pair HF configs often carry
+        if sorted(str(node.get(flag)).lower() for flag in ("bf16", "fp16")) == ["false", "true"]:
+            node.pop(next(flag for flag in ("bf16", "fp16") if node[flag] is False), None)
     for prefix, node in places:
         for name in [n for n in node if isinstance(n, str) and alias_target(prefix + n)]:
             key = prefix + name
@@ -888,7 +907,8 @@ def unknown_key(where: str, key: str, allowed: typing.Iterable[str]) -> ConfigEr
 def suggest_key(key: str) -> str | None:
     """Our dotted key that a mistyped `key` most likely meant: the one key with that name in another
     section (`lr` -> train.lr, `trainn.lr` -> train.lr), else the closest name in its own section by
-    difflib (`train.lr_rate` -> train.lr, through HF's learning_rate; `data.fols` -> data.fold); None
+    difflib (`train.lr_rate` -> train.lr, through HF's learning_rate; `data.fols` -> data.fold; with
+    no section, over every section: `max_epoch` -> train.max_epochs); None
     when nothing is close (a cutoff of 0.7 finds those and no random word)."""
     section, _, name = key.rpartition(".")
     leaves = _leaf_keys()
@@ -897,6 +917,9 @@ def suggest_key(key: str) -> str | None:
     if len(same_name) == 1:
         return same_name.pop()
     here = {leaf.rpartition(".")[2]: leaf for leaf in leaves if leaf.rpartition(".")[0] == section}
+    if not section:  # a section left out as well (`max_epoch=3`): every leaf whose name is its own
+        names = [leaf.rpartition(".")[2] for leaf in leaves]
+        here |= {name: leaf for name, leaf in zip(names, leaves) if names.count(name) == 1 and name not in here}
     here.update({alias: target for alias, target in HF_ALIASES.items() if section in ("", target.rpartition(".")[0])})
     close = difflib.get_close_matches(name, list(here), n=1, cutoff=0.7)
     return here[close[0]] if close else None

@@ -328,7 +328,10 @@ def status_lines(experiment: Experiment) -> list[str]:
 
 def merges_text(codes_per_label: dict[str, tuple[str, ...]]) -> str:
     """"; *happy* = the source's codes exc + hap" for each label that several codes were merged into,
-    from what prepare kept (nothing where one code stands behind each label, or where it was not recorded)."""
+    from what prepare kept (nothing where one code stands behind each label; a note where it was not
+    recorded)."""
+    if not codes_per_label:  # IEMOCAP prepared then may or may not hold excited among happy: not claimed
+        return "; which of the source's codes each class holds was not recorded (prepared by an older emotrain)"
     merged = [f"*{label}* = {' + '.join(f'`{code}`' for code in codes)}"
               for label, codes in codes_per_label.items() if len(codes) > 1]
     return ("; merged from the data's own codes: " + ", ".join(merged)) if merged else ""
@@ -463,7 +466,7 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
                 sections += [f"UA − {experiments[0].name}'s, per fold: {per_fold}.", ""]
     sections += ["## Runs (code and packages)", "", provenance_table(experiments), ""]
     for experiment in experiments:
-        add_cross_validation_to_model_cards(experiment)
+        status += add_cross_validation_to_model_cards(experiment)[1]
     figures: dict[Path, str] = {}
     if plots:
         figures = write_figures(experiments, out)
@@ -476,12 +479,13 @@ def build_report(experiment_dirs: list[str | Path], out: str | Path, *, plots: b
             "wandb": uses_wandb, "files": [out / "report.md", out / "summary.csv", out / "runs.csv", *images]}
 
 
-def add_cross_validation_to_model_cards(experiment: Experiment) -> list[Path]:
+def add_cross_validation_to_model_cards(experiment: Experiment) -> tuple[list[Path], list[str]]:
     """Put the experiment's per-fold table into the model card (best/README.md) of each finished run,
     saying which fold the card's model is. Returns the cards written (a card without the section's
-    markers, written before they existed, is left as it is)."""
+    markers, written before they existed, is left as it is) and a status line for each card that
+    could not be written (a read-only results tree is still reported on)."""
     table, row, status = per_fold_table(experiment), summarize(experiment), status_lines(experiment)
-    written = []
+    written, failed = [], []
     for run in experiment.finished:
         card = run.folder / BEST_DIR / CARD_FILE
         body = "\n".join([
@@ -490,9 +494,12 @@ def add_cross_validation_to_model_cards(experiment: Experiment) -> list[Path]:
             f"metrics in %; mean ± sd over the folds: UA {_pm(*row['ua'])}, WA {_pm(*row['wa'])}.", "", table,
             *(["", "Not counted (only finished runs are):", *status] if status else []),
         ])
-        if replace_card_section(card, CROSS_VALIDATION, body):
-            written.append(card)
-    return written
+        try:
+            if replace_card_section(card, CROSS_VALIDATION, body):
+                written.append(card)
+        except OSError as err:
+            failed.append(f"- {experiment.name}: the model card {card} was not updated ({err.strerror or err})")
+    return written, failed
 
 
 def write_figures(experiments: list[Experiment], out: Path) -> dict[Path, str]:

@@ -210,8 +210,11 @@ def finished_run(cfg: Config) -> str | None:
     if cfg.train.resume != "auto" or not run.is_finished():
         return None
     said = run.check_finished(cfg, lambda: data_fingerprint(split_from_config(cfg.data, seed=cfg.train.seed)))
-    if _main_rank():
-        run.finish_dropping_checkpoints()  # a kill cut its end short: nothing else is left to do
+    if _main_rank():  # a kill cut its end short (after metrics.json): finish what it had left to do
+        if cfg.train.keep_checkpoints_after_finish:
+            run.finish_dropping_checkpoints()
+        else:
+            run.drop_checkpoints()
     return said
 
 

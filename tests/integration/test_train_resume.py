@@ -280,6 +280,9 @@ def test_max_steps_with_class_weights_and_label_smoothing(synthetic_corpus, tmp_
     factors = [0.5, 1.0, 1.0, 2 / 3, 1 / 3]
     assert [logged[s]["train/lr_head"] for s in range(1, 6)] == pytest.approx([3e-3 * f for f in factors])
     assert [logged[s]["train/lr_text_encoder"] for s in range(1, 6)] == pytest.approx([3e-3 * f for f in factors])
+    # Once per part: not again per parameter group (weights and undecayed biases share their part's lr).
+    assert {key for row in logged.values() for key in row if key.startswith("train/lr")} == {
+        "train/lr_audio_encoder", "train/lr_text_encoder", "train/lr_head"}
 
 
 def test_an_epoch_end_on_an_evaluation_step_is_evaluated_once(synthetic_corpus, tmp_path):

@@ -55,14 +55,20 @@ def test_an_hf_name_on_the_command_line_is_our_key_with_a_note(override, key, va
 def test_bf16_and_fp16_set_the_precision():
     assert load_config(None, ["bf16=true"]).train.mixed_precision == "bf16"
     assert load_config(None, ["fp16=True"]).train.mixed_precision == "fp16"
-    assert load_config(None, ["bf16=false"]).train.mixed_precision == "no"
+    # false alone cannot say which precision (in the HF Trainer it leaves the other flag alone): refused,
+    # never a silent fp32; beside the other flag's true, as HF configs often carry them, it is ignored.
+    with pytest.raises(ConfigError, match=r"^fp16: false does not say which precision to use here: give "
+                                          r"train.mixed_precision=no \(fp32\) or bf16$"):
+        load_config(None, ["fp16=false"])
+    assert load_config(None, ["bf16=true", "fp16=false"]).train.mixed_precision == "bf16"
+    assert load_config(None, ["fp16=false", "train.bf16=true"]).train.mixed_precision == "bf16"
     with pytest.raises(ConfigError, match=r"^bf16: expected true or false, got 'yes please'"):
         load_config(None, ["bf16=yes please"])
 
 
 def test_an_hf_name_in_a_yaml_file_is_our_key_with_a_note(tmp_path, capsys):
     path = tmp_path / "hf.yaml"
-    path.write_text("learning_rate: 3.0e-5\nbf16: true\nseed: 3\ntrain:\n  num_train_epochs: 4\n")
+    path.write_text("learning_rate: 3.0e-5\nbf16: true\nfp16: false\nseed: 3\ntrain:\n  num_train_epochs: 4\n")
     cfg = load_config(path)
     assert (cfg.train.lr, cfg.train.mixed_precision, cfg.train.seed, cfg.train.max_epochs) == (3e-5, "bf16", 3, 4)
     err = capsys.readouterr().err
@@ -128,6 +134,8 @@ def test_a_value_that_means_something_else_here_is_not_mapped():
         ("train.mixed_precison", "train.mixed_precision"),
         ("logging.wandb_modes", "logging.wandb_mode"),
         ("per_device_train_batchsize", "train.batch_size"),
+        ("max_epoch", "train.max_epochs"),  # our name, misspelt, without its section
+        ("batchsize", "train.batch_size"),
     ],
 )
 def test_an_unknown_key_suggests_the_nearest_one(typo, meant):

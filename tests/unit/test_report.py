@@ -281,11 +281,13 @@ def test_the_protocol_describes_the_data_it_was_given(two_experiments, tmp_path)
     from emotrain.data.shards import IEMOCAP_INFO, write_dataset_info
 
     data = two_experiments["fusion"] / "never-prepared"
+    protocol = (tmp_path / "out" / "report.md")
+    build_report([two_experiments["fusion"]], tmp_path / "out", plots=False)
+    assert "which of the source's codes each class holds was not recorded" in protocol.read_text()  # no dataset.json
     data.mkdir()
     single_codes = {"neutral": ("neu",), "happy": ("hap",), "sad": ("sad",), "angry": ("ang",)}
     write_dataset_info(data, replace(IEMOCAP_INFO, source="emotrain's synthetic corpus (not IEMOCAP recordings)",
                                      codes_per_label=single_codes))
-    protocol = (tmp_path / "out" / "report.md")
     build_report([two_experiments["fusion"]], tmp_path / "out", plots=False)
     text = protocol.read_text()
     assert "Data: emotrain's synthetic corpus (not IEMOCAP recordings)." in text
@@ -334,3 +336,46 @@ def test_figures_compare_and_read_well(two_experiments, tmp_path, monkeypatch):
     assert len(legends) == 1  # the one run with a history
     (legend, axes), = legends
     assert legend.y1 <= axes.y0, "the legend sits below the axes, off the curves"
+
+
+def test_a_model_card_that_cannot_be_written_is_named_and_the_report_still_written(two_experiments, tmp_path,
+                                                                                   monkeypatch, capsys):
+    from emotrain.report import say_report
+    from emotrain.train import model_card
+
+    cards = []
+    for fold in (1, 2, 3):
+        card = two_experiments["fusion"] / f"fold{fold}" / "best" / "README.md"
+        card.parent.mkdir()
+        card.write_text("# model\n<!-- emotrain:cross-validation -->\n<!-- /emotrain:cross-validation -->\n")
+        cards.append(card)
+    real_write = model_card._write_atomically
+
+    def read_only_fold2(path, text):
+        if "fold2" in str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_write(path, text)
+
+    monkeypatch.setattr(model_card, "_write_atomically", read_only_fold2)
+    report = build_report([two_experiments["fusion"]], tmp_path / "out", plots=False)
+    assert (tmp_path / "out" / "report.md").is_file()
+    assert "This model is fold 1" in cards[0].read_text() and "This model is fold 3" in cards[2].read_text()
+    assert "This model is fold" not in cards[1].read_text()
+    say_report(report, tmp_path / "out", wandb=False)
+    assert f"the model card {cards[1]} was not updated (Permission denied)" in capsys.readouterr().out
+
+
+def test_curves_read_the_validation_names_of_runs_trained_before_eval(two_experiments):
+    from emotrain.report import curves
+
+    experiment = read_experiment(two_experiments["fusion"])
+    run = next(r for r in experiment.finished if r.fold == 1)
+    history = HistoryTracker(run.folder)
+    history.keep_until(None)
+    history.start()
+    history.log({"train/loss": 1.0, "train/step": 1})
+    history.log({"validation/ua": 0.5, "validation/wa": 0.6, "train/step": 2})  # an older run's names
+    history.log({"eval/ua": 0.7, "eval/loss": 0.9, "train/step": 4})
+    history.finish()
+    assert curves(run) == {"train/loss": [(1, 1.0)], "eval/ua": [(2, 0.5), (4, 0.7)], "eval/wa": [(2, 0.6)],
+                           "eval/loss": [(4, 0.9)]}

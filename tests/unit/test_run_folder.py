@@ -448,6 +448,14 @@ def test_a_finished_run_without_checkpoints_rerun_is_done_and_its_leftover_remov
     assert line is not None and "nothing to do" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "metrics.json"]
 
+    # Killed after metrics.json, before the deletion: the rerun deletes them, unless they are to be kept.
+    (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
+    assert "nothing to do" in finished_run(_config(f"data.path={first}", f"output_dir={tmp_path}",
+                                                   "train.keep_checkpoints_after_finish=true"))
+    assert (tmp_path / "checkpoints" / "step-000004").is_dir()
+    assert "nothing to do" in finished_run(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "metrics.json"]
+
 
 def test_an_output_dir_that_cannot_be_written_is_a_config_error(tmp_path, monkeypatch):
     from emotrain.train.run_folder import RunFolder
