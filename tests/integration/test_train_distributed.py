@@ -593,3 +593,16 @@ def test_fp16_without_cuda_trains_zero3_in_fp32_and_says_so(synthetic_corpus, tm
     assert log.count("train.mixed_precision=fp16 needs a CUDA GPU") == 1 and "mixed precision fp16" not in log
     config = _deepspeed_states(_checkpoints(out)[-1])["ds_config"]
     assert config["fp16"]["enabled"] is False and config["bf16"]["enabled"] is False
+
+
+def test_a_finished_deepspeed_run_deletes_its_checkpoints_once_every_rank_is_done(synthetic_corpus, tmp_path):
+    """The default (train.keep_checkpoints_after_finish=false) on 2 ZeRO-2 processes: the run ends with
+    best/ and metrics.json, its checkpoints and the folder they were renamed to are gone, and no rank
+    tripped over the deletion (each waited until every rank was done with them)."""
+    out = tmp_path / "run"
+    rc, log = _launch("cpu_zero2.yaml", synthetic_corpus, out, "train.max_steps=2", "train.checkpoint_every_steps=1",
+                      "train.keep_checkpoints_after_finish=false", deepspeed=True)
+    assert rc == 0 and "Traceback" not in log, log[-6000:]
+    assert log.count("the run is finished: its checkpoints are deleted") == 1, log[-6000:]
+    assert (out / "metrics.json").is_file() and (out / "best" / "model.safetensors").is_file()
+    assert not (out / "checkpoints").exists() and not (out / ".deleting-checkpoints").exists()
