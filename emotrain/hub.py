@@ -18,6 +18,7 @@ from emotrain.model.emotion_model import (
     CONFIG_FILE,
     FEATURE_EXTRACTOR_FILE,
     HF_CONFIG_FILE,
+    PROCESSOR_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
 )
@@ -53,6 +54,8 @@ def hub_folder_problems(folder: str | Path) -> list[str]:
         needed.append(FEATURE_EXTRACTOR_FILE)
     if variant in ("fusion", "text"):
         needed.append(TOKENIZER_FILE)
+    if variant == "fusion":  # AutoProcessor's EmotrainProcessor: the only way to both inputs with transformers
+        needed.append(PROCESSOR_FILE)
     problems = [f"{folder} has no {name}" + (" (the model card training writes)" if name == CARD_FILE else "")
                 for name in needed if not (folder / name).is_file()]
     if not config.get("auto_map"):

@@ -47,10 +47,11 @@ DEFAULT_PREPROCESSING = {"sampling_rate": SAMPLING_RATE, "max_text_tokens": 64, 
 AUTO_MAP = {
     "AutoConfig": "configuration_emotrain.EmotrainConfig",
     "AutoModel": "modeling_emotrain.EmotrainForEmotionClassification",
-    "AutoModelForAudioClassification": "modeling_emotrain.EmotrainForEmotionClassification",
-    "AutoModelForSequenceClassification": "modeling_emotrain.EmotrainForEmotionClassification",
 }
 """What transformers' Auto classes build from a model folder (`trust_remote_code=True`)."""
+PIPELINE_AUTO_CLASS = {"audio": "AutoModelForAudioClassification", "text": "AutoModelForSequenceClassification"}
+"""The Auto class of the pipeline a unimodal model runs in (audio- or text-classification). None for
+fusion: no pipeline gives both inputs, so advertising one would promise what fails (no input_ids)."""
 PROCESSOR_FILE = "processor_config.json"
 PROCESSOR_CONFIG = {"processor_class": "EmotrainProcessor",
                     "auto_map": {"AutoProcessor": "processing_emotrain.EmotrainProcessor"}}
@@ -237,6 +238,8 @@ class EmotionModel(EmotionLayers, nn.Module):
             id2label=dict(enumerate(self.label_names)), label2id={name: i for i, name in enumerate(self.label_names)},
         )
         config.auto_map = dict(AUTO_MAP)
+        if cfg.variant in PIPELINE_AUTO_CLASS:
+            config.auto_map[PIPELINE_AUTO_CLASS[cfg.variant]] = AUTO_MAP["AutoModel"]
         config.architectures = ["EmotrainForEmotionClassification"]
         return config
 

@@ -5,6 +5,7 @@ its model card; `emotrain report`'s cross-validation section; `emotrain push` (u
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import shutil
@@ -44,19 +45,27 @@ def _split(fold: int = 2) -> dict:
             "test_sessions": [fold], "num_train": 80, "num_validation": 12, "num_test": 20}
 
 
+PROVENANCE = {"platform": "Linux-6.1-x86_64-with-secret-host", "device": "NVIDIA H100 80GB HBM3",
+              "started": "2026-12-04T16:00:00+00:00", "git_commit": "0123456789abcdef"}
+"""What training saves after the config in best/config.yaml: this machine's, never for a public card."""
+
+
 def _save_best(run_dir: Path, model: EmotionModel, experiment: str = "hub", fold: int = 2) -> Path:
-    """best/ as the recipe writes it: the export swapped in through the run folder, then the card."""
+    """best/ as the recipe writes it: the export swapped in through the run folder, then the card.
+    The config names absolute local paths and carries provenance, as a real run's does."""
     from emotrain.data.shards import IEMOCAP_INFO
 
     run = RunFolder(run_dir)
+    home = run_dir.resolve() / "home-of-someone"
     cfg = load_config(None, [f"experiment={experiment}", f"model.variant={model.config.variant}",
-                             f"data.fold={fold}", f"output_dir={run_dir}"])
+                             f"data.fold={fold}", f"output_dir={run_dir.resolve()}", f"data.path={home}/prepared"])
     with run.writing_best() as folder:
         model.save_pretrained(folder, state_dict=model.state_dict())
-        save_config(cfg, folder / "config.yaml")
-    text = (run.best / "config.yaml").read_text()
-    write_model_card(run.best, config=yaml.safe_load(text), results=_results(), split=_split(fold),
-                     dataset=IEMOCAP_INFO, config_text=text)
+        save_config(cfg, folder / "config.yaml", provenance=PROVENANCE)
+    dataset = dataclasses.replace(IEMOCAP_INFO, source=f"IEMOCAP release at {home}/IEMOCAP_full_release",
+                                  notes=(f"no transcripts ({home}/iemocap has no text column)",))
+    write_model_card(run.best, config=yaml.safe_load((run.best / "config.yaml").read_text()), results=_results(),
+                     split=_split(fold), dataset=dataset)
     return run.best
 
 
@@ -177,21 +186,62 @@ def test_the_folder_holds_what_the_hub_needs_and_its_card(saved):
     assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json", "tokenizer_config.json",
             "processor_config.json", "emotion_model.json", "config.yaml", *REMOTE_CODE_FILES} <= files
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForAudioClassification"] == "modeling_emotrain.EmotrainForEmotionClassification"
+    assert config["auto_map"]["AutoModel"] == "modeling_emotrain.EmotrainForEmotionClassification"
     assert config["label2id"] == {name: i for i, name in enumerate(model.label_names)}
     card = (folder / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     meta = yaml.safe_load(front)
-    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "audio-classification"
+    assert meta["library_name"] == "transformers" and meta["model-index"][0]["name"] == "hub-fold2"
     assert "emotrain" in meta["tags"]
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"accuracy": 50.0, "recall": 45.0, "f1": 40.0}
     assert "fold 2, trained on group(s) 1, 3, 4, 5" in body and "| test | 20 | 50.0 | 45.0 | 40.0 |" in body
     assert "| validation | 12 |" in body and "AutoProcessor.from_pretrained(MODEL" in body  # how to call fusion
     assert "experiment: hub" in body and "leave-one-session-out" in body
-    text_meta = yaml.safe_load((saved["text"][1] / "README.md").read_text().split("---\n")[1])
-    assert text_meta["pipeline_tag"] == "text-classification"
     assert 'pipeline("audio-classification"' in (saved["audio"][1] / "README.md").read_text()
+
+
+def test_only_unimodal_models_advertise_the_pipeline_that_runs_them(saved):
+    """A fusion model needs input_ids beside the audio: no pipeline gives them, so its card names no
+    pipeline_tag and its config maps no task Auto class (AutoModel and AutoProcessor load it)."""
+    expected = {"fusion": (None, set()), "audio": ("audio-classification", {"AutoModelForAudioClassification"}),
+                "text": ("text-classification", {"AutoModelForSequenceClassification"})}
+    for variant, (tag, task_classes) in expected.items():
+        folder = saved[variant][1]
+        meta = yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+        assert meta.get("pipeline_tag") == tag, variant
+        auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+        assert set(auto_map) - {"AutoConfig", "AutoModel"} == task_classes, variant
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_card_names_no_local_path_nor_the_machine(saved, variant):
+    folder = saved[variant][1]
+    card = (folder / "README.md").read_text()
+    for local in (str(folder.parent.resolve()), "home-of-someone", *PROVENANCE.values(), "provenance", "output_dir"):
+        assert local not in card, local
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["model-index"][0]["results"][0]["dataset"]["name"] == "IEMOCAP"
+    shown = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert shown["data"]["path"] == "prepared" and shown["experiment"] == "hub"
+    assert "no transcripts (iemocap has no text column)" in card  # a note keeps its sense, not its path
+    # best/config.yaml itself keeps everything (emotrain predict reads it; README says it is uploaded).
+    kept = yaml.safe_load((folder / "config.yaml").read_text())
+    assert kept["provenance"] == PROVENANCE and kept["output_dir"] == str(folder.parent.resolve())
+
+
+def test_the_card_names_the_dataset_by_its_name():
+    from emotrain.train.model_card import public_dataset_name, shareable_config
+
+    assert public_dataset_name("emotrain's synthetic corpus (`emotrain synth`, seed 3) in the IEMOCAP release "
+                               "layout at /home/me/synth: generated signals") == "emotrain synthetic corpus"
+    assert public_dataset_name("EmoBox iemocap (/home/me/emobox/iemocap), audio under /data") == "EmoBox iemocap"
+    assert public_dataset_name("manifest /home/me/lists/train.csv") == "manifest train.csv"
+    assert public_dataset_name("someone/iemocap-mirror (audio layout)") == "someone/iemocap-mirror (audio layout)"
+    shown = shareable_config({"model": {"audio_encoder": "/home/me/w2v", "text_encoder": "roberta-base"},
+                              "train": {"resume": "auto"}, "data": {"path": "s3://bucket/prepared/"}})
+    assert shown == {"model": {"audio_encoder": "w2v", "text_encoder": "roberta-base"}, "train": {"resume": "auto"},
+                     "data": {"path": "prepared"}}
 
 
 def test_report_adds_the_cross_validation_table_to_each_card(saved, tmp_path):
@@ -249,7 +299,8 @@ def test_push_checks_the_folder_then_creates_the_repo_and_uploads_it(saved, monk
     (lambda f: (f / "README.md").unlink(), "has no README.md"),
     (lambda f: (f / "modeling_emotrain.py").unlink(), "has no modeling_emotrain.py"),
     (lambda f: (f / "config.json").unlink(), "emotrain predict and evaluate still load it"),
-], ids=["no-card", "no-code", "old-folder"])
+    (lambda f: (f / "processor_config.json").unlink(), "has no processor_config.json"),
+], ids=["no-card", "no-code", "old-folder", "fusion-without-processor"])
 def test_push_refuses_a_folder_that_is_not_whole_in_one_line(saved, tmp_path, monkeypatch, capsys, damage, expect):
     import huggingface_hub
 
