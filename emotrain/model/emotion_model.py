@@ -10,6 +10,7 @@ without emotrain installed; emotrain itself loads it through `EmotionModel.from_
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -56,6 +57,20 @@ PROCESSOR_FILE = "processor_config.json"
 PROCESSOR_CONFIG = {"processor_class": "EmotrainProcessor",
                     "auto_map": {"AutoProcessor": "processing_emotrain.EmotrainProcessor"}}
 """A fusion folder's AutoProcessor: its feature extractor and tokenizer together (processing_emotrain.py)."""
+
+
+def with_attention_mask(feature_extractor: Any) -> Any:
+    """A copy of `feature_extractor` that gives the sample mask by default (`return_attention_mask`).
+
+    A group-norm encoder's own preprocessor config (wav2vec2-base's) says false, so a transformers
+    user padding a batch (`padding=True`, `pipeline(batch_size=...)`) would get no mask and the model
+    would count the padding as audio. This model normalises over each utterance's real samples (its
+    masked group norm) and needs the mask whatever the encoder; emotrain's batches always ask for it."""
+    if getattr(feature_extractor, "return_attention_mask", True):
+        return feature_extractor
+    saved = copy.deepcopy(feature_extractor)
+    saved.return_attention_mask = True
+    return saved
 
 
 @dataclass
@@ -189,7 +204,8 @@ class EmotionModel(EmotionLayers, nn.Module):
         model.safetensors        the whole state dict (shared tensors deduplicated)
         config.json              the EmotrainConfig: the encoders' HF configs, the labels, auto_map
         *.py                     the modelling code transformers runs (REMOTE_CODE_FILES)
-        preprocessor_config.json, tokenizer files   the processors (`save_pretrained`), as the variant needs
+        preprocessor_config.json, tokenizer files   the processors (`save_pretrained`), as the variant needs;
+                                 the feature extractor gives the attention mask by default (`with_attention_mask`)
         processor_config.json    (fusion) AutoProcessor's EmotrainProcessor: both processors together
 
         processors: (feature_extractor, tokenizer), default `self.processors()`.
@@ -210,6 +226,8 @@ class EmotionModel(EmotionLayers, nn.Module):
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(code / name, directory / name)
         feature_extractor, tokenizer = processors if processors is not None else self.processors()
+        if feature_extractor is not None:
+            feature_extractor = with_attention_mask(feature_extractor)
         for processor in (feature_extractor, tokenizer):
             if processor is not None:
                 processor.save_pretrained(directory)

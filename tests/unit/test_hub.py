@@ -69,16 +69,35 @@ def _save_best(run_dir: Path, model: EmotionModel, experiment: str = "hub", fold
     return run.best
 
 
+def _group_norm_wav2vec2(folder: Path) -> str:
+    """A random tiny Wav2Vec2 normalised like wav2vec2-base (group norm over time in its first conv
+    layer, post-norm transformer), saved without a preprocessor config: emotrain builds the standard
+    extractor, which for such a model says `return_attention_mask: false`."""
+    from transformers import Wav2Vec2Model
+
+    from emotrain.model.encoders import tiny_audio_config
+
+    config = tiny_audio_config(ModelConfig(tiny_hidden_size=16, tiny_layers=1))
+    config.feat_extract_norm, config.do_stable_layer_norm = "group", False
+    torch.manual_seed(0)
+    Wav2Vec2Model(config).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, tuple[EmotionModel, Path]]:
-    """A tiny model of each variant (hidden sizes of a few units) and its best/ folder."""
+    """A tiny model of each variant (hidden sizes of a few units) and its best/ folder; `audio-group`:
+    an audio model over a group-norm encoder."""
     root = tmp_path_factory.mktemp("hub")
     models = {}
-    for variant in VARIANTS:
+    encoders = {variant: {} for variant in VARIANTS}
+    encoders["audio-group"] = {"audio_encoder": _group_norm_wav2vec2(root / "w2v-group")}
+    for name, encoder in encoders.items():
         torch.manual_seed(1)
-        model = build_model(ModelConfig(variant=variant, hidden_size=16, cross_attention_heads=4,
-                                        classifier_hidden_size=16, tiny_hidden_size=16, tiny_layers=1)).eval()
-        models[variant] = (model, _save_best(root / variant, model))
+        model = build_model(ModelConfig(variant=name.split("-")[0], hidden_size=16, cross_attention_heads=4,
+                                        classifier_hidden_size=16, tiny_hidden_size=16, tiny_layers=1,
+                                        **encoder)).eval()
+        models[name] = (model, _save_best(root / name, model))
     return models
 
 
@@ -112,12 +131,13 @@ folders, waves, texts = json.load(open("inputs.json"))
 waves = [np.asarray(w, dtype=np.float32) for w in waves]
 out = {}
 for variant, folder in folders.items():
+    kind = variant.split("-")[0]  # audio-group: an audio model
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    if variant == "fusion":  # the folder's own processor: both inputs at once
+    if kind == "fusion":  # the folder's own processor: both inputs at once
         inputs = processor(audio=waves, text=texts, sampling_rate=16000)
-    elif variant == "audio":
+    elif kind == "audio":
         extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
         inputs = extractor(waves, sampling_rate=16000, padding=True, return_tensors="pt")
     else:
@@ -132,20 +152,33 @@ for variant, folder in folders.items():
     if variant == "text":
         classify = pipeline("text-classification", model=folder, trust_remote_code=True)
         out["text-pipeline"] = classify(texts[0], top_k=None)
+    if variant == "audio-group":  # each utterance alone (no padding), and both in a padded pipeline batch
+        with torch.no_grad():
+            out[variant]["alone"] = [model(**extractor(w, sampling_rate=16000, return_tensors="pt")).logits[0].tolist()
+                                     for w in waves]
+        classify = pipeline("audio-classification", model=folder, trust_remote_code=True)
+        out["group-pipeline-batched"] = classify(waves, top_k=None, batch_size=2)
+        out["group-pipeline-alone"] = [classify(w, top_k=None) for w in waves]
 json.dump(out, open("outputs.json", "w"))
 """
 
 
-def test_best_loads_with_transformers_alone_and_gives_emotrains_logits(saved, tmp_path):
-    waves = _waves()
+@pytest.fixture(scope="module")
+def transformers_outputs(saved, tmp_path_factory) -> dict:
+    """What WITHOUT_EMOTRAIN gives for every saved folder (one interpreter for all: its start is slow)."""
+    workdir = tmp_path_factory.mktemp("without-emotrain")
     folders = {variant: str(folder) for variant, (_, folder) in saved.items()}
-    (tmp_path / "inputs.json").write_text(json.dumps([folders, [w.tolist() for w in waves], TEXTS]))
+    (workdir / "inputs.json").write_text(json.dumps([folders, [w.tolist() for w in _waves()], TEXTS]))
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_EMOTRAIN], cwd=tmp_path, env=env, capture_output=True,
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"))
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_EMOTRAIN], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads((tmp_path / "outputs.json").read_text())
+    return json.loads((workdir / "outputs.json").read_text())
+
+
+def test_best_loads_with_transformers_alone_and_gives_emotrains_logits(saved, transformers_outputs):
+    waves, out = _waves(), transformers_outputs
     for variant, (model, _) in saved.items():
         assert out[variant]["class"] == "EmotrainForEmotionClassification"
         assert list(out[variant]["labels"].values()) == list(model.label_names)
@@ -161,6 +194,21 @@ def test_best_loads_with_transformers_alone_and_gives_emotrains_logits(saved, tm
         assert set(scores) == set(model.label_names)
         for index, label in enumerate(model.label_names):
             assert scores[label] == pytest.approx(float(alone[index]), abs=1e-5), (variant, label)
+
+
+def test_a_group_norm_model_gets_the_padding_mask_from_transformers_alone(saved, transformers_outputs):
+    """wav2vec2-base's case, batched by a transformers user: the saved feature extractor gives the
+    attention mask by default, so the padded shorter utterance scores as it does alone."""
+    folder = saved["audio-group"][1]
+    assert json.loads((folder / "preprocessor_config.json").read_text())["return_attention_mask"] is True
+    out = transformers_outputs["audio-group"]
+    torch.testing.assert_close(torch.tensor(out["logits"]), torch.tensor(out["alone"]), atol=1e-5, rtol=1e-4)
+    batched, alone = transformers_outputs["group-pipeline-batched"], transformers_outputs["group-pipeline-alone"]
+    for batch_scores, alone_scores in zip(batched, alone, strict=True):
+        expected = {row["label"]: row["score"] for row in alone_scores}
+        assert {row["label"]: pytest.approx(row["score"], abs=1e-5) for row in batch_scores} == expected
+    # Control: the two utterances score differently (the comparison is not trivial).
+    assert not torch.allclose(torch.tensor(out["alone"][0]), torch.tensor(out["alone"][1]), atol=1e-4)
 
 
 def test_the_shipped_code_imports_only_torch_transformers_and_itself():
