@@ -340,7 +340,14 @@ def test_push_checks_the_folder_then_creates_the_repo_and_uploads_it(saved, monk
     assert FakeHfApi.calls[0] == ("create_repo", "me/repo", {"repo_type": "model", "private": True, "exist_ok": True})
     upload = FakeHfApi.calls[1][1]
     assert upload["repo_id"] == "me/repo" and upload["folder_path"] == str(folder) and upload["repo_type"] == "model"
-    assert "https://hub.example/me/repo/commit/1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "https://hub.example/me/repo/commit/1" in out
+    # One line names every file sent, before the upload: the card and config.yaml among them.
+    listing = [line for line in out.splitlines() if line.startswith("uploading to me/repo: ")]
+    assert len(listing) == 1
+    assert listing[0].removeprefix("uploading to me/repo: ").split(", ") == sorted(
+        p.name for p in folder.iterdir() if not p.name.startswith("."))
+    assert {"README.md", "config.yaml", "model.safetensors"} <= set(listing[0].split(": ")[1].split(", "))
 
 
 @pytest.mark.parametrize("damage, expect", [
