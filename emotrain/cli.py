@@ -230,7 +230,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     from emotrain.hub import PushError, push
 
     try:
-        url = push(args.model_dir, args.repo_id, private=args.private, commit_message=args.message)
+        url = push(args.model_dir, args.repo_id, private=args.private, commit_message=args.message,
+                   announce=lambda files: print(f"uploading to {args.repo_id}: {', '.join(files)}", flush=True))
     except PushError as err:
         return fail("push", err, 2)
     print(f"pushed {args.model_dir} to {args.repo_id}: {url}")

@@ -4,20 +4,24 @@
 
 The folder is already what the Hub shows and transformers loads (`EmotionModel.save_pretrained`
 writes config.json with `auto_map`, the modelling code, the weights and the processors; the recipe
-writes the model card): pushing checks it is whole, creates the repository if needed and uploads
-the folder in one commit (`huggingface_hub.HfApi.upload_folder`). Credentials are huggingface_hub's
+writes the model card): pushing checks it is whole, names the files it uploads (the card, and
+config.yaml: the run's config with its provenance, see README's "Sharing a model"), creates the
+repository if needed and uploads the folder in one commit (`huggingface_hub.HfApi.upload_folder`). Credentials are huggingface_hub's
 own: `HF_TOKEN`, or `hf auth login` beforehand.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from emotrain.model.emotion_model import (
     CONFIG_FILE,
     FEATURE_EXTRACTOR_FILE,
     HF_CONFIG_FILE,
+    PROCESSOR_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
 )
@@ -53,6 +57,8 @@ def hub_folder_problems(folder: str | Path) -> list[str]:
         needed.append(FEATURE_EXTRACTOR_FILE)
     if variant in ("fusion", "text"):
         needed.append(TOKENIZER_FILE)
+    if variant == "fusion":  # AutoProcessor's EmotrainProcessor: the only way to both inputs with transformers
+        needed.append(PROCESSOR_FILE)
     problems = [f"{folder} has no {name}" + (" (the model card training writes)" if name == CARD_FILE else "")
                 for name in needed if not (folder / name).is_file()]
     if not config.get("auto_map"):
@@ -62,14 +68,24 @@ def hub_folder_problems(folder: str | Path) -> list[str]:
     return problems
 
 
+def uploaded_files(folder: str | Path) -> list[str]:
+    """The files of `folder` an upload sends (paths relative to it, sorted): all but IGNORED."""
+    folder = Path(folder)
+    names = (path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    return sorted(name for name in names if not any(fnmatch.fnmatch(name, pattern) for pattern in IGNORED))
+
+
 def push(folder: str | Path, repo_id: str, *, private: bool = False, commit_message: str | None = None,
-         api=None) -> str:
+         api=None, announce: Callable[[list[str]], None] | None = None) -> str:
     """Upload the model folder `folder` to the Hub model repository `repo_id` (created if absent,
     private when `private`); returns the commit's URL. `api`: an `HfApi` (default: a new one).
+    `announce`: called with `uploaded_files(folder)` once the folder is checked, before anything is sent.
     PushError (one line) for a folder that is not whole or an upload that fails."""
     problems = hub_folder_problems(folder)
     if problems:
         raise PushError("; ".join(problems))
+    if announce is not None:
+        announce(uploaded_files(folder))
     if api is None:
         from huggingface_hub import HfApi
 

@@ -10,6 +10,7 @@ without emotrain installed; emotrain itself loads it through `EmotionModel.from_
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -47,14 +48,29 @@ DEFAULT_PREPROCESSING = {"sampling_rate": SAMPLING_RATE, "max_text_tokens": 64, 
 AUTO_MAP = {
     "AutoConfig": "configuration_emotrain.EmotrainConfig",
     "AutoModel": "modeling_emotrain.EmotrainForEmotionClassification",
-    "AutoModelForAudioClassification": "modeling_emotrain.EmotrainForEmotionClassification",
-    "AutoModelForSequenceClassification": "modeling_emotrain.EmotrainForEmotionClassification",
 }
 """What transformers' Auto classes build from a model folder (`trust_remote_code=True`)."""
+PIPELINE_AUTO_CLASS = {"audio": "AutoModelForAudioClassification", "text": "AutoModelForSequenceClassification"}
+"""The Auto class of the pipeline a unimodal model runs in (audio- or text-classification). None for
+fusion: no pipeline gives both inputs, so advertising one would promise what fails (no input_ids)."""
 PROCESSOR_FILE = "processor_config.json"
 PROCESSOR_CONFIG = {"processor_class": "EmotrainProcessor",
                     "auto_map": {"AutoProcessor": "processing_emotrain.EmotrainProcessor"}}
 """A fusion folder's AutoProcessor: its feature extractor and tokenizer together (processing_emotrain.py)."""
+
+
+def with_attention_mask(feature_extractor: Any) -> Any:
+    """A copy of `feature_extractor` that gives the sample mask by default (`return_attention_mask`).
+
+    A group-norm encoder's own preprocessor config (wav2vec2-base's) says false, so a transformers
+    user padding a batch (`padding=True`, `pipeline(batch_size=...)`) would get no mask and the model
+    would count the padding as audio. This model normalises over each utterance's real samples (its
+    masked group norm) and needs the mask whatever the encoder; emotrain's batches always ask for it."""
+    if getattr(feature_extractor, "return_attention_mask", True):
+        return feature_extractor
+    saved = copy.deepcopy(feature_extractor)
+    saved.return_attention_mask = True
+    return saved
 
 
 @dataclass
@@ -188,7 +204,8 @@ class EmotionModel(EmotionLayers, nn.Module):
         model.safetensors        the whole state dict (shared tensors deduplicated)
         config.json              the EmotrainConfig: the encoders' HF configs, the labels, auto_map
         *.py                     the modelling code transformers runs (REMOTE_CODE_FILES)
-        preprocessor_config.json, tokenizer files   the processors (`save_pretrained`), as the variant needs
+        preprocessor_config.json, tokenizer files   the processors (`save_pretrained`), as the variant needs;
+                                 the feature extractor gives the attention mask by default (`with_attention_mask`)
         processor_config.json    (fusion) AutoProcessor's EmotrainProcessor: both processors together
 
         processors: (feature_extractor, tokenizer), default `self.processors()`.
@@ -209,6 +226,8 @@ class EmotionModel(EmotionLayers, nn.Module):
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(code / name, directory / name)
         feature_extractor, tokenizer = processors if processors is not None else self.processors()
+        if feature_extractor is not None:
+            feature_extractor = with_attention_mask(feature_extractor)
         for processor in (feature_extractor, tokenizer):
             if processor is not None:
                 processor.save_pretrained(directory)
@@ -237,6 +256,8 @@ class EmotionModel(EmotionLayers, nn.Module):
             id2label=dict(enumerate(self.label_names)), label2id={name: i for i, name in enumerate(self.label_names)},
         )
         config.auto_map = dict(AUTO_MAP)
+        if cfg.variant in PIPELINE_AUTO_CLASS:
+            config.auto_map[PIPELINE_AUTO_CLASS[cfg.variant]] = AUTO_MAP["AutoModel"]
         config.architectures = ["EmotrainForEmotionClassification"]
         return config
 

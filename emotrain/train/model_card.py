@@ -6,17 +6,22 @@
 The card opens with the Hub's metadata (YAML front matter: library_name, pipeline_tag, tags,
 metrics, model-index with the test results), then says what the model is, the data and protocol it
 was trained and selected with, its validation and test metrics, how to load it (with transformers
-alone, or with emotrain), and the run's resolved config. `emotrain report` adds the cross-validation
+alone, or with emotrain), and the run's resolved config as it may be shared (`shareable_config`: no
+provenance, no output_dir, local paths reduced to their last component; the dataset named without
+where it lies). `emotrain report` adds the cross-validation
 table of the experiment the run belongs to (a section between markers, replaced on every report).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+
+from emotrain.config import PROVENANCE_KEY
 
 CARD_FILE = "README.md"
 CROSS_VALIDATION = "cross-validation"
@@ -28,7 +33,11 @@ VARIANT_TEXT = {
     "audio": "audio only (a pretrained speech encoder, statistics pooling, an MLP)",
     "text": "the transcript only (a pretrained text encoder, statistics pooling, an MLP)",
 }
-PIPELINE_TAGS = {"fusion": "audio-classification", "audio": "audio-classification", "text": "text-classification"}
+PIPELINE_TAGS = {"audio": "audio-classification", "text": "text-classification"}
+"""The Hub task whose pipeline runs the model. None for fusion: no transformers pipeline gives both
+audio and transcript (its AutoProcessor and AutoModel do, as the card's usage shows)."""
+TASK_TYPES = {**PIPELINE_TAGS, "fusion": "emotion-recognition"}
+"""model-index's task of the test results (the Hub has no task for audio-and-text classification)."""
 FOLD_KIND_TEXT = {
     "sessions": "leave-one-session-out cross-validation: fold k tests on session k and trains on the others",
     "groups": "leave-one-group-out cross-validation: fold k tests on group k and trains on the others",
@@ -64,11 +73,55 @@ def metrics_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LOCAL_PATH_KEYS = (("model", "audio_encoder"), ("model", "text_encoder"), ("model", "tokenizer"),
+                   ("train", "resume"))
+"""Settings that may name a local folder (else a Hub name, `tiny`, `auto`...): shown by their last component."""
+LOCAL_PATH = re.compile(r"(?<![\w./~-])(?:[A-Za-z][\w+.-]*://|~|\.{1,2}/|/)[^\s,;()`'\"]*")
+"""A path or URL in free text (absolute, home-relative, ./ or ../, or scheme://...); not a Hub name
+(`owner/name`) nor the `/` of `audio/text`."""
+
+
+def _last_component(path: str) -> str:
+    name = PurePosixPath(path.rstrip("/")).name
+    return name or "<local>"
+
+
+def without_local_paths(text: str) -> str:
+    """`text` with every local path or URL in it reduced to its last component."""
+    return LOCAL_PATH.sub(lambda match: _last_component(match.group(0)), text)
+
+
+def shareable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's resolved config (config.yaml as read) as a public card shows it: without its
+    provenance (machine, devices, start time, git commit) and output_dir, `data.path` and local
+    folders in LOCAL_PATH_KEYS reduced to their last component."""
+    shown = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()
+             if key not in (PROVENANCE_KEY, "output_dir")}
+    if isinstance(shown.get("data"), dict) and isinstance(shown["data"].get("path"), str):
+        shown["data"]["path"] = _last_component(shown["data"]["path"])
+    for section, key in LOCAL_PATH_KEYS:
+        value = shown.get(section, {}).get(key) if isinstance(shown.get(section), dict) else None
+        if isinstance(value, str) and LOCAL_PATH.fullmatch(value):
+            shown[section][key] = _last_component(value)
+    return shown
+
+
+def public_dataset_name(source: str) -> str:
+    """The dataset's name for the card, from dataset.json's `source` (which says where it was read)."""
+    if source.startswith("IEMOCAP release"):
+        return "IEMOCAP"
+    if source.startswith("emotrain's synthetic corpus"):
+        return "emotrain synthetic corpus"
+    if source.startswith("EmoBox "):
+        return " ".join(source.split()[:2])  # `EmoBox <dataset folder name>`
+    return without_local_paths(source).strip() or "prepared data"
+
+
 def front_matter(variant: str, results: dict[str, Any], dataset_name: str, name: str) -> str:
     """The Hub's metadata block. model-index holds the test results when the run has a test set."""
     meta: dict[str, Any] = {
         "library_name": "transformers",
-        "pipeline_tag": PIPELINE_TAGS[variant],
+        **({"pipeline_tag": PIPELINE_TAGS[variant]} if variant in PIPELINE_TAGS else {}),
         "tags": ["emotrain", "emotion-recognition", "speech-emotion-recognition", f"{variant}-model", "custom_code"],
         "metrics": ["accuracy", "recall", "f1"],
     }
@@ -78,7 +131,7 @@ def front_matter(variant: str, results: dict[str, Any], dataset_name: str, name:
                    {"type": "recall", "name": "UA (mean per-class recall)", "value": round(100 * test["ua"], 2)},
                    {"type": "f1", "name": "macro-F1", "value": round(100 * test["macro_f1"], 2)}]
         meta["model-index"] = [{"name": name, "results": [{
-            "task": {"type": PIPELINE_TAGS[variant], "name": "Emotion recognition"},
+            "task": {"type": TASK_TYPES[variant], "name": "Emotion recognition"},
             "dataset": {"name": dataset_name, "type": "custom", "split": "test"},
             "metrics": metrics}]}]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
@@ -115,14 +168,16 @@ def usage_text(variant: str, max_text_tokens: int) -> str:
 
 
 def write_model_card(folder: str | Path, *, config: dict[str, Any], results: dict[str, Any],
-                     split: dict[str, Any], dataset: Any, config_text: str) -> Path:
-    """Write `folder/README.md` (atomically) for the run whose resolved `config` (a dict; its YAML text
-    is `config_text`), `results` (metrics.json's validation and test), `split` (`FoldSplit.summary()`)
-    and `dataset` (the prepared data's DatasetInfo) are given. Returns its path."""
+                     split: dict[str, Any], dataset: Any) -> Path:
+    """Write `folder/README.md` (atomically) for the run whose resolved `config` (best/config.yaml as
+    read, provenance included: the card leaves out what is local, see `shareable_config`), `results`
+    (metrics.json's validation and test), `split` (`FoldSplit.summary()`) and `dataset` (the prepared
+    data's DatasetInfo) are given. Returns its path."""
+    config = shareable_config(config)
     variant = config["model"]["variant"]
     data = config["data"]
     name = f"{config.get('experiment') or 'emotrain'}-fold{split['fold']}"
-    dataset_name = dataset.source or "prepared data"
+    dataset_name = public_dataset_name(dataset.source or "")
     labels = list(dataset.labels)
     test_groups = split.get("test_sessions") or ([split["test_session"]] if split.get("test_session") else [])
     protocol = [
@@ -134,7 +189,7 @@ def write_model_card(folder: str | Path, *, config: dict[str, Any], results: dic
         f"- Validation ({split['num_validation']} utterances): "
         f"{VALIDATION_TEXT.get(split['validation'], split['validation'])}, never the test data; "
         "the checkpoint with the best validation UA was kept, and the test data scored once, at the end.",
-        *(f"- Note: {note}" for note in dataset.notes),
+        *(f"- Note: {without_local_paths(note)}" for note in dataset.notes),
         "- WA = accuracy; UA = mean of the per-class recalls (unweighted).",
     ]
     cv_start, cv_end = _markers(CROSS_VALIDATION)
@@ -150,8 +205,10 @@ def write_model_card(folder: str | Path, *, config: dict[str, Any], results: dic
         "Inputs: 16 kHz mono audio (the feature extractor normalises it; training cropped clips to "
         f"{data.get('max_audio_seconds')} s, evaluation scored them whole); transcripts truncated to "
         f"{data.get('max_text_tokens')} tokens.", "",
-        "## Training configuration", "", "The run's resolved config (`config.yaml` in this folder):", "",
-        "```yaml", config_text.rstrip("\n"), "```", "",
+        "## Training configuration", "",
+        "The run's resolved config (`config.yaml` in this folder, which also records how the run was produced; "
+        "here without that, nor its local paths):", "",
+        "```yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip("\n"), "```", "",
     ])
     return _write_atomically(Path(folder) / CARD_FILE, text)
 

@@ -706,9 +706,9 @@ def _best_checkpoint(t: Training) -> Path:
 
 def _write_model_card(t: Training, results: dict) -> None:
     """best/README.md: the data, protocol, fold, metrics and config of this run (`emotrain.train.model_card`)."""
-    config_text = (t.run.best / CONFIG_FILE).read_text()
-    write_model_card(t.run.best, config=yaml.safe_load(config_text), results=results, split=t.split.summary(),
-                     dataset=read_dataset_info(t.cfg.data.path), config_text=config_text)
+    config = yaml.safe_load((t.run.best / CONFIG_FILE).read_text())
+    write_model_card(t.run.best, config=config, results=results, split=t.split.summary(),
+                     dataset=read_dataset_info(t.cfg.data.path))
 
 
 def _export_best(t: Training) -> None:

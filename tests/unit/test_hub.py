@@ -5,6 +5,7 @@ its model card; `emotrain report`'s cross-validation section; `emotrain push` (u
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import shutil
@@ -44,32 +45,59 @@ def _split(fold: int = 2) -> dict:
             "test_sessions": [fold], "num_train": 80, "num_validation": 12, "num_test": 20}
 
 
+PROVENANCE = {"platform": "Linux-6.1-x86_64-with-secret-host", "device": "NVIDIA H100 80GB HBM3",
+              "started": "2026-12-04T16:00:00+00:00", "git_commit": "0123456789abcdef"}
+"""What training saves after the config in best/config.yaml: this machine's, never for a public card."""
+
+
 def _save_best(run_dir: Path, model: EmotionModel, experiment: str = "hub", fold: int = 2) -> Path:
-    """best/ as the recipe writes it: the export swapped in through the run folder, then the card."""
+    """best/ as the recipe writes it: the export swapped in through the run folder, then the card.
+    The config names absolute local paths and carries provenance, as a real run's does."""
     from emotrain.data.shards import IEMOCAP_INFO
 
     run = RunFolder(run_dir)
+    home = run_dir.resolve() / "home-of-someone"
     cfg = load_config(None, [f"experiment={experiment}", f"model.variant={model.config.variant}",
-                             f"data.fold={fold}", f"output_dir={run_dir}"])
+                             f"data.fold={fold}", f"output_dir={run_dir.resolve()}", f"data.path={home}/prepared"])
     with run.writing_best() as folder:
         model.save_pretrained(folder, state_dict=model.state_dict())
-        save_config(cfg, folder / "config.yaml")
-    text = (run.best / "config.yaml").read_text()
-    write_model_card(run.best, config=yaml.safe_load(text), results=_results(), split=_split(fold),
-                     dataset=IEMOCAP_INFO, config_text=text)
+        save_config(cfg, folder / "config.yaml", provenance=PROVENANCE)
+    dataset = dataclasses.replace(IEMOCAP_INFO, source=f"IEMOCAP release at {home}/IEMOCAP_full_release",
+                                  notes=(f"no transcripts ({home}/iemocap has no text column)",))
+    write_model_card(run.best, config=yaml.safe_load((run.best / "config.yaml").read_text()), results=_results(),
+                     split=_split(fold), dataset=dataset)
     return run.best
+
+
+def _group_norm_wav2vec2(folder: Path) -> str:
+    """A random tiny Wav2Vec2 normalised like wav2vec2-base (group norm over time in its first conv
+    layer, post-norm transformer), saved without a preprocessor config: emotrain builds the standard
+    extractor, which for such a model says `return_attention_mask: false`."""
+    from transformers import Wav2Vec2Model
+
+    from emotrain.model.encoders import tiny_audio_config
+
+    config = tiny_audio_config(ModelConfig(tiny_hidden_size=16, tiny_layers=1))
+    config.feat_extract_norm, config.do_stable_layer_norm = "group", False
+    torch.manual_seed(0)
+    Wav2Vec2Model(config).save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, tuple[EmotionModel, Path]]:
-    """A tiny model of each variant (hidden sizes of a few units) and its best/ folder."""
+    """A tiny model of each variant (hidden sizes of a few units) and its best/ folder; `audio-group`:
+    an audio model over a group-norm encoder."""
     root = tmp_path_factory.mktemp("hub")
     models = {}
-    for variant in VARIANTS:
+    encoders = {variant: {} for variant in VARIANTS}
+    encoders["audio-group"] = {"audio_encoder": _group_norm_wav2vec2(root / "w2v-group")}
+    for name, encoder in encoders.items():
         torch.manual_seed(1)
-        model = build_model(ModelConfig(variant=variant, hidden_size=16, cross_attention_heads=4,
-                                        classifier_hidden_size=16, tiny_hidden_size=16, tiny_layers=1)).eval()
-        models[variant] = (model, _save_best(root / variant, model))
+        model = build_model(ModelConfig(variant=name.split("-")[0], hidden_size=16, cross_attention_heads=4,
+                                        classifier_hidden_size=16, tiny_hidden_size=16, tiny_layers=1,
+                                        **encoder)).eval()
+        models[name] = (model, _save_best(root / name, model))
     return models
 
 
@@ -103,12 +131,13 @@ folders, waves, texts = json.load(open("inputs.json"))
 waves = [np.asarray(w, dtype=np.float32) for w in waves]
 out = {}
 for variant, folder in folders.items():
+    kind = variant.split("-")[0]  # audio-group: an audio model
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    if variant == "fusion":  # the folder's own processor: both inputs at once
+    if kind == "fusion":  # the folder's own processor: both inputs at once
         inputs = processor(audio=waves, text=texts, sampling_rate=16000)
-    elif variant == "audio":
+    elif kind == "audio":
         extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
         inputs = extractor(waves, sampling_rate=16000, padding=True, return_tensors="pt")
     else:
@@ -123,20 +152,33 @@ for variant, folder in folders.items():
     if variant == "text":
         classify = pipeline("text-classification", model=folder, trust_remote_code=True)
         out["text-pipeline"] = classify(texts[0], top_k=None)
+    if variant == "audio-group":  # each utterance alone (no padding), and both in a padded pipeline batch
+        with torch.no_grad():
+            out[variant]["alone"] = [model(**extractor(w, sampling_rate=16000, return_tensors="pt")).logits[0].tolist()
+                                     for w in waves]
+        classify = pipeline("audio-classification", model=folder, trust_remote_code=True)
+        out["group-pipeline-batched"] = classify(waves, top_k=None, batch_size=2)
+        out["group-pipeline-alone"] = [classify(w, top_k=None) for w in waves]
 json.dump(out, open("outputs.json", "w"))
 """
 
 
-def test_best_loads_with_transformers_alone_and_gives_emotrains_logits(saved, tmp_path):
-    waves = _waves()
+@pytest.fixture(scope="module")
+def transformers_outputs(saved, tmp_path_factory) -> dict:
+    """What WITHOUT_EMOTRAIN gives for every saved folder (one interpreter for all: its start is slow)."""
+    workdir = tmp_path_factory.mktemp("without-emotrain")
     folders = {variant: str(folder) for variant, (_, folder) in saved.items()}
-    (tmp_path / "inputs.json").write_text(json.dumps([folders, [w.tolist() for w in waves], TEXTS]))
+    (workdir / "inputs.json").write_text(json.dumps([folders, [w.tolist() for w in _waves()], TEXTS]))
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_EMOTRAIN], cwd=tmp_path, env=env, capture_output=True,
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"))
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_EMOTRAIN], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads((tmp_path / "outputs.json").read_text())
+    return json.loads((workdir / "outputs.json").read_text())
+
+
+def test_best_loads_with_transformers_alone_and_gives_emotrains_logits(saved, transformers_outputs):
+    waves, out = _waves(), transformers_outputs
     for variant, (model, _) in saved.items():
         assert out[variant]["class"] == "EmotrainForEmotionClassification"
         assert list(out[variant]["labels"].values()) == list(model.label_names)
@@ -152,6 +194,21 @@ def test_best_loads_with_transformers_alone_and_gives_emotrains_logits(saved, tm
         assert set(scores) == set(model.label_names)
         for index, label in enumerate(model.label_names):
             assert scores[label] == pytest.approx(float(alone[index]), abs=1e-5), (variant, label)
+
+
+def test_a_group_norm_model_gets_the_padding_mask_from_transformers_alone(saved, transformers_outputs):
+    """wav2vec2-base's case, batched by a transformers user: the saved feature extractor gives the
+    attention mask by default, so the padded shorter utterance scores as it does alone."""
+    folder = saved["audio-group"][1]
+    assert json.loads((folder / "preprocessor_config.json").read_text())["return_attention_mask"] is True
+    out = transformers_outputs["audio-group"]
+    torch.testing.assert_close(torch.tensor(out["logits"]), torch.tensor(out["alone"]), atol=1e-5, rtol=1e-4)
+    batched, alone = transformers_outputs["group-pipeline-batched"], transformers_outputs["group-pipeline-alone"]
+    for batch_scores, alone_scores in zip(batched, alone, strict=True):
+        expected = {row["label"]: row["score"] for row in alone_scores}
+        assert {row["label"]: pytest.approx(row["score"], abs=1e-5) for row in batch_scores} == expected
+    # Control: the two utterances score differently (the comparison is not trivial).
+    assert not torch.allclose(torch.tensor(out["alone"][0]), torch.tensor(out["alone"][1]), atol=1e-4)
 
 
 def test_the_shipped_code_imports_only_torch_transformers_and_itself():
@@ -177,21 +234,62 @@ def test_the_folder_holds_what_the_hub_needs_and_its_card(saved):
     assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json", "tokenizer_config.json",
             "processor_config.json", "emotion_model.json", "config.yaml", *REMOTE_CODE_FILES} <= files
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForAudioClassification"] == "modeling_emotrain.EmotrainForEmotionClassification"
+    assert config["auto_map"]["AutoModel"] == "modeling_emotrain.EmotrainForEmotionClassification"
     assert config["label2id"] == {name: i for i, name in enumerate(model.label_names)}
     card = (folder / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     meta = yaml.safe_load(front)
-    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "audio-classification"
+    assert meta["library_name"] == "transformers" and meta["model-index"][0]["name"] == "hub-fold2"
     assert "emotrain" in meta["tags"]
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"accuracy": 50.0, "recall": 45.0, "f1": 40.0}
     assert "fold 2, trained on group(s) 1, 3, 4, 5" in body and "| test | 20 | 50.0 | 45.0 | 40.0 |" in body
     assert "| validation | 12 |" in body and "AutoProcessor.from_pretrained(MODEL" in body  # how to call fusion
     assert "experiment: hub" in body and "leave-one-session-out" in body
-    text_meta = yaml.safe_load((saved["text"][1] / "README.md").read_text().split("---\n")[1])
-    assert text_meta["pipeline_tag"] == "text-classification"
     assert 'pipeline("audio-classification"' in (saved["audio"][1] / "README.md").read_text()
+
+
+def test_only_unimodal_models_advertise_the_pipeline_that_runs_them(saved):
+    """A fusion model needs input_ids beside the audio: no pipeline gives them, so its card names no
+    pipeline_tag and its config maps no task Auto class (AutoModel and AutoProcessor load it)."""
+    expected = {"fusion": (None, set()), "audio": ("audio-classification", {"AutoModelForAudioClassification"}),
+                "text": ("text-classification", {"AutoModelForSequenceClassification"})}
+    for variant, (tag, task_classes) in expected.items():
+        folder = saved[variant][1]
+        meta = yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+        assert meta.get("pipeline_tag") == tag, variant
+        auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+        assert set(auto_map) - {"AutoConfig", "AutoModel"} == task_classes, variant
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_card_names_no_local_path_nor_the_machine(saved, variant):
+    folder = saved[variant][1]
+    card = (folder / "README.md").read_text()
+    for local in (str(folder.parent.resolve()), "home-of-someone", *PROVENANCE.values(), "provenance", "output_dir"):
+        assert local not in card, local
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["model-index"][0]["results"][0]["dataset"]["name"] == "IEMOCAP"
+    shown = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert shown["data"]["path"] == "prepared" and shown["experiment"] == "hub"
+    assert "no transcripts (iemocap has no text column)" in card  # a note keeps its sense, not its path
+    # best/config.yaml itself keeps everything (emotrain predict reads it; README says it is uploaded).
+    kept = yaml.safe_load((folder / "config.yaml").read_text())
+    assert kept["provenance"] == PROVENANCE and kept["output_dir"] == str(folder.parent.resolve())
+
+
+def test_the_card_names_the_dataset_by_its_name():
+    from emotrain.train.model_card import public_dataset_name, shareable_config
+
+    assert public_dataset_name("emotrain's synthetic corpus (`emotrain synth`, seed 3) in the IEMOCAP release "
+                               "layout at /home/me/synth: generated signals") == "emotrain synthetic corpus"
+    assert public_dataset_name("EmoBox iemocap (/home/me/emobox/iemocap), audio under /data") == "EmoBox iemocap"
+    assert public_dataset_name("manifest /home/me/lists/train.csv") == "manifest train.csv"
+    assert public_dataset_name("someone/iemocap-mirror (audio layout)") == "someone/iemocap-mirror (audio layout)"
+    shown = shareable_config({"model": {"audio_encoder": "/home/me/w2v", "text_encoder": "roberta-base"},
+                              "train": {"resume": "auto"}, "data": {"path": "s3://bucket/prepared/"}})
+    assert shown == {"model": {"audio_encoder": "w2v", "text_encoder": "roberta-base"}, "train": {"resume": "auto"},
+                     "data": {"path": "prepared"}}
 
 
 def test_report_adds_the_cross_validation_table_to_each_card(saved, tmp_path):
@@ -242,14 +340,22 @@ def test_push_checks_the_folder_then_creates_the_repo_and_uploads_it(saved, monk
     assert FakeHfApi.calls[0] == ("create_repo", "me/repo", {"repo_type": "model", "private": True, "exist_ok": True})
     upload = FakeHfApi.calls[1][1]
     assert upload["repo_id"] == "me/repo" and upload["folder_path"] == str(folder) and upload["repo_type"] == "model"
-    assert "https://hub.example/me/repo/commit/1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "https://hub.example/me/repo/commit/1" in out
+    # One line names every file sent, before the upload: the card and config.yaml among them.
+    listing = [line for line in out.splitlines() if line.startswith("uploading to me/repo: ")]
+    assert len(listing) == 1
+    assert listing[0].removeprefix("uploading to me/repo: ").split(", ") == sorted(
+        p.name for p in folder.iterdir() if not p.name.startswith("."))
+    assert {"README.md", "config.yaml", "model.safetensors"} <= set(listing[0].split(": ")[1].split(", "))
 
 
 @pytest.mark.parametrize("damage, expect", [
     (lambda f: (f / "README.md").unlink(), "has no README.md"),
     (lambda f: (f / "modeling_emotrain.py").unlink(), "has no modeling_emotrain.py"),
     (lambda f: (f / "config.json").unlink(), "emotrain predict and evaluate still load it"),
-], ids=["no-card", "no-code", "old-folder"])
+    (lambda f: (f / "processor_config.json").unlink(), "has no processor_config.json"),
+], ids=["no-card", "no-code", "old-folder", "fusion-without-processor"])
 def test_push_refuses_a_folder_that_is_not_whole_in_one_line(saved, tmp_path, monkeypatch, capsys, damage, expect):
     import huggingface_hub
 
