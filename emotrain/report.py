@@ -40,7 +40,7 @@ import yaml
 from emotrain import plots as plotting
 from emotrain.config import LoggingConfig
 from emotrain.data.shards import IEMOCAP_INFO, REPORT_FILE, DatasetInfo, join, read_dataset_info, read_prepare_report
-from emotrain.train.model_card import CARD_FILE, CROSS_VALIDATION, replace_card_section
+from emotrain.train.model_card import CARD_FILE, CROSS_VALIDATION, replace_card_section, without_local_paths
 from emotrain.train.run_folder import BEST_DIR, CONFIG_FILE, RunFolder
 from emotrain.train.tracking import WandbSettings, read_history, wandb_settings
 
@@ -492,7 +492,7 @@ def add_cross_validation_to_model_cards(experiment: Experiment) -> tuple[list[Pa
             f"## Cross-validation ({experiment.name}, {experiment.dataset.fold_kind})", "",
             f"This model is fold {run.fold} (seed {run.seed}) of the {len(experiment.folds())} folds below. Test "
             f"metrics in %; mean ± sd over the folds: UA {_pm(*row['ua'])}, WA {_pm(*row['wa'])}.", "", table,
-            *(["", "Not counted (only finished runs are):", *status] if status else []),
+            *(["", "Not counted (only finished runs are):", *map(without_local_paths, status)] if status else []),
         ])
         try:
             if replace_card_section(card, CROSS_VALIDATION, body):
