@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import os
 import shlex
 import sys
 import textwrap
 from pathlib import Path
 
-from emotrain.config import HF_ALIASES, NUM_SHARDS_PER_GROUP, ConfigError, alias_note, describe_fields, load_config
+from emotrain.config import HF_ALIASES, NUM_SHARDS_PER_GROUP, ConfigError, alias_note, describe_fields, launcher_main_rank, load_config
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -124,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (TooManyNonFiniteSteps, NonFiniteStepApplied, ResumeError) as err:
         return fail("train", err, 1)
     except LaunchError as err:  # raised on every rank alike: rank 0 says it
-        return fail("train", err, 2) if os.environ.get("RANK", "0") == "0" else 2
+        return fail("train", err, 2) if launcher_main_rank() else 2
     except PreparedDataError as err:  # found while reading (a data worker's too): the same one line
         return fail("train", err, 2)
 

@@ -803,9 +803,15 @@ def alias_note(name: str) -> str:
     return f"{name} is {HF_ALIASES[name]} here" + (f" ({caveat})" if caveat else "")
 
 
+def launcher_main_rank() -> bool:
+    """Rank 0 (or no launcher): before the Accelerator exists, the launcher's RANK says. What every
+    rank does alike (loading the config, a launch check) is said by this one only."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @functools.cache  # once per process: `emotrain cv` loads the same config many times
 def _say_note(note: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # under a launcher, every rank loads the config
+    if launcher_main_rank():  # under a launcher, every rank loads the config
         print(f"emotrain: note: {note}", file=sys.stderr)
 
 
@@ -833,15 +839,15 @@ def our_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     given under two names (`learning_rate=... train.lr=...`) is an error naming both."""
     spelled: dict[str, str] = {}
     result = []
-    for override in _without_redundant_false_precision(overrides):
-        key, has_value, raw = override.partition("=")
-        key = key.strip()
+    parsed = [(key.strip(), has_value, raw, _yaml_or_text(raw)) for key, has_value, raw in
+              (override.partition("=") for override in overrides)]
+    redundant = _redundant_false_precision({key.rpartition(".")[2]: value for key, _, _, value in parsed})
+    for key, has_value, raw, value in parsed:
+        if key.rpartition(".")[2] == redundant:
+            continue
+        override = f"{key}{has_value}{raw}"
         target = alias_target(key) if has_value else None
         if target is not None:
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                value = raw
             translated = _alias_value(key, value)
             # Only bf16/fp16 change the value; every other keeps its text, read as our key's type.
             override = f"{target}={translated if translated is not value else raw}"
@@ -853,16 +859,22 @@ def our_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     return result
 
 
-def _without_redundant_false_precision(overrides) -> list[str]:
-    """The HF Trainer's usual pair `bf16=true fp16=false` (or the reverse) as its true half only."""
-    flags = {}
-    for override in overrides:
-        key, _, raw = override.partition("=")
-        if key.strip().rpartition(".")[2] in ("bf16", "fp16"):
-            flags[override] = raw.strip().lower()
-    if sorted(flags.values()) != ["false", "true"]:
-        return list(overrides)
-    return [o for o in overrides if flags.get(o) != "false"]
+def _yaml_or_text(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _redundant_false_precision(values: dict[str, Any]) -> str | None:
+    """Of the HF Trainer's usual pair `bf16: true, fp16: false` (or the reverse) in `values` (name ->
+    value), the false flag: it says nothing here beside the true one. None without such a pair."""
+    pair = (values.get("bf16"), values.get("fp16"))
+    if pair == (True, False):
+        return "fp16"
+    if pair == (False, True):
+        return "bf16"
+    return None
 
 
 def _move_aliases(data: dict[str, Any]) -> None:
@@ -870,9 +882,8 @@ def _move_aliases(data: dict[str, Any]) -> None:
     note. One key given under two names is an error naming both."""
     spelled: dict[str, str] = {}
     places = [("", data)] + [(f"{name}.", node) for name, node in data.items() if isinstance(node, dict)]
-    for _, node in places:  # `bf16: true` beside `fp16: false`: the pair HF configs often carry
-        if sorted(str(node.get(flag)).lower() for flag in ("bf16", "fp16")) == ["false", "true"]:
-            node.pop(next(flag for flag in ("bf16", "fp16") if node[flag] is False), None)
+    for _, node in places:
+        node.pop(_redundant_false_precision(node), None)
     for prefix, node in places:
         for name in [n for n in node if isinstance(n, str) and alias_target(prefix + n)]:
             key = prefix + name

@@ -60,7 +60,7 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 from emotrain import provenance
-from emotrain.config import Config, ConfigError, read_provenance, save_config
+from emotrain.config import Config, ConfigError, launcher_main_rank, read_provenance, save_config
 from emotrain.data.evaluation import build_eval_dataloader, build_eval_datasets, check_validation_set
 from emotrain.data.folds import FoldSplit, check_config_fits_dataset, split_from_config
 from emotrain.data.shards import read_dataset_info
@@ -175,7 +175,7 @@ def train(cfg: Config, wrap: Callable[[Training], None] | None = None) -> int:
     evaluated or written."""
     finished = finished_run(cfg)
     if finished is not None:
-        if _main_rank():
+        if launcher_main_rank():
             print(finished, file=sys.stderr)
         return 0
     try:
@@ -210,17 +210,12 @@ def finished_run(cfg: Config) -> str | None:
     if cfg.train.resume != "auto" or not run.is_finished():
         return None
     said = run.check_finished(cfg, lambda: data_fingerprint(split_from_config(cfg.data, seed=cfg.train.seed)))
-    if _main_rank():  # a kill cut its end short (after metrics.json): finish what it had left to do
+    if launcher_main_rank():  # a kill cut its end short (after metrics.json): finish what it had left to do
         if cfg.train.keep_checkpoints_after_finish:
             run.finish_dropping_checkpoints()
         else:
             run.drop_checkpoints()
     return said
-
-
-def _main_rank() -> bool:
-    """Rank 0 (or no launcher): before the Accelerator exists, the launcher's RANK says."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 # ------------------------------------------------------------------------------------------- setup
