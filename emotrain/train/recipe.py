@@ -663,7 +663,7 @@ def finish(t: Training) -> dict:
         tracking.log_confusion(accelerator, t.cfg, "test", results["test"]["confusion"], t.labels, progress.step)
     if accelerator.is_main_process:
         _write_model_card(t, results)  # before metrics.json: a finished run's best/ has its card
-    if accelerator.is_main_process:  # last, atomically: with it the run is finished (with the data it trained on)
+        # last, atomically: with it the run is finished (with the data it trained on)
         t.run.write_metrics(results, data_path=t.cfg.data.path, split=t.split)
         t.log.info("results (WA = accuracy, UA = mean per-class recall):\n%s", format_results(results))
     tracking.summarize(accelerator, t.cfg, {
