@@ -271,12 +271,119 @@ def main() -> None:
         say(f"| {label} | {r['utterances/s']:.1f} | {r['audio s/s']:.0f} | {r['padding efficiency']:.2f} | "
             f"{r['TFLOP/s']:.2f} | {r['share of peak']:.1%} | {memory} |")
     say()
+    frozen_encoders(model, plans[next(iter(plans))], seconds, tokens, device, precision, args.steps, say)
+    say()
     data_path(args, rows[next(iter(rows))]["utterances/s"], say)
     say()
     say("One bucketed training step (forward + backward), top costs:")
     say("```")
     say(profile_step(model, make_batch(plans[next(iter(plans))][0], seconds, tokens, device), device, precision))
     say("```")
+
+
+def frozen_encoders(model, batches, seconds, tokens, device, precision, steps, say) -> None:
+    """The frozen-encoder protocol (issue 20): what one epoch pays per utterance with the encoders run
+    live (a no-grad forward of both encoders, then a training step of the head) against features read
+    from a cache (the head's step alone), and how much a cache of hidden states weighs per utterance.
+    The head step is the model's own layers (projection, cross-attention, pooling, classifier) on
+    encoder outputs of the batch's shapes; reading the cache from disk is not counted here."""
+    from accelerate import Accelerator
+
+    from emotrain.model.masks import audio_frame_lengths, audio_sample_mask, lengths_to_mask, text_mask
+    from emotrain.model.pooling import masked_mean_std
+    from emotrain.train.loss import utterance_losses
+
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    model.set_gradient_checkpointing(False)
+    head = [p for name, p in model.named_parameters() if not name.startswith(("audio_encoder.", "text_encoder."))]
+    optimizer = torch.optim.AdamW(head, lr=1e-4)
+    model.train()
+
+    def encode(batch):  # frozen encoders: [B, T, D_a] frames, [B, L, D_t] tokens, and their masks
+        with torch.no_grad(), accelerator.autocast():
+            lengths = batch["audio_lengths"]
+            frames = model.audio_encoder(batch["input_values"],
+                                         attention_mask=audio_sample_mask(lengths, batch["input_values"].shape[1]),
+                                         output_hidden_states=True)
+            words = model.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       output_hidden_states=True)
+        frame_mask = lengths_to_mask(audio_frame_lengths(model.audio_encoder, lengths), frames.last_hidden_state.shape[1])
+        return frames, frame_mask, words, text_mask(batch["attention_mask"])
+
+    def head_step(frames, frame_mask, words, word_mask, labels):
+        with accelerator.autocast():
+            audio, text = model.cross_attention(model.audio_projection(frames), frame_mask,
+                                                model.text_projection(words), word_mask)
+            features = torch.cat([masked_mean_std(audio, frame_mask), masked_mean_std(text, word_mask)], dim=-1)
+            logits = model.classifier(features.to(model.classifier[-1].weight.dtype))
+        utterance_losses(logits, labels).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def timed(fn) -> tuple[float, int]:
+        warmup = min(3, max(steps // 3, 1))
+        done, started = 0, None
+        for k in range(warmup + steps):
+            if k == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+            n = fn(batches[k % len(batches)])
+            done += n if k >= warmup else 0
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return done / (time.perf_counter() - started), done
+
+    stored = {"frames": 0, "layers_audio": 0, "layers_text": 0, "words": 0, "utterances": 0}
+
+    def live(indices):
+        batch = make_batch(indices, seconds, tokens, device)
+        frames, frame_mask, words, word_mask = encode(batch)
+        stored["frames"] += int(frame_mask.sum())
+        stored["words"] += int(word_mask.sum())
+        stored["layers_audio"], stored["layers_text"] = len(frames.hidden_states), len(words.hidden_states)
+        stored["utterances"] += len(indices)
+        head_step(frames.last_hidden_state, frame_mask, words.last_hidden_state, word_mask, batch["labels"])
+        return len(indices)
+
+    cache = {}
+    cache_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def cached(indices):  # the features of the batch as a cache would hand them back (bf16 on the device)
+        key = tuple(indices.tolist())
+        if key not in cache:
+            batch = make_batch(indices, seconds, tokens, device)
+            frames, frame_mask, words, word_mask = encode(batch)
+            cache[key] = (frames.last_hidden_state.to(cache_dtype), frame_mask,
+                          words.last_hidden_state.to(cache_dtype), word_mask, batch["labels"])
+        frames, frame_mask, words, word_mask, labels = cache[key]
+        head_step(frames, frame_mask, words, word_mask, labels)
+        return len(indices)
+
+    live_rate, _ = timed(live)
+    for indices in batches[:min(3, max(steps // 3, 1)) + steps]:  # fill the cache outside the clock
+        cached(indices)
+    cached_rate, _ = timed(cached)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    frames_per_utt = stored["frames"] / stored["utterances"]
+    words_per_utt = stored["words"] / stored["utterances"]
+    audio_width, text_width = model.audio_encoder.config.hidden_size, model.text_encoder.config.hidden_size
+    last_layer_kib = (frames_per_utt * audio_width + words_per_utt * text_width) * 2 / 1024
+    all_layers_kib = (frames_per_utt * audio_width * stored["layers_audio"]
+                      + words_per_utt * text_width * stored["layers_text"]) * 2 / 1024
+    say("Frozen encoders (issue 20's protocol), bucketed batches: one epoch's training per utterance")
+    say()
+    say("| frozen-encoder step | utterances/s | x live |")
+    say("| --- | ---: | ---: |")
+    say(f"| live: no-grad forward of both encoders + head step | {live_rate:.1f} | 1.0 |")
+    say(f"| cached features ({str(cache_dtype).removeprefix('torch.')}, in device memory) + head step | {cached_rate:.1f} | {cached_rate / live_rate:.1f} |")
+    say()
+    say(f"A cache in bf16 weighs {last_layer_kib:.0f} KiB per utterance for the last layers "
+        f"({frames_per_utt:.0f} frames x {audio_width} + {words_per_utt:.0f} tokens x {text_width}), "
+        f"{all_layers_kib / 1024:.1f} MiB for every hidden state ({stored['layers_audio']} + {stored['layers_text']}"
+        f" layers, what a weighted layer sum needs): {5531 * last_layer_kib / 2**20:.1f} / "
+        f"{5531 * all_layers_kib / 2**20:.0f} GiB for IEMOCAP's 5,531 utterances.")
 
 
 def data_path(args, step_utterances_per_second: float, say) -> None:

