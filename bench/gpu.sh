@@ -18,6 +18,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+if [ -d .whl/site ]; then export PYTHONPATH="$PYTHONPATH:$PWD/.whl/site"; fi  # the toy corpus's tokenizer
 python3 -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print(torch.__version__, torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 timeout "${GPU_BENCH_SECONDS:-480}" python3 bench/gpu_bench.py --steps "${GPU_BENCH_STEPS:-15}" --out "$out/gpu_results.md" \
