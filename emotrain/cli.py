@@ -44,7 +44,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
         utterances_per_session=args.utterances_per_session,
         duration_scale=args.duration_scale,
         overwrite=True,  # seeded: rewriting gives the same files, so rerunning the README is idempotent
+        speech=args.speech,
     )
+    if summary["speech"] == "espeak":
+        print(f"speech: espeak-ng ({summary['espeak_ng']}), arousal in the voice, valence in the words")
+    elif args.speech == "auto":
+        print("speech: espeak-ng is not installed, so the hand-made speech-like signal "
+              "(apt-get install espeak-ng for real synthetic speech)")
     print(
         f"synthetic IEMOCAP-layout release: {summary['four_class_utterances']} 4-class utterances "
         f"({summary['four_class_seconds'] / 60:.1f} min) + {summary['utterances'] - summary['four_class_utterances']} "
@@ -319,6 +325,9 @@ def _add_synth(verbs) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="N", help="what the corpus is drawn from")
     p.add_argument("--utterances-per-session", type=int, default=120, metavar="N", help="4-class utterances per session")
     p.add_argument("--duration-scale", type=float, default=0.5, metavar="FACTOR", help="multiplies IEMOCAP-shaped durations")
+    p.add_argument("--speech", choices=("auto", "espeak", "signal"), default="auto",
+                   help="espeak: words spoken by espeak-ng, arousal in the voice; signal: the hand-made speech-like "
+                        "signal; auto (default): espeak where espeak-ng is installed")
     p.set_defaults(func=cmd_synth)
 
 

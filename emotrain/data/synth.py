@@ -64,6 +64,7 @@ import numpy as np
 import soundfile as sf
 
 from emotrain.config import SAMPLING_RATE
+from emotrain.data import speech as speech_engine
 
 CODE_TO_LABEL = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
 """The 4-class protocol (exc merges into happy)."""
@@ -563,8 +564,16 @@ def synthesize_release(
     duration_scale: float = 1.0,
     sampling_rate: int = SAMPLING_RATE,
     overwrite: bool = False,
+    speech: str = "signal",
+    arousal_cues: tuple[str, ...] = speech_engine.AROUSAL_CUES,
 ) -> dict[str, Any]:
     """Write a synthetic IEMOCAP release into `out_dir` (which plays `IEMOCAP_full_release/`).
+
+    `speech`: "espeak" speaks every utterance's words with espeak-ng (`emotrain.data.speech`: real
+    synthetic speech, arousal in the voice), "signal" writes this module's hand-made speech-like
+    signal, "auto" takes espeak where espeak-ng is installed and the signal otherwise (the summary's
+    `speech` says which). `arousal_cues`: what carries arousal in espeak speech (pitch, rate,
+    loudness, brightness; all by default): fewer show what a model hears of each cue alone.
 
     `utterances_per_session` counts the 4-class utterances (neu/hap/exc/sad/ang, balanced over
     neutral/happy/sad/angry); `round(0.25 * utterances_per_session)` utterances with other codes
@@ -581,6 +590,16 @@ def synthesize_release(
         raise ValueError(f"duration_scale must be > 0, got {duration_scale}")
     if sampling_rate < 1000:
         raise ValueError(f"sampling_rate must be >= 1000, got {sampling_rate}")
+    if speech not in SPEECH_CHOICES:
+        raise ValueError(f"speech must be one of {', '.join(SPEECH_CHOICES)}, got {speech!r}")
+    espeak = speech_engine.espeak_version()
+    if speech == "espeak" and espeak is None:
+        raise RuntimeError(f"{speech_engine.ESPEAK} is not installed: apt-get install espeak-ng, or "
+                           "speech='signal' for the hand-made signal")
+    speech = ("espeak" if espeak else "signal") if speech == "auto" else speech
+    unknown = set(arousal_cues) - set(speech_engine.AROUSAL_CUES)
+    if unknown or not arousal_cues:
+        raise ValueError(f"arousal_cues must be some of {', '.join(speech_engine.AROUSAL_CUES)}, got {list(arousal_cues)}")
     root = Path(out_dir)
     _clear_sessions(root, overwrite)
     audio = _AudioSettings(
@@ -588,14 +607,23 @@ def synthesize_release(
         step=sampling_rate // math.gcd(sampling_rate, _TICKS),
         duration_scale=duration_scale,
         voices={(k, g): _voice(seed, k, g) for k in range(1, 6) for g in "FM"},
+        speakers={(k, g): speech_engine.speaker(seed, k, g) for k in range(1, 6) for g in "FM"}
+        if speech == "espeak" else {},
+        arousal_cues=tuple(arousal_cues),
     )
     tally = _Tally()
     for session in range(1, 6):
         _synthesize_session(np.random.default_rng([seed, session]), root, session, utterances_per_session, audio,
                             tally)
+    engine = {"speech": speech}
+    if speech == "espeak":
+        engine.update(espeak_ng=espeak, arousal_cues=list(arousal_cues))
     write_synth_marker(root, {"seed": seed, "utterances_per_session": utterances_per_session,
-                              "duration_scale": duration_scale, "sampling_rate": sampling_rate})
-    return {"root": str(root), "seed": seed, "sampling_rate": sampling_rate, **tally.summary()}
+                              "duration_scale": duration_scale, "sampling_rate": sampling_rate, **engine})
+    return {"root": str(root), "seed": seed, "sampling_rate": sampling_rate, **engine, **tally.summary()}
+
+
+SPEECH_CHOICES = ("auto", "espeak", "signal")
 
 
 SYNTH_MARKER = "emotrain_synth.json"
@@ -603,9 +631,10 @@ SYNTH_MARKER = "emotrain_synth.json"
 
 
 def write_synth_marker(root: Path, arguments: dict[str, Any]) -> None:
+    audio = ("template sentences spoken by espeak-ng" if arguments.get("speech") == "espeak"
+             else "generated speech-like signals and template sentences")
     marker = {"generator": "emotrain synth", **arguments,
-              "description": "generated speech-like signals and template sentences in the IEMOCAP release layout; "
-                             "not IEMOCAP recordings"}
+              "description": f"{audio} in the IEMOCAP release layout; not IEMOCAP recordings"}
     (root / SYNTH_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
@@ -640,7 +669,10 @@ class _AudioSettings:
     """Samples in a whole number of ticks: lengths are multiples of it, so the 4-decimal times are exact."""
     duration_scale: float
     voices: dict[tuple[int, str], _Voice]
-    """(session, "F" or "M") → the voice."""
+    """(session, "F" or "M") → the voice of the hand-made signal."""
+    speakers: dict[tuple[int, str], speech_engine.Speaker]
+    """(session, "F" or "M") → the espeak-ng speaker; empty when the corpus is the hand-made signal."""
+    arousal_cues: tuple[str, ...] = speech_engine.AROUSAL_CUES
 
 
 @dataclass
@@ -735,7 +767,7 @@ def _synthesize_dialog(rng: np.random.Generator, session: int, dialog: str, code
     for i, (code, spk) in enumerate(zip(codes, speakers)):
         utt_id = f"{dialog}_{spk}{counters[spk]:03d}"
         counters[spk] += 1
-        turn, seconds = _labelled_turn(rng, utt_id, code, spk, t, wav_dir, audio, audio.voices[(session, spk)])
+        turn, seconds = _labelled_turn(rng, utt_id, code, spk, t, wav_dir, audio, session)
         turns.append(turn)
         t = turn.end + int(rng.uniform(0.1, 1.5) * _TICKS)
         tally.add_utterance(session, code, seconds)
@@ -751,7 +783,7 @@ def _synthesize_dialog(rng: np.random.Generator, session: int, dialog: str, code
 
 
 def _labelled_turn(rng: np.random.Generator, utt_id: str, code: str, speaker: str, start: int, wav_dir: Path,
-                   audio: _AudioSettings, voice: _Voice) -> tuple[_Turn, float]:
+                   audio: _AudioSettings, session: int) -> tuple[_Turn, float]:
     """(the turn, its seconds) of one labelled utterance starting at tick `start`: its IEMOCAP-shaped
     duration, its wav (prosody from the code's arousal) written, its annotations and sentence."""
     sr = audio.sampling_rate
@@ -763,11 +795,45 @@ def _labelled_turn(rng: np.random.Generator, utt_id: str, code: str, speaker: st
         arousal, valence = AROUSAL[label], VALENCE[label]
     else:
         arousal, valence = _other_arousal_valence(rng, code)
-    samples = _synth_audio(rng, n, sr, arousal, voice)
+    if audio.speakers:
+        text, samples = _spoken(rng, duration, arousal, valence, audio, audio.speakers[(session, speaker)])
+        vad, lines = _annotations(rng, code, speaker)
+    else:
+        samples = _synth_audio(rng, n, sr, arousal, audio.voices[(session, speaker)])
+        vad, lines = _annotations(rng, code, speaker)
+        text = _sentence(rng, valence)
+    n = len(samples)
     sf.write(wav_dir / f"{utt_id}.wav", _to_pcm16(samples), sr, subtype="PCM_16", format="WAV")
-    vad, lines = _annotations(rng, code, speaker)
     end = start + n * _TICKS // sr
-    return _Turn(utt_id, start, end, _sentence(rng, valence), code, vad, lines), n / sr
+    return _Turn(utt_id, start, end, text, code, vad, lines), n / sr
+
+
+_MAX_SENTENCES = 8
+
+
+def _spoken(rng: np.random.Generator, seconds: float, arousal: int, valence: int, audio: _AudioSettings,
+            who: speech_engine.Speaker) -> tuple[str, np.ndarray]:
+    """(transcript, samples) of one utterance spoken by espeak-ng: sentences of the valence's words
+    until they fill about `seconds` at the delivery's rate (arousal's), the recording around them."""
+    rng = np.random.default_rng(int(rng.integers(2**63)))  # one draw of the caller's stream
+    how = speech_engine.delivery(rng, arousal, who, audio.arousal_cues)
+
+    def miss(sentences: list[str]) -> float:  # how far from `seconds` they would be spoken
+        return abs(speech_engine.spoken_seconds(sum(len(t.split()) for t in sentences), how) - seconds)
+
+    # The first sentence is the best fit of three (short targets get short sentences), then whole
+    # sentences while another one brings the length nearer the target.
+    sentences = [min((_sentence(rng, valence) for _ in range(3)), key=lambda t: miss([t]))]
+    while len(sentences) < _MAX_SENTENCES:
+        more = _sentence(rng, valence)
+        if miss(sentences + [more]) >= miss(sentences):
+            break
+        sentences.append(more)
+    text = " ".join(sentences)
+    spoken_words = re.sub(r"\[[A-Z]+\]", " ", text)  # markers ([LAUGHTER]) are transcribed, not read out
+    samples, rate = speech_engine.speak(" ".join(spoken_words.split()), who, how)
+    sr = audio.sampling_rate
+    return text, speech_engine.record(rng, samples, rate, sr, audio.step, who, how, max(audio.step, int(MIN_SECONDS * sr)))
 
 
 def _write_dialog(eval_dir: Path, trans_dir: Path, dialog: str, turns: list[_Turn]) -> None:
