@@ -325,9 +325,11 @@ def _add_synth(verbs) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="N", help="what the corpus is drawn from")
     p.add_argument("--utterances-per-session", type=int, default=120, metavar="N", help="4-class utterances per session")
     p.add_argument("--duration-scale", type=float, default=0.5, metavar="FACTOR", help="multiplies IEMOCAP-shaped durations")
-    p.add_argument("--speech", choices=("auto", "espeak", "signal"), default="auto",
-                   help="espeak: words spoken by espeak-ng, arousal in the voice; signal: the hand-made speech-like "
-                        "signal; auto (default): espeak where espeak-ng is installed")
+    # The default stays the signal until the default model learns the speaking corpus (issue 19:
+    # its audio branch is at chance there after the smoke configuration's 6 epochs; bench/RESULTS.md).
+    p.add_argument("--speech", choices=("auto", "espeak", "signal"), default="signal",
+                   help="signal (default): the hand-made speech-like signal; espeak: words spoken by espeak-ng, "
+                        "arousal in the voice; auto: espeak where espeak-ng is installed, else the signal")
     p.set_defaults(func=cmd_synth)
 
 

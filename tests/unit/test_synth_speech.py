@@ -158,15 +158,18 @@ def test_without_espeak_auto_writes_the_signal_and_says_so(tmp_path, monkeypatch
     assert json.loads((tmp_path / "auto" / SYNTH_MARKER).read_text())["speech"] == "signal"
     with pytest.raises(RuntimeError, match="espeak-ng is not installed: apt-get install espeak-ng"):
         synthesize_release(tmp_path / "espeak", utterances_per_session=4, speech="espeak")
-    assert cli.main(["synth", str(tmp_path / "cli"), "--utterances-per-session", "4"]) == 0
+    assert cli.main(["synth", str(tmp_path / "cli"), "--utterances-per-session", "4", "--speech", "auto"]) == 0
     out = capsys.readouterr().out
     assert "espeak-ng is not installed, so the hand-made speech-like signal" in out
 
 
 @pytest.mark.usefixtures("needs_espeak")
-def test_the_cli_speaks_by_default_where_espeak_is_installed(tmp_path, capsys):
+def test_the_cli_speaks_with_auto_where_espeak_is_installed_and_writes_the_signal_by_default(tmp_path, capsys):
     from emotrain import cli
 
-    assert cli.main(["synth", str(tmp_path), "--utterances-per-session", "4", "--duration-scale", "0.3"]) == 0
+    assert cli.main(["synth", str(tmp_path / "a"), "--utterances-per-session", "4", "--duration-scale", "0.3",
+                     "--speech", "auto"]) == 0
     assert "speech: espeak-ng (eSpeak NG" in capsys.readouterr().out
-    assert json.loads((tmp_path / SYNTH_MARKER).read_text())["speech"] == "espeak"
+    assert json.loads((tmp_path / "a" / SYNTH_MARKER).read_text())["speech"] == "espeak"
+    assert cli.main(["synth", str(tmp_path / "d"), "--utterances-per-session", "4", "--duration-scale", "0.3"]) == 0
+    assert json.loads((tmp_path / "d" / SYNTH_MARKER).read_text())["speech"] == "signal"
