@@ -1,12 +1,12 @@
 """Real synthetic speech for the built-in corpus: espeak-ng speaks each utterance's words, with
 arousal in the voice.
 
-Where Debian's `espeak-ng` is installed, `emotrain synth` writes its corpus through this module
-instead of the hand-made signal of `emotrain.data.synth`: the same release layout, the same words
+With `--speech espeak` (or `auto` where Debian's `espeak-ng` is installed), `emotrain synth` writes
+its corpus through this module instead of the hand-made signal of `emotrain.data.synth`: the same release layout, the same words
 (valence lives in them), and audio that is speech a listener would understand.
 
 What carries arousal, relative to each speaker's own calm voice (high = angry, happy/excited):
-- pitch: about 4 semitones higher (espeak's pitch setting), with a wider pitch range
+- pitch: about 6 semitones higher (espeak's pitch setting, measured), with a wider pitch range
   (SSML `prosody range`), so wider accents;
 - speaking rate: about 1.35x faster, with no extra gap between words (calm speech gets 0-40 ms);
 - vocal effort: about 6 dB louder, and brighter (a high-shelf tilt of a few dB, as pressed voice has).
@@ -121,7 +121,7 @@ def delivery(rng: np.random.Generator, arousal: int, who: Speaker,
              cues: tuple[str, ...] = AROUSAL_CUES) -> Delivery:
     """One utterance's settings around its arousal's medians; a cue left out of `cues` keeps the
     calm median whatever the arousal (its spread stays: only the difference between classes goes)."""
-    d = {name: (median, spread) for name, (median, spread) in _DELIVERY[arousal].items()}
+    d = dict(_DELIVERY[arousal])
     for cue in set(AROUSAL_CUES) - set(cues):
         for name in _CUE_SETTINGS[cue]:
             d[name] = (_DELIVERY[0][name][0], d[name][1])
